@@ -1,0 +1,28 @@
+"""Low-rank (SVD) KV-cache compression for Hugging Face transformers."""
+
+from .architectures import SUPPORTED_MODEL_TYPES, UnsupportedModelError
+from .bases import BasesMismatchError, BasisAlgorithm, SVDBases
+from .cache import SVDCacheLayer, SVDCompressedCache
+from .config import CompressionConfig
+from .patch import is_patched, patch_model, unpatch_model
+from .projection import LayerBases, Projection
+from .version import __version__
+from .weight_svd import WeightSVD
+
+__all__ = [
+    "SUPPORTED_MODEL_TYPES",
+    "BasesMismatchError",
+    "BasisAlgorithm",
+    "CompressionConfig",
+    "LayerBases",
+    "Projection",
+    "SVDBases",
+    "SVDCacheLayer",
+    "SVDCompressedCache",
+    "UnsupportedModelError",
+    "WeightSVD",
+    "__version__",
+    "is_patched",
+    "patch_model",
+    "unpatch_model",
+]

@@ -1,0 +1,98 @@
+"""Llama-family attention that stores keys before RoPE in an `SVDCompressedCache` and rotates them back at
+the positions they were written at. Any other cache goes through the module's original forward untouched."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .bases import SVDBases
+from .cache import SVDCompressedCache
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [batch, heads, seq, head_dim]; cos/sin [batch, seq, head_dim] (transformers' rotate-half convention)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return (x * cos) + (rotate_half(x) * sin)
+
+
+def _eager_attention(module: nn.Module) -> Callable:
+    # The module's own modeling file defines the eager kernel transformers falls back to for it.
+    return sys.modules[type(module).__module__].eager_attention_forward
+
+
+@dataclass
+class AttentionPatch:
+    """What one patched attention module needs besides itself."""
+
+    original_forward: Callable
+    rotary_emb: nn.Module
+    bases: SVDBases
+
+    def check_cache(self, cache: SVDCompressedCache) -> None:
+        # A cache built from other bases would decode latents with the wrong basis: refuse it once, loudly.
+        if cache.bases is not self.bases and id(self.bases) not in cache.checked_against:
+            self.bases.check_same_model(cache.bases)
+            cache.checked_against.add(id(self.bases))
+
+
+def compressed_attention_forward(
+    module: nn.Module,
+    patch: AttentionPatch,
+    hidden_states: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+    attention_mask: torch.Tensor | None = None,
+    past_key_values=None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if not isinstance(past_key_values, SVDCompressedCache):
+        return patch.original_forward(
+            hidden_states,
+            position_embeddings=position_embeddings,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            **kwargs,
+        )
+    patch.check_cache(past_key_values)
+    position_ids = kwargs.get("position_ids")
+    if position_ids is None:
+        raise ValueError("hf_svdkv attention needs position_ids (the decoder model passes them to its layers)")
+
+    batch, seq = hidden_states.shape[:-1]
+    hidden_shape = (batch, seq, -1, module.head_dim)
+    query = module.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    key = module.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    value = module.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+
+    cos, sin = position_embeddings
+    query = apply_rope(query, cos, sin)
+    positions = position_ids.expand(batch, -1)
+    key, value = past_key_values.update(key, value, module.layer_idx, positions=positions)
+    cached_cos, cached_sin = patch.rotary_emb(value, past_key_values.layers[module.layer_idx].positions)
+    key = apply_rope(key, cached_cos, cached_sin)
+
+    attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, _eager_attention(module))
+    sliding_window = getattr(module, "sliding_window", getattr(module.config, "sliding_window", None))
+    attn_output, attn_weights = attention_interface(
+        module,
+        query,
+        key,
+        value,
+        attention_mask,
+        dropout=0.0 if not module.training else module.attention_dropout,
+        scaling=module.scaling,
+        sliding_window=sliding_window,
+        **kwargs,
+    )
+    attn_output = attn_output.reshape(batch, seq, -1).contiguous()
+    return module.o_proj(attn_output), attn_weights

@@ -1,0 +1,196 @@
+"""Per-layer key/value bases for a model: computed, saved, loaded and checked against the model they serve."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .architectures import ModelGeometry, attention_modules, model_geometry
+from .config import CompressionConfig
+from .projection import LayerBases, Projection
+from .version import __version__
+from .weight_svd import WeightSVD
+
+BASES_FILE = "bases.safetensors"
+FORMAT_VERSION = 1
+# A fine-tune or a different checkpoint of the same architecture moves these probes by far more than
+# casting the same weights between fp32, bf16 and fp16 does (~1e-3).
+FINGERPRINT_TOLERANCE = 2e-2
+
+
+class BasesMismatchError(ValueError):
+    """Bases were computed for a different model than the one they are used with."""
+
+
+class BasisAlgorithm(Protocol):
+    """How one layer's bases are computed; ranks are per group of `group_size` KV heads."""
+
+    name: str
+
+    def fit(self, layer_idx: int, attention: nn.Module, key_rank: int, value_rank: int, group_size: int) -> LayerBases: ...
+
+
+def weight_fingerprint(model: nn.Module) -> torch.Tensor:
+    """W_k g and W_v g per layer for a fixed random g: [layers, 2, kv_heads * head_dim], dtype-agnostic."""
+    modules = attention_modules(model)
+    hidden = modules[0].k_proj.weight.shape[1]
+    probe = torch.randn(hidden, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    rows = []
+    for attn in modules:
+        rows.append(torch.stack([lin.weight.detach().to("cpu", torch.float64) @ probe for lin in (attn.k_proj, attn.v_proj)]))
+    return torch.stack(rows).float()
+
+
+def _state_digest(tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        digest.update(name.encode())
+        digest.update(tensors[name].contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+class SVDBases:
+    """Key and value projections of every layer, plus what identifies the model they were computed for."""
+
+    def __init__(
+        self,
+        layers: list[LayerBases],
+        geometry: ModelGeometry,
+        group_size: int,
+        method: str,
+        fingerprint: torch.Tensor,
+    ):
+        if len(layers) != geometry.num_layers:
+            raise ValueError(f"{len(layers)} layers of bases for a model with {geometry.num_layers} layers")
+        self.layers = layers
+        self.geometry = geometry
+        self.group_size = group_size
+        self.method = method
+        self.fingerprint = fingerprint
+
+    # --- construction -------------------------------------------------------------------------------------
+    @classmethod
+    def from_model(
+        cls, model: nn.Module, config: CompressionConfig, algorithm: BasisAlgorithm | None = None
+    ) -> SVDBases:
+        """Bases for every layer of `model` at the ranks `config` asks for (weight-only SVD by default)."""
+        geometry = model_geometry(model)
+        key_rank, value_rank = config.resolve_ranks(geometry.head_dim, geometry.num_kv_heads)
+        algorithm = algorithm or WeightSVD()
+        group = config.group_size
+        layers = [
+            algorithm.fit(i, attn, key_rank * group, value_rank * group, group).to("cpu", torch.float32)
+            for i, attn in enumerate(attention_modules(model))
+        ]
+        return cls(layers, geometry, group, algorithm.name, weight_fingerprint(model))
+
+    # --- facts --------------------------------------------------------------------------------------------
+    @property
+    def key_ranks(self) -> list[int]:
+        """Latent dimensions per KV head for keys, per layer."""
+        return [layer.key.rank // self.group_size for layer in self.layers]
+
+    @property
+    def value_ranks(self) -> list[int]:
+        return [layer.value.rank // self.group_size for layer in self.layers]
+
+    def latent_dims_per_token(self) -> int:
+        """Latent values stored per token over all layers (keys + values)."""
+        return sum((layer.key.rank + layer.value.rank) * layer.key.num_groups for layer in self.layers)
+
+    def __repr__(self) -> str:
+        g = self.geometry
+        return (
+            f"SVDBases(model_type={g.model_type!r}, layers={g.num_layers}, kv_heads={g.num_kv_heads}, "
+            f"head_dim={g.head_dim}, group_size={self.group_size}, method={self.method!r}, "
+            f"key_ranks={sorted(set(self.key_ranks))}, value_ranks={sorted(set(self.value_ranks))})"
+        )
+
+    # --- validation ---------------------------------------------------------------------------------------
+    def validate(self, model: nn.Module) -> None:
+        """Raise BasesMismatchError naming the first difference between these bases' model and `model`."""
+        geometry = model_geometry(model)
+        for field, expected in self.geometry.to_dict().items():
+            actual = getattr(geometry, field)
+            if actual != expected:
+                raise BasesMismatchError(f"bases were computed for a model with {field}={expected}, this model has {actual}")
+        self._check_fingerprint(weight_fingerprint(model), "this model")
+
+    def check_same_model(self, other: SVDBases) -> None:
+        """Both sets of bases serve the same model (used when a cache meets a patched model)."""
+        if self.geometry != other.geometry:
+            raise BasesMismatchError(f"cache bases are for {other.geometry}, the model was patched for {self.geometry}")
+        self._check_fingerprint(other.fingerprint, "the cache's bases")
+
+    def _check_fingerprint(self, other: torch.Tensor, what: str) -> None:
+        error = (self.fingerprint - other).norm(dim=-1) / self.fingerprint.norm(dim=-1).clamp_min(1e-12)
+        worst = error.max().item()
+        if worst > FINGERPRINT_TOLERANCE:
+            layer, kind = divmod(int(error.argmax()), 2)
+            raise BasesMismatchError(
+                f"bases do not match {what}: layer {layer} W_{'kv'[kind]} differs by {worst:.1%} from the weights "
+                f"the bases were computed on (another checkpoint?)"
+            )
+
+    # --- persistence --------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        tensors = {"fingerprint": self.fingerprint.contiguous()}
+        for i, layer in enumerate(self.layers):
+            for kind, proj in (("key", layer.key), ("value", layer.value)):
+                for part in ("down", "up", "center"):
+                    tensors[f"layers.{i}.{kind}.{part}"] = getattr(proj, part).contiguous()
+        return tensors
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = self.state_dict()
+        header = {
+            "format_version": FORMAT_VERSION,
+            "library": "hf_svdkv",
+            "library_version": __version__,
+            "geometry": self.geometry.to_dict(),
+            "group_size": self.group_size,
+            "method": self.method,
+            "key_ranks": self.key_ranks,
+            "value_ranks": self.value_ranks,
+            "sha256": _state_digest(tensors),
+        }
+        path = directory / BASES_FILE
+        save_file(tensors, str(path), metadata={"hf_svdkv": json.dumps(header)})
+        return path
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> SVDBases:
+        path = Path(directory)
+        path = path / BASES_FILE if path.is_dir() else path
+        if not path.is_file():
+            raise FileNotFoundError(f"no bases at {path}: expected a directory written by SVDBases.save_pretrained")
+        try:
+            tensors = load_file(str(path))
+            with safe_open(str(path), framework="pt") as handle:
+                header = json.loads((handle.metadata() or {}).get("hf_svdkv", "null"))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise ValueError(f"bases file {path} is corrupted or not a safetensors file: {err}") from None
+        if not isinstance(header, dict) or header.get("library") != "hf_svdkv":
+            raise ValueError(f"{path} is a safetensors file without hf_svdkv metadata: not a bases file")
+        if header.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{path} has bases format {header.get('format_version')}, this version reads {FORMAT_VERSION}")
+        if _state_digest(tensors) != header.get("sha256"):
+            raise ValueError(f"bases file {path} was modified after it was written: its checksum does not match")
+        geometry = ModelGeometry(**header["geometry"])
+        try:
+            layers = [
+                LayerBases(*(Projection(*(tensors[f"layers.{i}.{kind}.{p}"] for p in ("down", "up", "center"))) for kind in ("key", "value")))
+                for i in range(geometry.num_layers)
+            ]
+        except KeyError as err:
+            raise ValueError(f"bases file {path} lacks tensor {err}: it was not written for {geometry.num_layers} layers") from None
+        return cls(layers, geometry, header["group_size"], header["method"], tensors["fingerprint"])

@@ -1,0 +1,104 @@
+"""`patch_model`: the one-line, in-place, per-instance transform that makes `generate()` use compressed KV."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import TypeVar
+
+from torch import nn
+
+from .architectures import attention_modules, decoder_model, model_geometry
+from .attention import AttentionPatch, compressed_attention_forward
+from .bases import SVDBases
+from .cache import SVDCompressedCache
+from .config import CompressionConfig
+
+STATE_ATTRIBUTE = "_hf_svdkv_patch"
+ModelT = TypeVar("ModelT", bound=nn.Module)
+
+
+@dataclass
+class PatchState:
+    bases: SVDBases
+    config: CompressionConfig | None
+    # (object, attribute, the instance attribute it had before or None): exactly what unpatch puts back.
+    replaced: list[tuple[object, str, Callable | None]] = field(default_factory=list)
+
+    def replace(self, obj: object, attribute: str, new: Callable) -> None:
+        self.replaced.append((obj, attribute, obj.__dict__.get(attribute)))
+        obj.__dict__[attribute] = new
+
+
+def patch_state(model: nn.Module) -> PatchState | None:
+    """The patch installed on `model` by `patch_model`, or None."""
+    return model.__dict__.get(STATE_ATTRIBUTE)
+
+
+def is_patched(model: nn.Module) -> bool:
+    return patch_state(model) is not None
+
+
+def _forward_attribute(module: nn.Module) -> str:
+    # accelerate's device-map hooks wrap `forward` and call `_old_forward`: patch underneath them.
+    return "_old_forward" if hasattr(module, "_hf_hook") and "_old_forward" in module.__dict__ else "forward"
+
+
+def _prepare_compressed_cache(model: nn.Module, original: Callable, generation_config, model_kwargs: dict, *args, **kwargs):
+    """generate()'s cache preparation, choosing an SVDCompressedCache where it would have built a DynamicCache."""
+    wants_default_cache = (
+        model_kwargs.get("past_key_values") is None
+        and generation_config.use_cache is not False
+        and generation_config.cache_implementation is None
+    )
+    if not wants_default_cache:
+        return original(generation_config, model_kwargs, *args, **kwargs)
+    model_kwargs["past_key_values"] = SVDCompressedCache(model)
+
+
+def patch_model(model: ModelT, config: CompressionConfig | None = None, *, bases: SVDBases | None = None) -> ModelT:
+    """Make `model` store its KV cache as low-rank latents; returns the same model, patched in place.
+
+    Give either a `CompressionConfig` (bases are computed from the model's weights) or precomputed `bases`
+    (validated against the model). Only this instance changes; `unpatch_model` undoes it exactly.
+    A stock `model.generate(...)` then uses an `SVDCompressedCache`; passing
+    `cache_implementation="dynamic"` or another cache still works and bypasses compression.
+    """
+    if (config is None) == (bases is None):
+        raise ValueError("patch_model needs exactly one of a CompressionConfig or SVDBases")
+    if config is not None and not isinstance(config, CompressionConfig):
+        raise TypeError(f"config must be a CompressionConfig, got {type(config).__name__}")
+    model_geometry(model)
+    modules = attention_modules(model)
+    if is_patched(model):
+        unpatch_model(model)
+    if bases is None:
+        bases = SVDBases.from_model(model, config)
+    else:
+        bases.validate(model)
+
+    state = PatchState(bases=bases, config=config)
+    rotary_emb = decoder_model(model).rotary_emb
+    for module in modules:
+        attribute = _forward_attribute(module)
+        patch = AttentionPatch(original_forward=getattr(module, attribute), rotary_emb=rotary_emb, bases=bases)
+        state.replace(module, attribute, partial(compressed_attention_forward, module, patch))
+    if hasattr(model, "_prepare_cache_for_generation"):
+        original = model._prepare_cache_for_generation
+        state.replace(model, "_prepare_cache_for_generation", partial(_prepare_compressed_cache, model, original))
+    model.__dict__[STATE_ATTRIBUTE] = state
+    return model
+
+
+def unpatch_model(model: ModelT) -> ModelT:
+    """Undo `patch_model`: the model behaves, and is, as before. A no-op on an unpatched model."""
+    state = model.__dict__.pop(STATE_ATTRIBUTE, None)
+    if state is None:
+        return model
+    for obj, attribute, previous in reversed(state.replaced):
+        if previous is None:
+            del obj.__dict__[attribute]
+        else:
+            obj.__dict__[attribute] = previous
+    return model

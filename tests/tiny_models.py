@@ -1,0 +1,79 @@
+"""Tiny random Llama-family models built from configs: no download, seconds to build."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+ARCHITECTURES = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+}
+VOCAB = 96
+
+
+def tiny_model(
+    arch: str = "llama",
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    head_dim: int = 32,
+    num_layers: int = 2,
+    attn_implementation: str = "sdpa",
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> torch.nn.Module:
+    config_cls, model_cls = ARCHITECTURES[arch]
+    config = config_cls(
+        vocab_size=VOCAB,
+        hidden_size=num_heads * head_dim,
+        intermediate_size=2 * num_heads * head_dim,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        head_dim=head_dim,
+        max_position_embeddings=512,
+        # Larger than the default 0.02 so attention is peaked and key errors show in the logits.
+        initializer_range=0.08,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    config._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            attn = layer.self_attn
+            for linear in (attn.k_proj, attn.v_proj):
+                _decay_spectrum(linear.weight)
+                if linear.bias is not None:  # Qwen2: nonzero biases, so the basis center is exercised
+                    linear.bias.normal_(0.0, 0.5)
+    model = model.to(dtype)
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def _decay_spectrum(weight: torch.Tensor) -> None:
+    """Give W a geometrically decaying spectrum, as trained k/v projections have, so rank matters."""
+    left, _, right = torch.linalg.svd(weight, full_matrices=False)
+    singular = 3.0 * 0.85 ** torch.arange(left.shape[1], dtype=weight.dtype)
+    weight.copy_(left @ torch.diag(singular) @ right)
+
+
+def structured_ids(length: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
+    """A repeating motif with a little variation: text-like redundancy a random-noise prompt lacks."""
+    generator = torch.Generator().manual_seed(seed)
+    motif = torch.randint(3, VOCAB, (batch, 7), generator=generator)
+    ids = motif.repeat(1, length // 7 + 1)[:, :length].clone()
+    flips = torch.rand(ids.shape, generator=generator) < 0.1
+    ids[flips] = torch.randint(3, VOCAB, (int(flips.sum()),), generator=generator)
+    return ids
