@@ -26,6 +26,30 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x * cos) + (rotate_half(x) * sin)
 
 
+def window_mask(
+    mask: torch.Tensor | None, query_len: int, total: int, exact_tail: int, window: int, dtype: torch.dtype
+) -> torch.Tensor | None:
+    """Extend a [batch, 1, query, total] mask to the `exact_tail` full-precision copies appended to the keys:
+    a query reads a token's exact copy when it is less than `window` tokens old, its latent copy otherwise."""
+    if not exact_tail:
+        return mask
+    device = mask.device if mask is not None else None
+    query_index = torch.arange(total - query_len, total, device=device)[:, None]
+    age = query_index - torch.arange(total, device=device)[None, :]
+    if mask is None:
+        allowed = (age >= 0)[None, None]
+    elif mask.dtype == torch.bool:
+        allowed = mask
+    else:  # eager's additive mask: 0 where attended, the dtype's minimum elsewhere
+        allowed = mask == 0
+    tail = total - exact_tail
+    allowed = torch.cat([allowed & (age >= window), allowed[..., tail:] & (age[:, tail:] < window)], dim=-1)
+    if mask is not None and mask.dtype == torch.bool:
+        return allowed
+    mask_dtype = mask.dtype if mask is not None else dtype
+    return torch.zeros((), dtype=mask_dtype, device=device).masked_fill(~allowed, torch.finfo(mask_dtype).min)
+
+
 def _eager_attention(module: nn.Module) -> Callable:
     # The module's own modeling file defines the eager kernel transformers falls back to for it.
     return sys.modules[type(module).__module__].eager_attention_forward
@@ -78,8 +102,10 @@ def compressed_attention_forward(
     query = apply_rope(query, cos, sin)
     positions = position_ids.expand(batch, -1)
     key, value = past_key_values.update(key, value, module.layer_idx, positions=positions)
-    cached_cos, cached_sin = patch.rotary_emb(value, past_key_values.layers[module.layer_idx].positions)
+    layer = past_key_values.layers[module.layer_idx]
+    cached_cos, cached_sin = patch.rotary_emb(value, layer.key_positions())
     key = apply_rope(key, cached_cos, cached_sin)
+    attention_mask = window_mask(attention_mask, seq, layer.get_seq_length(), layer.exact_tail, layer.window, query.dtype)
 
     attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, _eager_attention(module))
     sliding_window = getattr(module, "sliding_window", getattr(module.config, "sliding_window", None))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -78,28 +79,43 @@ class SVDBases:
     # --- construction -------------------------------------------------------------------------------------
     @classmethod
     def from_model(
-        cls, model: nn.Module, config: CompressionConfig, algorithm: BasisAlgorithm | None = None
+        cls,
+        model: nn.Module,
+        config: CompressionConfig,
+        algorithm: BasisAlgorithm | None = None,
+        layer_ranks: Sequence[tuple[int, int]] | None = None,
     ) -> SVDBases:
-        """Bases for every layer of `model` at the ranks `config` asks for (weight-only SVD by default)."""
+        """Bases for every layer of `model` (weight-only SVD unless another algorithm is given).
+
+        `layer_ranks` overrides the config's uniform ranks with (key, value) latent dims per group, per layer."""
         geometry = model_geometry(model)
-        key_rank, value_rank = config.resolve_ranks(geometry.head_dim, geometry.num_kv_heads)
-        algorithm = algorithm or WeightSVD()
         group = config.group_size
+        if layer_ranks is None:
+            key_rank, value_rank = config.resolve_ranks(geometry.head_dim, geometry.num_kv_heads)
+            layer_ranks = [(key_rank * group, value_rank * group)] * geometry.num_layers
+        elif len(layer_ranks) != geometry.num_layers:
+            raise ValueError(f"{len(layer_ranks)} (key, value) ranks for a model with {geometry.num_layers} layers")
+        limit = group * geometry.head_dim
+        for i, ranks in enumerate(layer_ranks):
+            if not all(0 < r <= limit for r in ranks):
+                raise ValueError(f"layer {i} ranks {tuple(ranks)} outside 1..{limit} (group of {group} heads)")
+        algorithm = algorithm or WeightSVD()
         layers = [
-            algorithm.fit(i, attn, key_rank * group, value_rank * group, group).to("cpu", torch.float32)
-            for i, attn in enumerate(attention_modules(model))
+            algorithm.fit(i, attn, key_rank, value_rank, group).to("cpu", torch.float32)
+            for i, (attn, (key_rank, value_rank)) in enumerate(zip(attention_modules(model), layer_ranks, strict=True))
         ]
         return cls(layers, geometry, group, algorithm.name, weight_fingerprint(model))
 
     # --- facts --------------------------------------------------------------------------------------------
     @property
     def key_ranks(self) -> list[int]:
-        """Latent dimensions per KV head for keys, per layer."""
-        return [layer.key.rank // self.group_size for layer in self.layers]
+        """Key latent dimensions per group of `group_size` KV heads, per layer."""
+        return [layer.key.rank for layer in self.layers]
 
     @property
     def value_ranks(self) -> list[int]:
-        return [layer.value.rank // self.group_size for layer in self.layers]
+        """Value latent dimensions per group, per layer."""
+        return [layer.value.rank for layer in self.layers]
 
     def latent_dims_per_token(self) -> int:
         """Latent values stored per token over all layers (keys + values)."""

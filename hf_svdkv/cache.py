@@ -10,18 +10,31 @@ from .projection import LayerBases
 
 
 class SVDCacheLayer(DynamicLayer):
-    """One layer's latents. `keys` [batch, groups, seq, key_rank] are latents of the keys *before* RoPE, so
-    `positions` [batch, seq] keeps the position each token was written at (rows differ under left padding).
-    `values` [batch, groups, seq, value_rank]. Everything `DynamicLayer` does along batch and sequence
-    (crop, beam reorder, batch selection) applies to latents unchanged; positions follow along."""
+    """One layer's compressed KV. `keys` [batch, groups, seq, key_rank] are latents of keys *before* RoPE, so
+    `positions` [batch, seq] keeps the position each token was written at (rows differ under left padding);
+    `values` [batch, groups, seq, value_rank] are value latents. With a window W > 0 the last W tokens also
+    stay at full precision in `recent_keys` / `recent_values` [batch, kv_heads, W, head_dim] (pre-RoPE) and
+    become latents only as they age out. `positions` covers every token, latent or recent.
+
+    `update` returns keys and values for the whole sequence as latents rebuilt, followed by `exact_tail`
+    full-precision copies of the newest tokens; the attention's mask decides which copy each query reads."""
 
     is_compileable = False
 
-    def __init__(self, bases: LayerBases, head_dim: int):
+    def __init__(self, bases: LayerBases, head_dim: int, window: int = 0):
         super().__init__()
         self.bases = bases
         self.head_dim = head_dim
+        self.window = window
         self.positions: torch.Tensor | None = None
+        self.recent_keys: torch.Tensor | None = None
+        self.recent_values: torch.Tensor | None = None
+        self.exact_tail = 0
+
+    @property
+    def is_croppable(self) -> bool:
+        # Cropping past the window would leave latents where full-precision tokens were.
+        return self.window == 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -32,69 +45,99 @@ class SVDCacheLayer(DynamicLayer):
         batch = key_states.shape[0]
         self.keys = key_states.new_zeros((batch, self.projection.key.num_groups, 0, self.projection.key.rank))
         self.values = value_states.new_zeros((batch, self.projection.value.num_groups, 0, self.projection.value.rank))
+        self.recent_keys = key_states[:, :, :0]
+        self.recent_values = value_states[:, :, :0]
         self.positions = torch.zeros((batch, 0), dtype=torch.int32, device=self.device)
         self.is_initialized = True
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args, positions: torch.Tensor, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store latents of the new pre-RoPE keys and values; return all keys (pre-RoPE) and values rebuilt."""
+        """Store the new pre-RoPE keys and values; return all of them rebuilt, then the exact tail."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        new_keys = self.projection.key.encode(key_states).to(self.dtype)
-        new_values = self.projection.value.encode(value_states).to(self.dtype)
-        self.keys = torch.cat([self.keys, new_keys], dim=-2)
-        self.values = torch.cat([self.values, new_values], dim=-2)
         self.positions = torch.cat([self.positions, positions.to(self.device, torch.int32)], dim=-1)
-        return self.rebuild_keys(), self.rebuild_values()
+        exact_keys = torch.cat([self.recent_keys, key_states], dim=-2)
+        exact_values = torch.cat([self.recent_values, value_states], dim=-2)
+        # Latents are rounded to the storage dtype before use, so a token reads the same whether its latent
+        # was computed in this call or stored by an earlier one.
+        new_key_latents = self.projection.key.encode(exact_keys).to(self.dtype)
+        new_value_latents = self.projection.value.encode(exact_values).to(self.dtype)
+        all_keys = self.projection.key.decode(torch.cat([self.keys, new_key_latents], dim=-2), self.head_dim)
+        all_values = self.projection.value.decode(torch.cat([self.values, new_value_latents], dim=-2), self.head_dim)
 
-    def rebuild_keys(self) -> torch.Tensor:
-        """Pre-RoPE keys [batch, kv_heads, seq, head_dim] in the model dtype."""
-        return self.projection.key.decode(self.keys, self.head_dim).to(self.dtype)
+        aged = max(exact_keys.shape[-2] - self.window, 0)
+        self.keys = torch.cat([self.keys, new_key_latents[..., :aged, :]], dim=-2)
+        self.values = torch.cat([self.values, new_value_latents[..., :aged, :]], dim=-2)
+        self.recent_keys, self.recent_values = exact_keys[..., aged:, :], exact_values[..., aged:, :]
 
-    def rebuild_values(self) -> torch.Tensor:
-        return self.projection.value.decode(self.values, self.head_dim).to(self.dtype)
+        self.exact_tail = exact_keys.shape[-2] if self.window else 0
+        if not self.exact_tail:
+            return all_keys.to(self.dtype), all_values.to(self.dtype)
+        keys = torch.cat([all_keys.to(self.dtype), exact_keys], dim=-2)
+        return keys, torch.cat([all_values.to(self.dtype), exact_values], dim=-2)
 
-    # Sequence and batch operations: DynamicLayer handles keys/values, positions follow the same indices.
+    def key_positions(self) -> torch.Tensor:
+        """Positions of the columns `update` returned: every token, then the exact tail again."""
+        return torch.cat([self.positions, self.positions[:, self.positions.shape[1] - self.exact_tail :]], dim=-1)
+
+    def get_seq_length(self) -> int:
+        return self.positions.shape[-1] if self.is_initialized else 0
+
+    # Sequence and batch operations: DynamicLayer handles the latents, the other tensors follow.
+    def _map_batch(self, fn) -> None:
+        for name in ("recent_keys", "recent_values", "positions"):
+            setattr(self, name, fn(getattr(self, name)))
+
     def crop(self, tokens_to_remove: int) -> None:
-        super().crop(tokens_to_remove)
-        if tokens_to_remove < 0 and self.is_initialized:
-            self.positions = self.positions[..., :tokens_to_remove]
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative number of tokens to remove, got {tokens_to_remove}")
+        if tokens_to_remove == 0 or not self.is_initialized:
+            return
+        remove = min(-tokens_to_remove, self.get_seq_length())
+        from_recent = min(remove, self.recent_keys.shape[-2])
+        keep_recent = self.recent_keys.shape[-2] - from_recent
+        self.recent_keys, self.recent_values = self.recent_keys[..., :keep_recent, :], self.recent_values[..., :keep_recent, :]
+        keep_latent = self.keys.shape[-2] - (remove - from_recent)
+        self.keys, self.values = self.keys[..., :keep_latent, :], self.values[..., :keep_latent, :]
+        self.positions = self.positions[..., : self.positions.shape[-1] - remove]
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
-        if self.get_seq_length() > 0:
-            self.positions = self.positions.repeat_interleave(repeats, dim=0)
+        if self.is_initialized:
+            self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
-        if self.get_seq_length() > 0:
-            self.positions = self.positions[indices, ...]
+        if self.is_initialized:
+            self._map_batch(lambda t: t[indices, ...])
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        super().reorder_cache(beam_idx)
-        if self.get_seq_length() > 0:
-            self.positions = self.positions.index_select(0, beam_idx.to(self.positions.device))
+        if self.is_initialized:
+            super().reorder_cache(beam_idx)
+            self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     def offload(self) -> None:
         super().offload()
         if self.is_initialized:
-            self.positions = self.positions.to("cpu", non_blocking=True)
+            self._map_batch(lambda t: t.to("cpu", non_blocking=True))
 
     def prefetch(self) -> None:
         super().prefetch()
         if self.is_initialized and self.positions.device != self.device:
-            self.positions = self.positions.to(self.device, non_blocking=True)
+            self._map_batch(lambda t: t.to(self.device, non_blocking=True))
 
     def reset(self) -> None:
         super().reset()
-        self.positions = None
+        self.positions = self.recent_keys = self.recent_values = None
+        self.exact_tail = 0
 
     def nbytes(self) -> int:
-        """Bytes held: key and value latents plus positions."""
+        """Bytes held: key and value latents, the full-precision window and positions."""
         if not self.is_initialized:
             return 0
-        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.positions))
+        tensors = (self.keys, self.values, self.recent_keys, self.recent_values, self.positions)
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 class SVDCompressedCache(Cache):
@@ -104,21 +147,26 @@ class SVDCompressedCache(Cache):
     Only a patched model can fill it: its attention hands over keys before RoPE, which stock attention cannot.
     """
 
-    def __init__(self, model: torch.nn.Module | None = None, *, bases: SVDBases | None = None):
-        if bases is None:
-            from .patch import patch_state
+    def __init__(self, model: torch.nn.Module | None = None, *, bases: SVDBases | None = None, window: int | None = None):
+        from .patch import patch_state
 
-            state = patch_state(model) if model is not None else None
+        state = patch_state(model) if model is not None else None
+        if bases is None:
             if state is None:
                 raise ValueError(
                     "SVDCompressedCache needs a model patched with hf_svdkv.patch_model (or explicit bases=): "
                     "an unpatched model stores keys after RoPE, which this cache cannot compress"
                 )
             bases = state.bases
+        if window is None:
+            window = state.window if state is not None else 0
+        if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+            raise ValueError(f"window must be a non-negative integer number of tokens, got {window!r}")
         self.bases = bases
+        self.window = window
         self.checked_against: set[int] = set()
         head_dim = bases.geometry.head_dim
-        super().__init__(layers=[SVDCacheLayer(layer, head_dim) for layer in bases.layers])
+        super().__init__(layers=[SVDCacheLayer(layer, head_dim, window) for layer in bases.layers])
 
     def update(
         self,
@@ -144,5 +192,5 @@ class SVDCompressedCache(Cache):
     def bytes_per_token(self) -> float:
         """Bytes held per cached token and batch row (0 when empty)."""
         first = self.layers[0]
-        tokens = first.get_seq_length() * (first.keys.shape[0] if first.is_initialized else 0)
+        tokens = first.get_seq_length() * (first.positions.shape[0] if first.is_initialized else 0)
         return self.nbytes() / tokens if tokens else 0.0

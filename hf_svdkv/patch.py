@@ -23,6 +23,7 @@ ModelT = TypeVar("ModelT", bound=nn.Module)
 class PatchState:
     bases: SVDBases
     config: CompressionConfig | None
+    window: int = 0
     # (object, attribute, the instance attribute it had before or None): exactly what unpatch puts back.
     replaced: list[tuple[object, str, Callable | None]] = field(default_factory=list)
 
@@ -57,11 +58,14 @@ def _prepare_compressed_cache(model: nn.Module, original: Callable, generation_c
     model_kwargs["past_key_values"] = SVDCompressedCache(model)
 
 
-def patch_model(model: ModelT, config: CompressionConfig | None = None, *, bases: SVDBases | None = None) -> ModelT:
+def patch_model(
+    model: ModelT, config: CompressionConfig | None = None, *, bases: SVDBases | None = None, window: int | None = None
+) -> ModelT:
     """Make `model` store its KV cache as low-rank latents; returns the same model, patched in place.
 
     Give either a `CompressionConfig` (bases are computed from the model's weights) or precomputed `bases`
-    (validated against the model). Only this instance changes; `unpatch_model` undoes it exactly.
+    (validated against the model). `window` (default: the config's) keeps that many recent tokens at full
+    precision. Only this instance changes; `unpatch_model` undoes it exactly.
     A stock `model.generate(...)` then uses an `SVDCompressedCache`; passing
     `cache_implementation="dynamic"` or another cache still works and bypasses compression.
     """
@@ -78,7 +82,13 @@ def patch_model(model: ModelT, config: CompressionConfig | None = None, *, bases
     else:
         bases.validate(model)
 
-    state = PatchState(bases=bases, config=config)
+    if window is None:
+        window = config.window if config is not None else 0
+    if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+        raise ValueError(f"window must be a non-negative integer number of tokens, got {window!r}")
+    if window and getattr(model.config, "_attn_implementation", None) not in ("eager", "sdpa"):
+        raise ValueError(f"a full-precision window needs the eager or sdpa attention backend, not {model.config._attn_implementation!r}")
+    state = PatchState(bases=bases, config=config, window=window)
     rotary_emb = decoder_model(model).rotary_emb
     for module in modules:
         attribute = _forward_attribute(module)

@@ -28,7 +28,7 @@ from hf_svdkv import (
         (dict(key_rank=8, value_rank=-1), "value_rank must be positive"),
         (dict(key_rank=8.5, value_rank=8), "key_rank must be an integer"),
         (dict(key_rank="8", value_rank=8), "key_rank must be an integer"),
-        (dict(key_rank=8), "give both key_rank and value_rank, or a profile"),
+        (dict(key_rank=8), "give both key_rank and value_rank, a profile"),
         (dict(profile="ultra"), "unknown profile 'ultra'"),
         (dict(profile="med", group_size=0), "group_size must be a positive integer"),
         (dict(profile="med", method="magic"), "unknown method 'magic'"),

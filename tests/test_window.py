@@ -1,0 +1,92 @@
+"""The full-precision window of recent tokens: exact where it covers everything, and the same answer
+whether tokens are fed in one forward or decoded one by one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import structured_ids, tiny_model
+
+from hf_svdkv import CompressionConfig, SVDCompressedCache, patch_model
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_window_covering_the_sequence_is_exact_at_any_rank(attn_implementation):
+    model = tiny_model("qwen2", attn_implementation=attn_implementation)
+    ids = structured_ids(30)
+    with torch.no_grad():
+        expected = model(ids).logits
+        patch_model(model, CompressionConfig(key_rank=4, value_rank=4, window=64))
+        got = model(ids, past_key_values=SVDCompressedCache(model)).logits
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+@pytest.mark.parametrize("window", [0, 1, 5, 16])
+def test_one_forward_equals_token_by_token_decoding(attn_implementation, window):
+    model = tiny_model("llama", attn_implementation=attn_implementation)
+    patch_model(model, CompressionConfig(key_rank=12, value_rank=12, window=window))
+    ids = structured_ids(40)
+    with torch.no_grad():
+        one_pass = model(ids, past_key_values=SVDCompressedCache(model)).logits
+        cache = SVDCompressedCache(model)
+        prefix = model(ids[:, :10], past_key_values=cache).logits
+        steps = [model(ids[:, t : t + 1], past_key_values=cache).logits for t in range(10, 40)]
+    torch.testing.assert_close(torch.cat([prefix, *steps], dim=1), one_pass, atol=1e-4, rtol=0)
+    assert cache.layers[0].recent_keys.shape[-2] == window
+
+
+def test_window_helps_and_is_counted_in_memory():
+    model = tiny_model("llama", num_heads=4, num_kv_heads=2, head_dim=32, dtype=torch.float32)
+    ids = structured_ids(48)
+    with torch.no_grad():
+        expected = model(ids).logits
+        errors, caches = {}, {}
+        for window in (0, 16):
+            patch_model(model, CompressionConfig(key_rank=8, value_rank=8, window=window))
+            caches[window] = SVDCompressedCache(model)
+            errors[window] = (model(ids, past_key_values=caches[window]).logits - expected).abs().mean()
+    assert errors[16] < errors[0]
+    layers, kv_heads, head_dim, fp32, int32 = 2, 2, 32, 4, 4
+    latent = layers * kv_heads * (8 + 8) * fp32
+    exact = layers * kv_heads * 2 * head_dim * fp32
+    assert caches[0].nbytes() == 48 * (latent + layers * int32)
+    assert caches[16].nbytes() == 32 * latent + 16 * exact + 48 * layers * int32
+
+
+def test_window_with_left_padding_rows_equal_single_runs():
+    model = tiny_model("mistral")
+    patch_model(model, CompressionConfig(key_rank=12, value_rank=12, window=6))
+    prompts = [structured_ids(n, seed=n)[0] for n in (4, 13)]
+    ids = torch.zeros(2, 13, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, 13 - len(prompt):], mask[row, 13 - len(prompt):] = prompt, 1
+    with torch.no_grad():
+        batched = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
+                                 return_dict_in_generate=True, output_logits=True)
+        for row, prompt in enumerate(prompts):
+            single = model.generate(prompt[None], max_new_tokens=10, do_sample=False,
+                                    return_dict_in_generate=True, output_logits=True)
+            assert torch.equal(batched.sequences[row, 13:], single.sequences[0, len(prompt):])
+            for got, ref in zip(batched.logits, single.logits, strict=True):
+                torch.testing.assert_close(got[row], ref[0], atol=1e-4, rtol=0)
+
+
+def test_crop_with_a_window_keeps_storage_consistent():
+    model = tiny_model("llama")
+    patch_model(model, CompressionConfig(key_rank=8, value_rank=8, window=8))
+    ids = structured_ids(20)
+    with torch.no_grad():
+        cache = SVDCompressedCache(model)
+        model(ids, past_key_values=cache)
+        for remove, latent, recent in ((3, 12, 5), (7, 10, 0)):
+            cache.crop(-remove)
+            layer = cache.layers[1]
+            assert (layer.keys.shape[-2], layer.recent_keys.shape[-2]) == (latent, recent)
+            assert layer.values.shape[-2] == latent and layer.recent_values.shape[-2] == recent
+        assert cache.get_seq_length() == 10 and cache.layers[0].positions[0].tolist() == list(range(10))
+        logits = model(ids[:, 10:], past_key_values=cache).logits
+    assert torch.isfinite(logits).all() and cache.get_seq_length() == 20
+    # Tokens already aged into latents cannot come back at full precision, so a rollback is not exact.
+    assert not cache.is_croppable
