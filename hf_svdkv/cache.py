@@ -6,6 +6,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from .bases import SVDBases
+from .config import check_latent_bits, check_window
 from .projection import LayerBases
 
 
@@ -147,7 +148,14 @@ class SVDCompressedCache(Cache):
     Only a patched model can fill it: its attention hands over keys before RoPE, which stock attention cannot.
     """
 
-    def __init__(self, model: torch.nn.Module | None = None, *, bases: SVDBases | None = None, window: int | None = None):
+    def __init__(
+        self,
+        model: torch.nn.Module | None = None,
+        *,
+        bases: SVDBases | None = None,
+        window: int | None = None,
+        latent_bits: int | None = None,
+    ):
         from .patch import patch_state
 
         state = patch_state(model) if model is not None else None
@@ -160,13 +168,23 @@ class SVDCompressedCache(Cache):
             bases = state.bases
         if window is None:
             window = state.window if state is not None else 0
-        if isinstance(window, bool) or not isinstance(window, int) or window < 0:
-            raise ValueError(f"window must be a non-negative integer number of tokens, got {window!r}")
+        if latent_bits is None and state is not None:
+            latent_bits = state.latent_bits
+        check_window(window)
+        check_latent_bits(latent_bits)
         self.bases = bases
         self.window = window
+        self.latent_bits = latent_bits
         self.checked_against: set[int] = set()
         head_dim = bases.geometry.head_dim
-        super().__init__(layers=[SVDCacheLayer(layer, head_dim, window) for layer in bases.layers])
+        super().__init__(layers=[self._make_layer(layer, head_dim) for layer in bases.layers])
+
+    def _make_layer(self, bases: LayerBases, head_dim: int) -> SVDCacheLayer:
+        if self.latent_bits is None:
+            return SVDCacheLayer(bases, head_dim, self.window)
+        from .quantized_layer import QuantizedSVDCacheLayer
+
+        return QuantizedSVDCacheLayer(bases, head_dim, self.window, bits=self.latent_bits)
 
     def update(
         self,

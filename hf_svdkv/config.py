@@ -13,6 +13,7 @@ PROFILES: dict[str, dict[str, int]] = {
 }
 PROFILE_HEAD_DIM = 128
 METHODS = ("weights", "calibrated")
+LATENT_BITS = (8, 4)
 
 
 def _check_rank(name: str, rank: object) -> None:
@@ -22,6 +23,16 @@ def _check_rank(name: str, rank: object) -> None:
         raise ValueError(f"{name} must be an integer number of latent dimensions per KV head, got {rank!r}")
     if rank <= 0:
         raise ValueError(f"{name} must be positive, got {rank}")
+
+
+def check_window(window: object) -> None:
+    if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 0:
+        raise ValueError(f"window must be a non-negative integer number of tokens, got {window!r}")
+
+
+def check_latent_bits(bits: object) -> None:
+    if bits is not None and (isinstance(bits, bool) or bits not in LATENT_BITS):
+        raise ValueError(f"latent_bits must be one of {LATENT_BITS} or None, got {bits!r}")
 
 
 @dataclass
@@ -39,6 +50,7 @@ class CompressionConfig:
         target_ratio: instead of ranks, a memory budget: bytes of a 16-bit full cache / bytes of this cache.
             Ranks are then allocated per layer, and between keys and values, where they cost the least quality.
         window: the most recent tokens each query sees at full precision (0 = every token as a latent).
+        latent_bits: store latents as 8- or 4-bit integers (None = in the model dtype).
     """
 
     key_rank: int | None = None
@@ -48,6 +60,7 @@ class CompressionConfig:
     method: str = "weights"
     target_ratio: float | None = None
     window: int = 0
+    latent_bits: int | None = None
 
     def __post_init__(self) -> None:
         _check_rank("key_rank", self.key_rank)
@@ -59,8 +72,8 @@ class CompressionConfig:
                 raise ValueError(f"target_ratio must be a number above 1 (x times smaller than a 16-bit cache), got {self.target_ratio!r}")
         elif self.profile is None and (self.key_rank is None or self.value_rank is None):
             raise ValueError("give both key_rank and value_rank, a profile (low, med, high), or a target_ratio")
-        if isinstance(self.window, bool) or not isinstance(self.window, numbers.Integral) or self.window < 0:
-            raise ValueError(f"window must be a non-negative integer number of tokens, got {self.window!r}")
+        check_window(self.window)
+        check_latent_bits(self.latent_bits)
         if isinstance(self.group_size, bool) or not isinstance(self.group_size, numbers.Integral) or self.group_size <= 0:
             raise ValueError(f"group_size must be a positive integer, got {self.group_size!r}")
         if self.method not in METHODS:

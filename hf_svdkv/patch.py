@@ -13,7 +13,7 @@ from .architectures import attention_modules, decoder_model, model_geometry
 from .attention import AttentionPatch, compressed_attention_forward
 from .bases import SVDBases
 from .cache import SVDCompressedCache
-from .config import CompressionConfig
+from .config import CompressionConfig, check_latent_bits, check_window
 
 STATE_ATTRIBUTE = "_hf_svdkv_patch"
 ModelT = TypeVar("ModelT", bound=nn.Module)
@@ -24,6 +24,7 @@ class PatchState:
     bases: SVDBases
     config: CompressionConfig | None
     window: int = 0
+    latent_bits: int | None = None
     # (object, attribute, the instance attribute it had before or None): exactly what unpatch puts back.
     replaced: list[tuple[object, str, Callable | None]] = field(default_factory=list)
 
@@ -59,13 +60,18 @@ def _prepare_compressed_cache(model: nn.Module, original: Callable, generation_c
 
 
 def patch_model(
-    model: ModelT, config: CompressionConfig | None = None, *, bases: SVDBases | None = None, window: int | None = None
+    model: ModelT,
+    config: CompressionConfig | None = None,
+    *,
+    bases: SVDBases | None = None,
+    window: int | None = None,
+    latent_bits: int | None = None,
 ) -> ModelT:
     """Make `model` store its KV cache as low-rank latents; returns the same model, patched in place.
 
     Give either a `CompressionConfig` (bases are computed from the model's weights) or precomputed `bases`
-    (validated against the model). `window` (default: the config's) keeps that many recent tokens at full
-    precision. Only this instance changes; `unpatch_model` undoes it exactly.
+    (validated against the model). `window` and `latent_bits` (default: the config's) keep that many recent
+    tokens at full precision and store latents as 8/4-bit integers. Only this instance changes; `unpatch_model` undoes it exactly.
     A stock `model.generate(...)` then uses an `SVDCompressedCache`; passing
     `cache_implementation="dynamic"` or another cache still works and bypasses compression.
     """
@@ -84,11 +90,13 @@ def patch_model(
 
     if window is None:
         window = config.window if config is not None else 0
-    if isinstance(window, bool) or not isinstance(window, int) or window < 0:
-        raise ValueError(f"window must be a non-negative integer number of tokens, got {window!r}")
+    check_window(window)
     if window and getattr(model.config, "_attn_implementation", None) not in ("eager", "sdpa"):
         raise ValueError(f"a full-precision window needs the eager or sdpa attention backend, not {model.config._attn_implementation!r}")
-    state = PatchState(bases=bases, config=config, window=window)
+    if latent_bits is None and config is not None:
+        latent_bits = config.latent_bits
+    check_latent_bits(latent_bits)
+    state = PatchState(bases=bases, config=config, window=window, latent_bits=latent_bits)
     rotary_emb = decoder_model(model).rotary_emb
     for module in modules:
         attribute = _forward_attribute(module)
