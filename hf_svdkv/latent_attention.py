@@ -1,0 +1,374 @@
+"""Attention straight over the latents of an `SVDCacheLayer`: the same function as the reference path in
+`attention.py`, without rebuilding the whole cache at full size on every step.
+
+- Values never leave the latent space: a query head attends over its group's value latents, and the group's up
+  projection (and center, which softmax weights summing to 1 turn into a bias) is folded into `o_proj` once.
+- Keys are rebuilt and rotated chunk by chunk (RoPE does not commute with the projection), scored against every
+  query head that reads them, and dropped: at most one chunk of full-size keys exists at a time.
+- Tokens inside the full-precision window are read from their exact copies, by the same rule as `window_mask`.
+
+On CUDA, single-token decoding goes through the fused Triton kernel of `triton_decode` when Triton is importable.
+
+Entry points: `use_latent_attention` (can this call take the fast path?) and `latent_attention_forward` (store the new
+tokens, attend, project: the attention module's output). `latent_attention` and `fold_value_up_into_o_proj` are the
+pieces, for tests and other kernels.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import SVDCacheLayer, SVDCompressedCache
+from .projection import Projection
+
+# Keys rebuilt at a time, in elements (float32): 8 MB, so the transient stays far below the cache it reads (the
+# whole 8k-token context of the default model at batch 1), while each op is large enough that per-op overhead
+# does not dominate on CPU.
+CHUNK_ELEMENTS = 1 << 21
+# Beyond this many query tokens, the reference path (one rebuild, then a fused SDPA kernel) is faster than scoring
+# every query against rebuilt chunks; the fast path is meant for decoding.
+MAX_QUERY_LEN = 16
+# KV heads * head_dim up to which all heads are scored in one block-diagonal matmul (see latent_attention).
+MAX_BLOCK_DIAGONAL = 512
+# rope types whose frequencies depend on the sequence length: the rotary module itself must compute them.
+_DYNAMIC_ROPE = ("dynamic", "longrope")
+
+
+# --- values folded into o_proj ------------------------------------------------------------------------------------
+def _per_query_head(projection: Projection, num_heads: int, num_kv_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each query head's slice of its KV head's up projection [heads, rank, head_dim] and center [heads, head_dim]."""
+    groups, rank, _ = projection.up.shape
+    up = projection.up.reshape(groups, rank, num_kv_heads // groups, head_dim).transpose(1, 2).reshape(num_kv_heads, rank, head_dim)
+    center = projection.center.reshape(num_kv_heads, head_dim)
+    repeats = num_heads // num_kv_heads
+    return up.repeat_interleave(repeats, dim=0), center.repeat_interleave(repeats, dim=0)
+
+
+def fold_value_up_into_o_proj(
+    o_proj_weight: torch.Tensor, value_projection: Projection, num_heads: int, num_kv_heads: int, head_dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`o_proj` acting on value latents: (weight [hidden, num_heads * value_rank], bias [hidden]).
+
+    Query head j reads KV head h's values v = c @ U_h + m_h, so W_o,j v_j = (W_o,j U_hᵀ) c + W_o,j m_h; summed over
+    heads, the first term is the folded weight and the second, since softmax weights sum to 1, a constant bias.
+    Computed in float64 (the product of two roundings is then rounded once), returned in float32."""
+    hidden = o_proj_weight.shape[0]
+    up, center = (t.double() for t in _per_query_head(value_projection, num_heads, num_kv_heads, head_dim))
+    weight = o_proj_weight.double().reshape(hidden, num_heads, head_dim)
+    folded = torch.einsum("ojd,jrd->ojr", weight, up).reshape(hidden, -1)
+    bias = torch.einsum("ojd,jd->o", weight, center)
+    return folded.float(), bias.float()
+
+
+# --- storing without rebuilding -----------------------------------------------------------------------------------
+def append_to_cache(
+    layer: SVDCacheLayer, key_states: torch.Tensor, value_states: torch.Tensor, positions: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """What `layer.update` stores, without rebuilding anything; returns the exact tail (keys before RoPE, values)
+    `update` would append to its output, or None without a window. Mirrors `SVDCacheLayer.update` and
+    `QuantizedSVDCacheLayer.update` line for line, so either path can fill the same cache."""
+    from .quantization import concat, quantize
+    from .quantized_layer import QuantizedSVDCacheLayer
+
+    if not layer.is_initialized:
+        layer.lazy_initialization(key_states, value_states)
+    layer.positions = torch.cat([layer.positions, positions.to(layer.device, torch.int32)], dim=-1)
+    exact_keys = torch.cat([layer.recent_keys, key_states], dim=-2)
+    exact_values = torch.cat([layer.recent_values, value_states], dim=-2)
+    aged = max(exact_keys.shape[-2] - layer.window, 0)
+    if aged:
+        # Encoding the whole exact span (not only the aged tokens) keeps the stored latents bit-identical to update's.
+        new_keys = layer.projection.key.encode(exact_keys)
+        new_values = layer.projection.value.encode(exact_values)
+        if isinstance(layer, QuantizedSVDCacheLayer):
+            layer.keys = concat([layer.keys, quantize(new_keys, layer.bits, layer.group).crop(aged)])
+            layer.values = concat([layer.values, quantize(new_values, layer.bits, layer.group).crop(aged)])
+        else:
+            layer.keys = torch.cat([layer.keys, new_keys[..., :aged, :].to(layer.dtype)], dim=-2)
+            layer.values = torch.cat([layer.values, new_values[..., :aged, :].to(layer.dtype)], dim=-2)
+    layer.recent_keys, layer.recent_values = exact_keys[..., aged:, :], exact_values[..., aged:, :]
+    layer.exact_tail = exact_keys.shape[-2] if layer.window else 0
+    return (exact_keys, exact_values) if layer.exact_tail else None
+
+
+def _latents(stored, start: int, end: int, dtype: torch.dtype) -> torch.Tensor:
+    """Tokens [start, end) of a layer's key or value latents, dequantized if stored as integer codes."""
+    if isinstance(stored, torch.Tensor):
+        return stored[..., start:end, :].to(dtype)
+    return stored.apply(lambda t: t[..., start:end, :]).dequantize(dtype)
+
+
+# --- RoPE as complex multiplication -------------------------------------------------------------------------------
+def _interleave(x: torch.Tensor) -> torch.Tensor:
+    """[..., d] in rotate-half order (x1 | x2) -> (x1_0, x2_0, x1_1, x2_1, ...): pairs become complex numbers
+    x1 + i x2, and RoPE is a multiplication by cos + i sin, one pass instead of rotate_half's four."""
+    half = x.shape[-1] // 2
+    return torch.stack([x[..., :half], x[..., half:]], dim=-1).flatten(-2)
+
+
+def _rotate(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """x [..., d] interleaved float32, rotated in place and returned; rope [..., d/2] complex, broadcast to x."""
+    return torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (-1, 2))).mul_(rope)).flatten(-2)
+
+
+_ROPE_MEMO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def rope_factors(rotary: nn.Module, positions: torch.Tensor, memo_key: object | None = None) -> torch.Tensor:
+    """cos + i sin of every cached position [batch, seq, head_dim / 2], complex64, from the model's rotary module
+    (so every rope type and its attention scaling match the reference path exactly).
+
+    Every layer of a cache holds the same positions, so with `memo_key` (any object that lives for one forward, such
+    as that forward's `position_embeddings[0]`) the first layer computes them and the others reuse them."""
+    memo = _ROPE_MEMO.get(rotary)
+    if memo is not None and memo_key is not None and memo[0] is memo_key and memo[1].shape[:2] == positions.shape:
+        return memo[1]
+    dummy = torch.empty(0, device=positions.device, dtype=torch.float32)  # only its device and dtype are read
+    cos, sin = rotary(dummy, positions)
+    half = cos.shape[-1] // 2
+    factors = torch.complex(cos[..., :half].float(), sin[..., :half].float())
+    if memo_key is not None:
+        _ROPE_MEMO[rotary] = (memo_key, factors)
+    return factors
+
+
+# --- the attention ------------------------------------------------------------------------------------------------
+@dataclass
+class LatentAttentionOutput:
+    """Attention output of every query head, before `o_proj`, in two parts whose softmax weights are already applied:
+    `latent` [batch, q, heads, value_rank] over value latents (project with the folded weight and bias) and
+    `exact` [batch, q, heads, head_dim] over exact window values minus their center (project with o_proj's weight)."""
+
+    latent: torch.Tensor
+    exact: torch.Tensor | None = None
+
+
+def _allowed(mask: torch.Tensor | None, query_len: int, total: int, device: torch.device) -> torch.Tensor | None:
+    """[batch or 1, 1, q, total] bool from the model's mask (bool, or eager's additive float), causal if None."""
+    if mask is None:
+        if query_len == 1:
+            return None
+        query_index = torch.arange(total - query_len, total, device=device)[:, None]
+        return (query_index >= torch.arange(total, device=device))[None, None]
+    mask = mask[..., -total:]
+    return mask if mask.dtype == torch.bool else mask == 0
+
+
+def _column_masks(
+    mask: torch.Tensor | None, query_len: int, total: int, latent_len: int, exact_len: int, window: int, device: torch.device
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Which latent columns (tokens [0, latent_len)) and exact columns (the last exact_len tokens) each query reads:
+    a token's exact copy while it is less than `window` tokens old, its latent otherwise (as `window_mask`)."""
+    allowed = _allowed(mask, query_len, total, device)
+    if not exact_len:
+        return (None if allowed is None else allowed[..., :latent_len]), None
+    age = torch.arange(total - query_len, total, device=device)[:, None] - torch.arange(total, device=device)[None, :]
+    if allowed is None:
+        allowed = (age >= 0)[None, None]
+    latent = allowed[..., :latent_len] & (age[:, :latent_len] >= window)
+    exact = allowed[..., total - exact_len :] & (age[:, total - exact_len :] < window)
+    return latent, exact
+
+
+@dataclass
+class _LayerState:
+    """Per cache layer, built once: bases laid out for the chunked kernels and the folded output projection."""
+
+    projection: object  # the layer's LayerBases this was built from (identity-checked)
+    o_proj_weight: torch.Tensor  # the o_proj weight this was built from (identity-checked)
+    # Keys of a group = latents @ key_weight[g].T + key_bias[g]: [key_groups, heads per group * d, rank] in the
+    # latents' dtype and [key_groups, heads per group * d] float32, each head interleaved; no bias when the center is 0.
+    key_weight: torch.Tensor
+    key_bias: torch.Tensor | None
+    value_center: torch.Tensor  # [kv_heads, head_dim] float32: subtracted from exact values (the bias adds it back)
+    out_weight: torch.Tensor  # folded o_proj [hidden, heads * value_rank] in the model dtype
+    out_bias: torch.Tensor  # [hidden]
+
+
+_STATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _layer_state(module: nn.Module, layer: SVDCacheLayer) -> _LayerState:
+    state = _STATES.get(layer)
+    weight = module.o_proj.weight
+    if state is not None and state.projection is layer.projection and state.o_proj_weight is weight:
+        return state
+    key, value = layer.projection.key, layer.projection.value
+    head_dim = layer.head_dim
+    groups, rank, width = key.up.shape
+    key_weight = _interleave(key.up.reshape(groups, rank, -1, head_dim)).reshape(groups, rank, width).mT
+    key_bias = _interleave(key.center.reshape(groups, -1, head_dim)).reshape(groups, width)
+    num_heads = module.config.num_attention_heads
+    num_kv_heads = value.num_groups * (value.up.shape[-1] // head_dim)
+    out_weight, out_bias = fold_value_up_into_o_proj(weight, value, num_heads, num_kv_heads, head_dim)
+    if module.o_proj.bias is not None:
+        out_bias = out_bias + module.o_proj.bias.float()
+    state = _LayerState(
+        projection=layer.projection,
+        o_proj_weight=weight,
+        key_weight=key_weight.to(layer.dtype).contiguous(),
+        key_bias=key_bias.float() if key_bias.any() else None,
+        value_center=value.center.reshape(num_kv_heads, head_dim).float(),
+        out_weight=out_weight.to(weight.dtype),
+        out_bias=out_bias.to(weight.dtype),
+    )
+    _STATES[layer] = state
+    return state
+
+
+def _block_diagonal(queries: torch.Tensor, groups: int) -> torch.Tensor:
+    """[batch, kv_heads, rows, d] -> [batch, groups, heads per group * rows, heads per group * d]: each KV head's
+    query rows in that head's columns, zeros elsewhere, so one matmul scores a whole group's rebuilt keys."""
+    batch, kv_heads, rows, head_dim = queries.shape
+    per_group = kv_heads // groups
+    if per_group == 1:
+        return queries
+    eye = torch.eye(per_group, dtype=queries.dtype, device=queries.device)
+    grouped = queries.view(batch, groups, per_group, rows, 1, head_dim) * eye.view(1, 1, per_group, 1, per_group, 1)
+    return grouped.reshape(batch, groups, per_group * rows, per_group * head_dim)
+
+
+def latent_attention(
+    query: torch.Tensor,
+    layer: SVDCacheLayer,
+    state: _LayerState,
+    rope: torch.Tensor,
+    *,
+    scaling: float,
+    attention_mask: torch.Tensor | None = None,
+    exact: tuple[torch.Tensor, torch.Tensor] | None = None,
+    chunk_size: int | None = None,
+) -> LatentAttentionOutput:
+    """Attention of `query` [batch, heads, q, head_dim] (after RoPE) over a layer that already holds the new tokens
+    (`append_to_cache`); `rope` = `rope_factors` of `layer.positions`; `exact` = the exact tail `append_to_cache`
+    returned. Scores and softmax in float32; two passes: all scores (chunk by chunk), then one softmax."""
+    batch, num_heads, query_len, head_dim = query.shape
+    num_kv_heads = state.value_center.shape[0]
+    chunk_size = chunk_size or max(1, CHUNK_ELEMENTS // (batch * num_kv_heads * head_dim))
+    per_kv = num_heads // num_kv_heads
+    total = layer.get_seq_length()
+    latent_len = layer.keys.shape[-2]
+    exact_len = 0 if exact is None else exact[0].shape[-2]
+    # [batch, kv_heads, heads per kv head * q, d]: every query head reading a KV head scores its keys in one matmul.
+    queries = _interleave(query.float() * scaling).reshape(batch, num_kv_heads, per_kv * query_len, head_dim)
+
+    dtype = state.key_weight.dtype
+    key_groups, width = state.key_weight.shape[:2]
+    # One block-diagonal matmul over every KV head wastes kv_heads-fold multiplications but replaces many skinny
+    # matmuls, which CPUs run far below their speed; past a few heads the waste costs more, so score head by head.
+    score_groups = 1 if num_kv_heads * head_dim <= MAX_BLOCK_DIAGONAL else num_kv_heads
+    blocks = _block_diagonal(queries, score_groups).transpose(-1, -2)  # [batch, score_groups, heads * d, heads * rows]
+    scores = queries.new_empty((batch, score_groups, blocks.shape[-1], latent_len + exact_len))
+    for start in range(0, latent_len, chunk_size):
+        end = min(start + chunk_size, latent_len)
+        latents = _latents(layer.keys, start, end, dtype)  # [batch, key_groups, chunk, rank]
+        rebuilt = torch.matmul(latents, state.key_weight.mT)  # [batch, key_groups, chunk, heads * d]
+        # Token-major float32 over all KV heads, [batch, chunk, key_groups, heads * d]: one pass converts and moves.
+        keys = queries.new_empty((batch, end - start, key_groups, width))
+        keys.permute(0, 2, 1, 3).copy_(rebuilt)
+        if state.key_bias is not None:
+            keys += state.key_bias
+        keys = _rotate(keys.view(batch, end - start, num_kv_heads, head_dim), rope[:, start:end, None])
+        keys = keys.view(batch, end - start, score_groups, -1).transpose(1, 2)  # [batch, score_groups, chunk, heads * d]
+        scores[..., start:end] = torch.matmul(keys, blocks).transpose(-1, -2)
+    scores = scores.view(batch, num_kv_heads, per_kv * query_len, -1)
+    if exact is not None:
+        exact_keys = _rotate(_interleave(exact[0].float()), rope[:, None, total - exact_len :])
+        scores[..., latent_len:] = torch.matmul(queries, exact_keys.transpose(-1, -2))
+
+    latent_mask, exact_mask = _column_masks(attention_mask, query_len, total, latent_len, exact_len, layer.window, query.device)
+    if latent_mask is not None or exact_mask is not None:
+        allowed = latent_mask if exact_mask is None else torch.cat([latent_mask, exact_mask], dim=-1)
+        # [batch, kv_heads, per_kv * q, cols] seen as [batch, kv_heads, per_kv, q, cols]; masks are per (batch, q).
+        scores = scores.view(batch, num_kv_heads, per_kv, query_len, -1).masked_fill(~allowed[:, :, None], -math.inf)
+        scores = scores.view(batch, num_kv_heads, per_kv * query_len, -1)
+        # A padding query that sees nothing gets zeros, not NaN: its NaN would reach every row through the values.
+        probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0)
+    else:
+        probs = torch.softmax(scores, dim=-1)
+
+    value_groups = layer.projection.value.num_groups
+    latent_probs = probs[..., :latent_len].reshape(batch, value_groups, -1, latent_len)
+    # Plain latents are read in one matmul; integer codes are dequantized chunk by chunk, to bound the transient.
+    value_chunk = max(latent_len, 1) if isinstance(layer.values, torch.Tensor) else chunk_size
+    latent = None
+    for start in range(0, latent_len, value_chunk):
+        end = min(start + value_chunk, latent_len)
+        part = torch.matmul(latent_probs[..., start:end].to(dtype), _latents(layer.values, start, end, dtype)).float()
+        latent = part if latent is None else latent.add_(part)
+    if latent is None:  # every token still in the window
+        latent = probs.new_zeros((batch, value_groups, latent_probs.shape[2], layer.projection.value.rank))
+    # [batch, value_groups, kv heads per group * per_kv * q, rank] -> [batch, q, heads, rank]
+    latent = latent.reshape(batch, num_heads, query_len, -1).transpose(1, 2)
+    if exact is None:
+        return LatentAttentionOutput(latent)
+    centered = exact[1].float() - state.value_center[:, None, :]
+    exact_out = torch.matmul(probs[..., latent_len:], centered)  # [batch, kv_heads, per_kv * q, d]
+    return LatentAttentionOutput(latent, exact_out.reshape(batch, num_heads, query_len, head_dim).transpose(1, 2))
+
+
+def project_output(module: nn.Module, state: _LayerState, out: LatentAttentionOutput) -> torch.Tensor:
+    """The attention module's output [batch, q, hidden]: folded o_proj on the latent part, o_proj's own weight on
+    the exact part."""
+    dtype = state.out_weight.dtype
+    result = F.linear(out.latent.flatten(-2).to(dtype), state.out_weight, state.out_bias)
+    if out.exact is not None:
+        result = result + F.linear(out.exact.flatten(-2).to(dtype), module.o_proj.weight)
+    return result
+
+
+# --- wiring -------------------------------------------------------------------------------------------------------
+def _triton_ready(query: torch.Tensor, layer: SVDCacheLayer, rotary: nn.Module) -> bool:
+    if query.device.type != "cuda" or query.shape[2] != 1 or not isinstance(layer.keys, torch.Tensor):
+        return False
+    if any(kind in str(getattr(rotary, "rope_type", "default")) for kind in _DYNAMIC_ROPE):
+        return False
+    from . import triton_decode
+
+    return triton_decode.available()
+
+
+def use_latent_attention(module: nn.Module, cache: SVDCompressedCache, query_len: int) -> bool:
+    """Whether this attention call can take the latent path: inference (no dropout), up to MAX_QUERY_LEN new tokens,
+    an `o_proj` that is a plain linear layer (its weight can be folded), a cache that is not offloaded layer by layer.
+    The caller also keeps the reference path when attention weights are requested: this path never forms them."""
+    return (
+        not module.training
+        and query_len <= MAX_QUERY_LEN
+        and isinstance(module.o_proj, nn.Linear)
+        and module.o_proj.weight.is_floating_point()
+        and not getattr(cache, "offloading", False)
+    )
+
+
+def latent_attention_forward(
+    module: nn.Module,
+    layer: SVDCacheLayer,
+    rotary: nn.Module,
+    query: torch.Tensor,
+    key_states: torch.Tensor,
+    value_states: torch.Tensor,
+    positions: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    memo_key: object | None = None,
+) -> torch.Tensor:
+    """Store the new tokens and return the attention module's output [batch, q, hidden] (o_proj included).
+
+    query [batch, heads, q, d] after RoPE; key_states / value_states [batch, kv_heads, q, d] before RoPE, as
+    `SVDCompressedCache.update` takes them; positions [batch, q]; the model's attention mask."""
+    exact = append_to_cache(layer, key_states, value_states, positions)
+    state = _layer_state(module, layer)
+    if _triton_ready(query, layer, rotary):
+        from .triton_decode import triton_latent_attention
+
+        out = triton_latent_attention(query, layer, state, rotary, scaling=module.scaling, attention_mask=attention_mask, exact=exact)
+    else:
+        rope = rope_factors(rotary, layer.positions, memo_key)
+        out = latent_attention(query, layer, state, rope, scaling=module.scaling, attention_mask=attention_mask, exact=exact)
+    return project_output(module, state, out)

@@ -1,0 +1,170 @@
+"""Integer storage for latents: asymmetric per-token quantization in groups of channels, and the Hadamard rotation
+that makes low bit-widths work on them (Palu).
+
+Each token's latent row is cut into groups of `group` channels (the last group is shorter when the rank is not a
+multiple); a group stores `bits`-bit codes q with x ≈ q * scale + zero. Quantizing per token (never across tokens)
+means a token's codes do not depend on which other tokens were quantized with it, so a sequence fed in one forward
+and token by token is stored identically.
+
+Scales and zero points are float16, not bfloat16: latents are far inside float16's range (|x| < 65504), and its
+8x finer mantissa keeps the rounding of the zero point, which shifts a whole group, small next to the step of
+8-bit codes. Both are rounded outward (zero down, scale up) so [zero, zero + levels * scale] still covers the group
+and the round-trip error stays within scale / 2 per element. A latent beyond float16's range would turn its group
+non-finite (NaN logits) rather than raise: checking would sync the device on every step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .projection import Projection
+
+BITS = (8, 4)
+SCALE_DTYPE = torch.float16
+
+
+@dataclass
+class QuantizedTensor:
+    """Codes of a [..., seq, dim] tensor: `data` uint8 [..., seq, ceil(dim * bits / 8)] (two 4-bit codes per byte,
+    low nibble first), `scale` and `zero` float16 [..., seq, ceil(dim / group)]."""
+
+    data: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    bits: int
+    group: int
+    dim: int
+
+    @property
+    def shape(self) -> torch.Size:
+        """The logical shape: that of the tensor it stands for."""
+        return torch.Size((*self.data.shape[:-1], self.dim))
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    def apply(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> QuantizedTensor:
+        """`fn` applied to data, scales and zeros alike: valid for any op that leaves the last dim alone
+        (batch selection, repetition, device moves, slicing the sequence)."""
+        return QuantizedTensor(fn(self.data), fn(self.scale), fn(self.zero), self.bits, self.group, self.dim)
+
+    def crop(self, length: int) -> QuantizedTensor:
+        """The first `length` tokens (along dim -2)."""
+        return self.apply(lambda t: t[..., :length, :])
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.data, self.scale, self.zero))
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        # Computed in float32: q * scale is exact there (≤ 8 + 11 significant bits), so only the final add rounds.
+        codes = _unpack(self.data, self.bits, self.dim).to(torch.float32)
+        scale = self.scale.to(torch.float32).repeat_interleave(self.group, dim=-1)[..., : self.dim]
+        zero = self.zero.to(torch.float32).repeat_interleave(self.group, dim=-1)[..., : self.dim]
+        return (codes * scale + zero).to(dtype)
+
+
+def empty_quantized(leading: Sequence[int], dim: int, bits: int, group: int, device: torch.device) -> QuantizedTensor:
+    """A quantized tensor of shape [*leading, 0, dim]: what a cache layer starts from."""
+    groups, packed = math.ceil(dim / group), _packed_dim(dim, bits)
+    data = torch.empty((*leading, 0, packed), dtype=torch.uint8, device=device)
+    scale = torch.empty((*leading, 0, groups), dtype=SCALE_DTYPE, device=device)
+    return QuantizedTensor(data, scale, scale.clone(), bits, group, dim)
+
+
+def quantize(x: torch.Tensor, bits: int, group: int = 32) -> QuantizedTensor:
+    """Asymmetric round-to-nearest codes of `x` [..., dim], min/max per group of `group` channels of each row."""
+    if bits not in BITS:
+        raise ValueError(f"bits must be one of {BITS}, got {bits!r}")
+    if group <= 0:
+        raise ValueError(f"group must be a positive number of channels, got {group!r}")
+    dim = x.shape[-1]
+    groups = math.ceil(dim / group)
+    x = x.to(torch.float32)
+    # Pad the last group by repeating the row's last channel: it changes neither that group's min nor its max.
+    padded = torch.cat([x, x[..., -1:].expand(*x.shape[:-1], groups * group - dim)], dim=-1)
+    grouped = padded.unflatten(-1, (groups, group))
+    levels = 2**bits - 1
+    zero = _round_toward(grouped.amin(-1), -math.inf)
+    # The smallest normal float16 keeps a constant group (max == zero) from dividing by 0; its codes are then 0.
+    span = (grouped.amax(-1) - zero.to(torch.float32)) / levels
+    scale = _round_toward(span, math.inf).clamp_min(torch.finfo(SCALE_DTYPE).smallest_normal)
+    codes = (grouped - zero.to(torch.float32)[..., None]) / scale.to(torch.float32)[..., None]
+    codes = codes.round_().clamp_(0, levels).to(torch.uint8).flatten(-2)[..., :dim]
+    return QuantizedTensor(_pack(codes, bits), scale, zero, bits, group, dim)
+
+
+def concat(tensors: Sequence[QuantizedTensor]) -> QuantizedTensor:
+    """Join along the sequence dim (-2); all must share bits, group and dim."""
+    first = tensors[0]
+    if any((t.bits, t.group, t.dim) != (first.bits, first.group, first.dim) for t in tensors):
+        raise ValueError("cannot concatenate quantized tensors of different bits, group or dim")
+    data, scale, zero = ([getattr(t, name) for t in tensors] for name in ("data", "scale", "zero"))
+    return QuantizedTensor(torch.cat(data, -2), torch.cat(scale, -2), torch.cat(zero, -2), first.bits, first.group, first.dim)
+
+
+def _round_toward(x: torch.Tensor, direction: float) -> torch.Tensor:
+    """float32 -> float16, rounded toward `direction` (±inf) instead of to nearest where they differ."""
+    nearest = x.to(SCALE_DTYPE)
+    wrong_side = nearest.to(x.dtype) < x if direction > 0 else nearest.to(x.dtype) > x
+    return torch.where(wrong_side, torch.nextafter(nearest, torch.full_like(nearest, direction)), nearest)
+
+
+def _packed_dim(dim: int, bits: int) -> int:
+    return dim if bits == 8 else math.ceil(dim / 2)
+
+
+def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    if bits == 8:
+        return codes
+    if codes.shape[-1] % 2:  # an odd row gets one zero code so channels pair up
+        codes = torch.nn.functional.pad(codes, (0, 1))
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+
+def _unpack(data: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    if bits == 8:
+        return data
+    return torch.stack([data & 0x0F, data >> 4], dim=-1).flatten(-2)[..., :dim]
+
+
+# --- Hadamard rotation ---------------------------------------------------------------------------------------------
+def hadamard(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """An orthogonal n x n matrix that spreads each coordinate evenly over a block of coordinates.
+
+    For n a power of two it is the normalised Sylvester-Walsh-Hadamard matrix (symmetric, entries ±1/√n). For other n
+    it is block-diagonal, one Sylvester block per power of two in n's binary expansion, largest first (48 = 32 + 16):
+    orthogonal for every n, and its blocks line up with quantization groups of a power-of-two size (group 32 on rank
+    48 gives blocks and groups [0, 32) and [32, 48)), so an outlier is still spread over the group that quantizes it.
+    """
+    if n <= 0:
+        raise ValueError(f"hadamard needs a positive size, got {n}")
+    blocks, remaining = [], n
+    while remaining:
+        size = 1 << (remaining.bit_length() - 1)
+        blocks.append(_sylvester(size))
+        remaining -= size
+    return torch.block_diag(*blocks).to(dtype)
+
+
+def _sylvester(n: int) -> torch.Tensor:
+    matrix = torch.ones(1, 1, dtype=torch.float64)
+    while matrix.shape[0] < n:
+        matrix = torch.cat([torch.cat([matrix, matrix], 1), torch.cat([matrix, -matrix], 1)], 0)
+    return matrix / math.sqrt(n)
+
+
+def rotate_projection(projection: Projection) -> Projection:
+    """The same projection with latents rotated by H = hadamard(rank): down' = down H, up' = Hᵀ up.
+
+    H is orthogonal, so c' Hᵀ up = c up and reconstructions are unchanged; only the latents' coordinates move, and
+    rotated latents have no outlier channel for a group's scale to stretch over. Folded once into the bases, it
+    costs nothing per token. Computed in float64, returned in the projection's dtype."""
+    rotation = hadamard(projection.rank).to(projection.down.device)
+    down = (projection.down.to(torch.float64) @ rotation).to(projection.down.dtype)
+    up = (rotation.mT @ projection.up.to(torch.float64)).to(projection.up.dtype)
+    return Projection(down, up, projection.center)

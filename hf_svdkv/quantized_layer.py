@@ -1,0 +1,114 @@
+"""`QuantizedSVDCacheLayer`: an `SVDCacheLayer` whose latents are stored as 8- or 4-bit integer codes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .cache import SVDCacheLayer
+from .projection import LayerBases
+from .quantization import QuantizedTensor, concat, empty_quantized, quantize, rotate_projection
+
+
+class QuantizedSVDCacheLayer(SVDCacheLayer):
+    """Latents quantized per token as they are stored, dequantized when read.
+
+    `keys` / `values` are `QuantizedTensor`s of logical shape [batch, groups, seq, rank]; the full-precision window
+    (`recent_keys` / `recent_values`) is unchanged and quantized only as it ages out. With `rotate` (default) the
+    projection is rotated by a Hadamard matrix at lazy init, so latents are born rotated at no per-token cost.
+
+    A latent is quantized, then dequantized, in the very call that computes it: every query, in this forward or a
+    later one, reads exactly the codes that are stored, so one forward and token-by-token decoding agree. (Exactly
+    on CPU; on CUDA the encoding matmul picks kernels by shape, which can move a latent by one float ulp and flip one
+    code by one step, e.g. 2e-3 on a tiny model's logits at int8.)"""
+
+    def __init__(
+        self, bases: LayerBases, head_dim: int, window: int = 0, *, bits: int = 8, group: int = 32, rotate: bool = True
+    ):
+        super().__init__(bases, head_dim, window)
+        self.bits, self.group, self.rotate = bits, group, rotate
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        if self.rotate:
+            self.projection = LayerBases(rotate_projection(self.projection.key), rotate_projection(self.projection.value))
+        batch = key_states.shape[0]
+        self.keys = self._empty(batch, self.projection.key.num_groups, self.projection.key.rank)
+        self.values = self._empty(batch, self.projection.value.num_groups, self.projection.value.rank)
+
+    def _empty(self, batch: int, groups: int, rank: int) -> QuantizedTensor:
+        return empty_quantized((batch, groups), rank, self.bits, self.group, self.device)
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, positions: torch.Tensor, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new pre-RoPE keys and values; return all of them rebuilt, then the exact tail."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.positions = torch.cat([self.positions, positions.to(self.device, torch.int32)], dim=-1)
+        exact_keys = torch.cat([self.recent_keys, key_states], dim=-2)
+        exact_values = torch.cat([self.recent_values, value_states], dim=-2)
+        new_keys = quantize(self.projection.key.encode(exact_keys), self.bits, self.group)
+        new_values = quantize(self.projection.value.encode(exact_values), self.bits, self.group)
+        # Dequantized straight to the projection's float32: no extra rounding to the model dtype on the way.
+        compute_dtype = self.projection.key.up.dtype
+        all_keys = self.projection.key.decode(concat([self.keys, new_keys]).dequantize(compute_dtype), self.head_dim)
+        all_values = self.projection.value.decode(concat([self.values, new_values]).dequantize(compute_dtype), self.head_dim)
+
+        aged = max(exact_keys.shape[-2] - self.window, 0)
+        self.keys = concat([self.keys, new_keys.crop(aged)])
+        self.values = concat([self.values, new_values.crop(aged)])
+        self.recent_keys, self.recent_values = exact_keys[..., aged:, :], exact_values[..., aged:, :]
+
+        self.exact_tail = exact_keys.shape[-2] if self.window else 0
+        if not self.exact_tail:
+            return all_keys.to(self.dtype), all_values.to(self.dtype)
+        keys = torch.cat([all_keys.to(self.dtype), exact_keys], dim=-2)
+        return keys, torch.cat([all_values.to(self.dtype), exact_values], dim=-2)
+
+    # Sequence and batch operations. SVDCacheLayer's go through DynamicLayer, which treats `keys` / `values` as plain
+    # tensors; here every op is one function mapped over the codes (data, scales, zeros) and the other tensors.
+    def _map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.keys, self.values = self.keys.apply(fn), self.values.apply(fn)
+        super()._map_batch(fn)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative number of tokens to remove, got {tokens_to_remove}")
+        if tokens_to_remove == 0 or not self.is_initialized:
+            return
+        # The newest tokens go first from the window, then from the latents.
+        remove = min(-tokens_to_remove, self.get_seq_length())
+        keep_recent = max(self.recent_keys.shape[-2] - remove, 0)
+        keep_latent = self.keys.shape[-2] - (remove - (self.recent_keys.shape[-2] - keep_recent))
+        self.recent_keys, self.recent_values = self.recent_keys[..., :keep_recent, :], self.recent_values[..., :keep_recent, :]
+        self.keys, self.values = self.keys.crop(keep_latent), self.values.crop(keep_latent)
+        self.positions = self.positions[..., : self.positions.shape[-1] - remove]
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self._map_batch(lambda t: t[indices, ...])
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.is_initialized:
+            self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def offload(self) -> None:
+        if self.is_initialized:
+            self._map_batch(lambda t: t.to("cpu", non_blocking=True))
+
+    def prefetch(self) -> None:
+        if self.is_initialized and self.positions.device != self.device:
+            self._map_batch(lambda t: t.to(self.device, non_blocking=True))
+
+    def nbytes(self) -> int:
+        """Bytes held: integer codes, scales and zero points of the latents, the full-precision window, positions."""
+        if not self.is_initialized:
+            return 0
+        exact = (self.recent_keys, self.recent_values, self.positions)
+        return self.keys.nbytes() + self.values.nbytes() + sum(t.numel() * t.element_size() for t in exact)

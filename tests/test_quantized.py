@@ -1,0 +1,286 @@
+"""Quantized latents: the round-trip bound, real int4 packing, the Hadamard fold, and a quantized cache that stays
+consistent under every batch and sequence operation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from tiny_models import structured_ids, tiny_model
+from transformers import DynamicCache
+
+from hf_svdkv import CompressionConfig, Projection, SVDCompressedCache, patch_model
+from hf_svdkv.quantization import concat, hadamard, quantize, rotate_projection
+from hf_svdkv.quantized_layer import QuantizedSVDCacheLayer
+
+
+def expanded_scale(q) -> torch.Tensor:
+    return q.scale.float().repeat_interleave(q.group, dim=-1)[..., : q.dim]
+
+
+# --- quantization ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dim,group", [(64, 32), (48, 32), (45, 16), (7, 32)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_round_trip_error_is_within_half_a_step(bits, dim, group, dtype):
+    generator = torch.Generator().manual_seed(dim + bits)
+    # Channels of very different spread, an offset far from zero (the zero point's rounding matters there),
+    # a constant row (zero span) and an outlier channel.
+    x = torch.randn(2, 3, 17, dim, generator=generator) * torch.rand(dim, generator=generator) * 4
+    x[..., 0] *= 25
+    x[1, 2, 5] += 300.0
+    x[0, 0, 0] = 7.25
+    x = x.to(dtype)
+    q = quantize(x, bits, group)
+    assert q.shape == x.shape and q.data.dtype == torch.uint8
+    assert q.scale.shape == (2, 3, 17, math.ceil(dim / group)) and q.scale.dtype == q.zero.dtype == torch.float16
+    error = (q.dequantize() - x.float()).abs()
+    bound = expanded_scale(q) / 2 + 1e-6 * x.float().abs()  # + float32 rounding of the final add
+    assert (error <= bound).all(), f"worst excess {(error - bound).max().item()}"
+    # No step is wasted either: a group's scale is its span over the levels, widened only by rounding the zero point
+    # down and the scale up to float16 (relative 2^-10 each), and at least the smallest normal float16.
+    for g in range(q.scale.shape[-1]):
+        chunk = x.float()[..., g * group : (g + 1) * group]
+        span = chunk.amax(-1) - chunk.amin(-1) + chunk.amin(-1).abs() * 2**-10
+        assert (q.scale[..., g].float() <= span / (2**bits - 1) * (1 + 2**-10) + 2**-14).all()
+    assert torch.equal(q.dequantize()[0, 0, 0], torch.full((dim,), 7.25))  # a constant row is exact
+
+
+@pytest.mark.parametrize("dim", [64, 48, 30])
+def test_int4_codes_are_packed_two_per_byte(dim):
+    x = torch.randn(2, 3, 11, dim, generator=torch.Generator().manual_seed(0))
+    q8, q4 = quantize(x, 8), quantize(x, 4)
+    assert q4.data.dtype == q8.data.dtype == torch.uint8
+    assert q4.data.numel() * q4.data.element_size() * 2 == q8.data.numel() * q8.data.element_size()
+    assert q4.data.shape[-1] == dim // 2 and q4.scale.shape == q8.scale.shape
+    # Values already on the 4-bit grid of their group come back exactly: packing loses nothing.
+    on_grid = torch.randint(0, 16, (2, 3, 11, dim), generator=torch.Generator().manual_seed(1)).float()
+    on_grid[..., 0::32], on_grid[..., 1::32] = 0.0, 15.0  # each group of 32 spans 0..15: zero 0, scale 1
+    assert torch.equal(quantize(on_grid, 4).dequantize(), on_grid)
+
+
+def test_tokens_quantize_independently_so_concat_and_crop_are_exact():
+    x = torch.randn(2, 2, 20, 48, generator=torch.Generator().manual_seed(0))
+    whole = quantize(x, 4)
+    parts = concat([quantize(x[..., :7, :], 4), quantize(x[..., 7:, :], 4)])
+    for name in ("data", "scale", "zero"):
+        assert torch.equal(getattr(parts, name), getattr(whole, name))
+        assert torch.equal(getattr(whole.crop(7), name), getattr(parts, name)[..., :7, :])
+    picked = whole.apply(lambda t: t[torch.tensor([1, 1, 0])])
+    assert torch.equal(picked.dequantize(), whole.dequantize()[torch.tensor([1, 1, 0])])
+    assert whole.nbytes() == 2 * 2 * 20 * (24 + 2 * 2 * 2)
+    with pytest.raises(ValueError, match="different bits"):
+        concat([whole, quantize(x, 8)])
+
+
+# --- Hadamard rotation ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n", [1, 2, 16, 20, 48, 64, 96, 192])
+def test_hadamard_is_orthogonal(n):
+    matrix = hadamard(n)
+    torch.testing.assert_close(matrix @ matrix.T, torch.eye(n, dtype=torch.float64), atol=1e-12, rtol=0)
+    if n & (n - 1) == 0:
+        assert torch.allclose(matrix.abs(), torch.full((n, n), n**-0.5, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("rank", [32, 48])
+def test_folding_the_rotation_leaves_reconstructions_unchanged(rank):
+    generator = torch.Generator().manual_seed(rank)
+    groups, dim = 2, 64
+    down = torch.linalg.qr(torch.randn(groups, dim, dim, generator=generator)).Q[..., :rank]
+    projection = Projection(down, down.mT.contiguous(), torch.randn(groups, dim, generator=generator))
+    rotated = rotate_projection(projection)
+    states = torch.randn(3, groups, 9, dim, generator=generator) * 3
+    latents = projection.encode(states)
+    torch.testing.assert_close(rotated.encode(states), latents @ hadamard(rank, torch.float32), atol=1e-5, rtol=0)
+    torch.testing.assert_close(rotated.decode(rotated.encode(states), dim), projection.decode(latents, dim), atol=1e-5, rtol=0)
+
+
+def test_rotation_spreads_an_outlier_channel():
+    x = torch.randn(4, 100, 64, generator=torch.Generator().manual_seed(0))
+    x[..., 3] *= 50
+    rotation = hadamard(64, torch.float32)
+    plain = (quantize(x, 4).dequantize() - x).square().mean()
+    rotated = (quantize(x @ rotation, 4).dequantize() @ rotation.T - x).square().mean()
+    assert rotated < plain / 4
+
+
+# --- the cache layer on tiny models ---------------------------------------------------------------------------------
+def patched(bits: int, rank: int = 32, window: int = 0, **kwargs) -> torch.nn.Module:
+    model = tiny_model(kwargs.pop("arch", "llama"), **kwargs)
+    return patch_model(model, CompressionConfig(key_rank=rank, value_rank=rank, window=window, latent_bits=bits))
+
+
+def unrotated(cache: SVDCompressedCache) -> SVDCompressedCache:
+    for layer in cache.layers:
+        layer.rotate = False  # read at lazy init, i.e. on the first update
+    return cache
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_int8_full_rank_is_close_to_dynamic_cache_and_int4_needs_the_rotation(arch):
+    ids = structured_ids(40)
+    logits = {}
+    with torch.no_grad():
+        reference = tiny_model(arch)(ids, past_key_values=DynamicCache()).logits
+        for bits in (8, 4):
+            model = patched(bits, arch=arch)
+            logits[bits] = model(ids, past_key_values=SVDCompressedCache(model)).logits
+            logits[bits, "plain"] = model(ids, past_key_values=unrotated(SVDCompressedCache(model))).logits
+    assert type(SVDCompressedCache(model).layers[0]) is QuantizedSVDCacheLayer
+
+    def error(key) -> float:
+        return ((logits[key] - reference).abs().max() / reference.std()).item()
+
+    assert error(8) < 0.05
+    assert error(8) < error(4) < error((4, "plain"))
+    assert error(8) < error((8, "plain"))
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("window", [0, 8])
+def test_one_forward_equals_token_by_token_decoding(attn_implementation, bits, window):
+    model = patched(bits, rank=12, window=window, attn_implementation=attn_implementation)
+    ids = structured_ids(40)
+    with torch.no_grad():
+        one_pass = model(ids, past_key_values=SVDCompressedCache(model)).logits
+        cache = SVDCompressedCache(model)
+        prefix = model(ids[:, :10], past_key_values=cache).logits
+        steps = [model(ids[:, t : t + 1], past_key_values=cache).logits for t in range(10, 40)]
+    torch.testing.assert_close(torch.cat([prefix, *steps], dim=1), one_pass, atol=1e-4, rtol=0)
+    layer = cache.layers[0]
+    assert layer.recent_keys.shape[-2] == window and layer.keys.shape == (1, 2, 40 - window, 12)
+
+
+def stored(layer: QuantizedSVDCacheLayer) -> dict[str, torch.Tensor]:
+    tensors = {f"{kind}.{part}": getattr(getattr(layer, kind), part) for kind in ("keys", "values")
+               for part in ("data", "scale", "zero")}
+    return tensors | {name: getattr(layer, name) for name in ("recent_keys", "recent_values", "positions")}
+
+
+def test_batch_operations_keep_codes_scales_and_positions_aligned():
+    model = patched(4, window=4)
+    ids = structured_ids(14, batch=3)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding: row 1's positions start later
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    cache = SVDCompressedCache(model)
+    with torch.no_grad():
+        model(ids, attention_mask=mask, position_ids=positions, past_key_values=cache)
+    before = stored(cache.layers[1])
+    assert before["positions"][1, 3:].tolist() == list(range(11))
+
+    def check(rows: list[int]) -> None:
+        for name, tensor in stored(cache.layers[1]).items():
+            assert torch.equal(tensor, before[name][rows]), name
+
+    cache.batch_repeat_interleave(2)
+    check([0, 0, 1, 1, 2, 2])
+    cache.batch_select_indices(torch.tensor([1, 2, 5]))
+    check([0, 1, 2])
+    cache.reorder_cache(torch.tensor([2, 0, 1]))
+    check([2, 0, 1])
+    for layer in cache.layers:  # on CPU these move nothing, but must keep every tensor
+        layer.offload()
+        layer.prefetch()
+    check([2, 0, 1])
+    # Decoding after the reorder gives each row what it would have got in its original place.
+    step = {"input_ids": ids[:, :1], "position_ids": positions[:, -1:] + 1,
+            "attention_mask": torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], dim=1)}
+    with torch.no_grad():
+        moved = model(**{k: v[[2, 0, 1]] for k, v in step.items()}, past_key_values=cache).logits
+        fresh = SVDCompressedCache(model)
+        model(ids, attention_mask=mask, position_ids=positions, past_key_values=fresh)
+        expected = model(**step, past_key_values=fresh).logits[[2, 0, 1]]
+    torch.testing.assert_close(moved, expected, atol=1e-4, rtol=0)
+    cache.reset()
+    assert cache.get_seq_length() == 0 and cache.nbytes() == 0
+
+
+@pytest.mark.parametrize("window", [0, 6])
+def test_crop_then_refeed(window):
+    model = patched(8, rank=16, window=window)
+    ids = structured_ids(20, batch=2)
+    with torch.no_grad():
+        cache = SVDCompressedCache(model)
+        model(ids, past_key_values=cache)
+        cache.crop(-8)
+        layer = cache.layers[1]
+        assert layer.keys.shape[-2] + layer.recent_keys.shape[-2] == 12 == layer.positions.shape[-1]
+        assert layer.keys.scale.shape[-2] == layer.values.data.shape[-2] == layer.keys.shape[-2]
+        refed = model(ids[:, 12:], past_key_values=cache).logits
+        fresh = model(ids, past_key_values=SVDCompressedCache(model)).logits[:, 12:]
+    if window == 0:  # per-token codes: the refed tokens are stored exactly as a fresh cache stores them
+        torch.testing.assert_close(refed, fresh, atol=1e-4, rtol=0)
+    assert torch.isfinite(refed).all() and cache.get_seq_length() == 20
+    assert cache.is_croppable == (window == 0)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("key_rank,value_rank,group_size,window", [(24, 20, 2, 0), (32, 8, 1, 5), (7, 13, 1, 0)])
+def test_memory_accounting_matches_the_shapes(bits, key_rank, value_rank, group_size, window):
+    model = tiny_model("llama", num_heads=4, num_kv_heads=2, head_dim=32, num_layers=3, dtype=torch.bfloat16)
+    config = CompressionConfig(key_rank=key_rank, value_rank=value_rank, group_size=group_size, window=window,
+                               latent_bits=bits)
+    patch_model(model, config)
+    cache = SVDCompressedCache(model)
+    batch, tokens = 2, 20
+    with torch.no_grad():
+        model(structured_ids(tokens, batch=batch), past_key_values=cache)
+    layers, groups, head_dim = 3, 2 // group_size, 32
+
+    def latent_bytes(rank: int) -> int:  # codes + float16 scale and zero per group of 32 channels
+        return groups * (math.ceil(rank * bits / 8) + 2 * 2 * math.ceil(rank / 32))
+
+    per_latent = latent_bytes(key_rank * group_size) + latent_bytes(value_rank * group_size)
+    per_exact = 2 * 2 * head_dim * 2  # keys and values of 2 KV heads in bf16
+    expected = batch * layers * ((tokens - window) * per_latent + window * per_exact + tokens * 4)
+    assert cache.nbytes() == expected
+    assert cache.bytes_per_token() == expected / (batch * tokens)
+
+
+def test_generate_uses_quantized_latents_and_left_padded_rows_equal_single_runs():
+    model = patched(8, window=3, arch="mistral")
+    prompts = [structured_ids(n, seed=n)[0] for n in (4, 13)]
+    ids = torch.zeros(2, 13, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, 13 - len(prompt):], mask[row, 13 - len(prompt):] = prompt, 1
+    with torch.no_grad():
+        batched = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
+                                 return_dict_in_generate=True, output_logits=True)
+        assert type(batched.past_key_values.layers[0]) is QuantizedSVDCacheLayer
+        for row, prompt in enumerate(prompts):
+            single = model.generate(prompt[None], max_new_tokens=10, do_sample=False,
+                                    return_dict_in_generate=True, output_logits=True)
+            assert torch.equal(batched.sequences[row, 13:], single.sequences[0, len(prompt):])
+            for got, ref in zip(batched.logits, single.logits, strict=True):
+                torch.testing.assert_close(got[row], ref[0], atol=1e-4, rtol=0)
+
+
+def test_beam_search_runs_on_quantized_latents():
+    model = patched(4)
+    with torch.no_grad():
+        out = model.generate(structured_ids(10, batch=2), max_new_tokens=8, num_beams=3, num_return_sequences=2,
+                             do_sample=False, return_dict_in_generate=True)
+    assert out.sequences.shape == (4, 18)
+    assert out.past_key_values.layers[0].keys.data.shape[0] == 6  # batch 2 x 3 beams
+
+
+# --- the real default model -----------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_int8_full_rank_keeps_perplexity_on_the_default_model():
+    from hf_svdkv.data import load_text, tokenize_text
+    from hf_svdkv.eval import dynamic_row, run_eval, svd_row
+    from hf_svdkv.loading import load_model
+
+    model, tokenizer = load_model()  # bfloat16
+    ids = tokenize_text(tokenizer, load_text("wiki"), model.config.vocab_size)
+    config = CompressionConfig(key_rank=64, value_rank=64, latent_bits=8)
+    result = run_eval(model, ids, [dynamic_row(), svd_row("int8", config=config)], context=512, continuation=128,
+                      n_windows=2, progress=False)
+    base, int8 = result.rows
+    assert 3 < base.ppl < 100
+    assert abs(int8.delta_pct) < 0.5
+    assert int8.compression_ratio > 1.7  # 16-bit -> 8-bit codes, less scales, zeros and positions

@@ -1,0 +1,110 @@
+"""The Triton decode kernel against the torch latent path, run by Triton's interpreter on CPU tensors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import structured_ids, tiny_model
+
+from hf_svdkv import CompressionConfig, SVDCompressedCache, patch_model
+from hf_svdkv.latent_attention import (
+    _layer_state,
+    append_to_cache,
+    latent_attention,
+    project_output,
+    rope_factors,
+)
+
+triton = pytest.importorskip("triton")
+
+
+def _interpreting() -> bool:
+    """Whether Triton runs kernels on CPU tensors in this process: TRITON_INTERPRET=1 must have been set before
+    triton was first imported (torch imports it early), since it decides how triton.language is compiled."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(triton.language.zeros, InterpretedFunction)
+
+
+RUNS_HERE = _interpreting()  # CPU tensors even on a GPU machine: scripts/gpu_check.py checks the compiled kernels
+kernel_test = pytest.mark.skipif(not RUNS_HERE, reason="runs in a child process with TRITON_INTERPRET=1 (see below)")
+
+
+def test_kernels_in_a_fresh_interpreter():
+    """This file's kernel tests, run again in a child process where the interpreter is on from the start."""
+    if RUNS_HERE:
+        pytest.skip("the kernel tests run in this process")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    child = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__],
+                           env=env, cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=600)
+    assert child.returncode == 0, child.stdout[-4000:] + child.stderr[-2000:]
+
+
+def filled_layer(model, batch: int, prompt_len: int, pad: int):
+    """A patched model's cache after a left-padded prefill (row 0 padded by `pad`) and one appended token."""
+    ids = structured_ids(prompt_len, batch=batch)
+    mask = torch.ones_like(ids)
+    mask[0, :pad] = 0
+    cache = SVDCompressedCache(model)
+    with torch.no_grad():
+        model(ids, attention_mask=mask, past_key_values=cache)
+    attention = model.model.layers[1].self_attn
+    layer = cache.layers[1]
+    generator = torch.Generator().manual_seed(1)
+    shape = (batch, model.config.num_key_value_heads, 1, attention.head_dim)
+    dtype = model.dtype
+    key, value = (torch.randn(shape, generator=generator).to(dtype) for _ in range(2))
+    query = torch.randn(batch, model.config.num_attention_heads, 1, attention.head_dim, generator=generator).to(dtype)
+    positions = (mask.sum(-1, keepdim=True) if pad else torch.full((batch, 1), prompt_len)).to(torch.int32)
+    exact = append_to_cache(layer, key, value, positions)
+    full_mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype)], dim=-1).bool()[:, None, None, :]
+    return attention, layer, query, exact, (full_mask if pad else None)
+
+
+@kernel_test
+@pytest.mark.parametrize(
+    "num_heads,num_kv_heads,group_size,window,pad",
+    [(4, 4, 1, 0, 0), (6, 2, 1, 0, 3), (6, 2, 2, 0, 3), (6, 3, 3, 4, 2), (4, 2, 1, 3, 0)],
+    ids=["mha", "gqa-padded", "gqa-joint-padded", "joint-window-padded", "gqa-window"],
+)
+def test_kernel_matches_torch_path(num_heads, num_kv_heads, group_size, window, pad):
+    model = tiny_model("qwen2", num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=32)  # biases: centers
+    patch_model(model, CompressionConfig(key_rank=12, value_rank=10, group_size=group_size, window=window))
+    attention, layer, query, exact, mask = filled_layer(model, batch=2, prompt_len=21, pad=pad)
+    state = _layer_state(attention, layer)
+    rotary = model.model.rotary_emb
+    expected = latent_attention(query, layer, state, rope_factors(rotary, layer.positions), scaling=attention.scaling,
+                                attention_mask=mask, exact=exact)
+    from hf_svdkv import triton_decode
+
+    got = triton_decode.triton_latent_attention(query, layer, state, rotary, scaling=attention.scaling,
+                                                attention_mask=mask, exact=exact)
+    torch.testing.assert_close(got.latent, expected.latent, atol=1e-5, rtol=1e-4)
+    if window:
+        torch.testing.assert_close(got.exact, expected.exact, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(project_output(attention, state, got), project_output(attention, state, expected),
+                               atol=1e-5, rtol=1e-4)
+
+
+@kernel_test
+def test_kernel_bf16_and_many_splits():
+    from hf_svdkv import triton_decode
+
+    model = tiny_model("llama", num_heads=6, num_kv_heads=2, head_dim=32, dtype=torch.bfloat16)
+    patch_model(model, CompressionConfig(key_rank=16, value_rank=16))
+    attention, layer, query, _, mask = filled_layer(model, batch=2, prompt_len=45, pad=5)
+    state = _layer_state(attention, layer)
+    rotary = model.model.rotary_emb
+    expected = latent_attention(query, layer, state, rope_factors(rotary, layer.positions), scaling=attention.scaling,
+                                attention_mask=mask)
+    inv_freq = rotary.inv_freq.float()
+    valid = mask[:, 0, 0, : layer.keys.shape[-2]].to(torch.uint8)
+    out, lse = triton_decode.decode_latents(query[:, :, 0], layer, state, inv_freq, rotary.attention_scaling,
+                                            attention.scaling, valid, block_t=16)
+    torch.testing.assert_close(out, expected.latent[:, 0], atol=2e-2, rtol=2e-2)  # bf16 keys and probabilities
+    assert torch.isfinite(lse).all()
