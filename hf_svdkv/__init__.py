@@ -4,8 +4,26 @@ from .architectures import SUPPORTED_MODEL_TYPES, UnsupportedModelError
 from .bases import BasesMismatchError, BasisAlgorithm, SVDBases
 from .cache import SVDCacheLayer, SVDCompressedCache
 from .config import CompressionConfig
+from .loading import ModelConfig
 from .patch import is_patched, patch_model, unpatch_model
 from .projection import LayerBases, Projection
+from .seed import (
+    CompressedAutoregressiveDecoder,
+    CompressionInterface,
+    InferenceConfig,
+    LegacyCompressionWrapper,
+    LLaMACompressionInference,
+    LLaMACompressionProfileBuilder,
+    LLaMACompressionProfiles,
+    LLaMADatasetProcessor,
+    LLaMAFullForward,
+    LLaMAKVCache,
+    LLaMAModelLoader,
+    MemoryManager,
+    ModelLoaderInterface,
+    StandardKVCache,
+    SVDCompressionAlgorithm,
+)
 from .version import __version__
 from .weight_svd import WeightSVD
 
@@ -25,4 +43,21 @@ __all__ = [
     "is_patched",
     "patch_model",
     "unpatch_model",
+    # the seed API
+    "CompressedAutoregressiveDecoder",
+    "CompressionInterface",
+    "InferenceConfig",
+    "LLaMACompressionInference",
+    "LLaMACompressionProfileBuilder",
+    "LLaMACompressionProfiles",
+    "LLaMADatasetProcessor",
+    "LLaMAFullForward",
+    "LLaMAKVCache",
+    "LLaMAModelLoader",
+    "LegacyCompressionWrapper",
+    "MemoryManager",
+    "ModelConfig",
+    "ModelLoaderInterface",
+    "SVDCompressionAlgorithm",
+    "StandardKVCache",
 ]

@@ -23,28 +23,17 @@ from tqdm.auto import tqdm
 from .architectures import attention_modules, decoder_model, model_geometry
 from .config import CompressionConfig
 from .projection import LayerBases, Projection
-from .weight_svd import grouped_weight
+from .weight_svd import grouped_weight, single_threaded
 
 LATENT_BYTES = 2  # latents are stored in the model dtype: 16-bit for the models this budget is quoted for
 POSITION_BYTES = 4  # one int32 position per token per layer (keys are rotated at the position they were written)
 FULL_BYTES = 2  # the 16-bit uncompressed cache the ratio is quoted against
+QUANT_GROUP = 32  # latent channels per 16-bit scale and zero point (QuantizedSVDCacheLayer's default)
 RANK_MULTIPLE = 8  # kernel-friendly ranks, kept when they cost at most ROUNDING_TOLERANCE of the objective
 ROUNDING_TOLERANCE = 0.02
 MIN_RANK = 8
 # A layer whose compression measurably costs nothing still gets a little weight, so its rank follows its spectrum.
 SENSITIVITY_FLOOR = 1e-3
-
-
-@contextmanager
-def single_threaded() -> Iterator[None]:
-    """MKL's threaded eigh on small matrices slows down 100x or more when another process holds a core
-    (measured: 0.02 s -> 6 s per call on 2 busy cores); these matrices are small enough for one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 @dataclass
@@ -57,23 +46,76 @@ class LayerSpectrum:
     value: torch.Tensor
 
 
-def latent_budget(spectra: Sequence[LayerSpectrum], target_ratio: float) -> int:
-    """Latent dimensions per token (all layers, keys + values) whose bytes, with the positions, make the cache
-    `target_ratio` times smaller than a 16-bit full cache."""
+@dataclass(frozen=True)
+class StorageCost:
+    """What a latent dimension costs and what else the cache holds, for turning a ratio into a rank budget.
+
+    latent_bits: None = latents in 16 bits; 8 or 4 = integer codes plus a 16-bit scale and zero point per
+        QUANT_GROUP channels (a rank that is not a multiple of the group pays a little more than counted here).
+    window, sequence_length: the last `window` tokens are held at full precision; their bytes are spread over
+        `sequence_length` tokens (the length the ratio is quoted at). Without a length the window is not counted:
+        at long contexts it is negligible."""
+
+    latent_bits: int | None = None
+    window: int = 0
+    sequence_length: int | None = None
+
+    @property
+    def bytes_per_dim(self) -> float:
+        if self.latent_bits is None:
+            return LATENT_BYTES
+        return self.latent_bits / 8 + 2 * 2 / QUANT_GROUP
+
+    def row_bytes(self, rank: int) -> int:
+        """Bytes one token's latent row of `rank` channels takes as stored."""
+        if self.latent_bits is None:
+            return LATENT_BYTES * rank
+        return math.ceil(rank * self.latent_bits / 8) + 2 * 2 * math.ceil(rank / QUANT_GROUP)
+
+    @property
+    def window_share(self) -> float:
+        if not self.window or not self.sequence_length:
+            return 0.0
+        return min(self.window / self.sequence_length, 1.0)
+
+
+SIXTEEN_BIT = StorageCost()
+
+
+def latent_budget(spectra: Sequence[LayerSpectrum], target_ratio: float, cost: StorageCost = SIXTEEN_BIT) -> int:
+    """Latent dimensions per token (all layers, keys + values) whose bytes, with the positions and the window,
+    make the cache `target_ratio` times smaller than a 16-bit full cache."""
     full_bytes = sum(2 * s.key.numel() * FULL_BYTES for s in spectra)
-    budget = (full_bytes / target_ratio - POSITION_BYTES * len(spectra)) / LATENT_BYTES
-    return math.floor(budget + 1e-9)
+    share = cost.window_share
+    if share >= 1.0:
+        return 0
+    # Every token has a position; a share of them is held in full, the rest as latents.
+    latent_bytes = (full_bytes / target_ratio - POSITION_BYTES * len(spectra) - share * full_bytes) / (1 - share)
+    return math.floor(latent_bytes / cost.bytes_per_dim + 1e-9)
 
 
-def budget_bytes(layer_ranks: Sequence[tuple[int, int]], spectra: Sequence[LayerSpectrum]) -> int:
-    """Bytes per token of a cache with these (key, value) ranks per group."""
-    dims = sum((k + v) * s.key.shape[0] for (k, v), s in zip(layer_ranks, spectra, strict=True))
-    return dims * LATENT_BYTES + POSITION_BYTES * len(spectra)
+def budget_bytes(
+    layer_ranks: Sequence[tuple[int, int]],
+    spectra: Sequence[LayerSpectrum],
+    cost: StorageCost = SIXTEEN_BIT,
+    exact: bool = False,
+) -> float:
+    """Bytes per token of a cache with these (key, value) ranks per group (window and quantization as in `cost`);
+    `exact` counts integer codes as stored (packed bytes, one scale and zero point per started group)."""
+    if exact:
+        latent = sum((cost.row_bytes(k) + cost.row_bytes(v)) * s.key.shape[0] for (k, v), s in zip(layer_ranks, spectra, strict=True))
+    else:
+        latent = sum((k + v) * s.key.shape[0] for (k, v), s in zip(layer_ranks, spectra, strict=True)) * cost.bytes_per_dim
+    full_bytes = sum(2 * s.key.numel() * FULL_BYTES for s in spectra)
+    share = cost.window_share
+    return (1 - share) * latent + share * full_bytes + POSITION_BYTES * len(spectra)
 
 
-def uniform_ranks(spectra: Sequence[LayerSpectrum], target_ratio: float) -> list[tuple[int, int]]:
+def uniform_ranks(
+    spectra: Sequence[LayerSpectrum], target_ratio: float, cost: StorageCost = SIXTEEN_BIT
+) -> list[tuple[int, int]]:
     """The same rank for keys and values in every layer: the largest that fits the budget (the baseline)."""
-    budget = latent_budget(spectra, target_ratio)
+    budget = latent_budget(spectra, target_ratio, cost)
     groups = sum(s.key.shape[0] for s in spectra)
     rank = min(budget // (2 * groups), min(s.key.shape[1] for s in spectra))
     if rank < 1:
@@ -125,29 +167,45 @@ def allocate_ranks(
     spectra: Sequence[LayerSpectrum],
     target_ratio: float,
     weights: Sequence[tuple[float, float]] | None = None,
+    cost: StorageCost = SIXTEEN_BIT,
 ) -> list[tuple[int, int]]:
     """(key, value) rank per group for each layer, within the byte budget of `target_ratio`.
 
     `weights` (per layer: key, value) scale each item's relative error, e.g. by measured loss sensitivity;
     None weighs every layer's keys and values equally. Ranks lie in [8, g*d]; they are multiples of 8
     (plus a last partial step to spend the remainder) unless that costs more than 2% of the objective."""
-    budget = latent_budget(spectra, target_ratio)
+    budget = latent_budget(spectra, target_ratio, cost)
     gains = _gains(spectra, weights)
     costs = [s.key.shape[0] for s in spectra for _ in range(2)]
     start = [min(MIN_RANK, len(g)) for g in gains]
     spare = budget - sum(r * c for r, c in zip(start, costs, strict=True))
     if spare < 0:
         floor_ratio = sum(2 * s.key.numel() * FULL_BYTES for s in spectra) / budget_bytes(
-            [(start[2 * i], start[2 * i + 1]) for i in range(len(spectra))], spectra
+            [(start[2 * i], start[2 * i + 1]) for i in range(len(spectra))], spectra, cost
         )
         raise ValueError(f"target_ratio {target_ratio} is beyond reach: rank {MIN_RANK} everywhere is already {floor_ratio:.2f}x")
+    allowed = sum(2 * s.key.numel() * FULL_BYTES for s in spectra) / target_ratio
+    # Integer codes pay a scale and zero point per started group of channels and a half byte per odd int4 rank, which
+    # the per-dimension price does not see: shrink the budget until the exact byte count fits.
+    for _ in range(16):
+        ranks = _spend(gains, costs, start, spare)
+        excess = budget_bytes(ranks, spectra, cost, exact=True) - allowed
+        if excess <= 0:
+            return ranks
+        spare -= max(1, math.ceil(excess / ((1 - cost.window_share) * cost.bytes_per_dim)))
+        if spare < 0:
+            break
+    raise ValueError(f"target_ratio {target_ratio} is beyond reach with {cost.latent_bits}-bit latents")
+
+
+def _spend(gains: list[torch.Tensor], costs: list[int], start: list[int], spare: int) -> list[tuple[int, int]]:
     exact = _greedy(gains, costs, start, 1, spare)
     rounded = _greedy(gains, costs, start, RANK_MULTIPLE, spare)
     rounded = _greedy(gains, costs, rounded, 1, spare - sum((r - s) * c for r, s, c in zip(rounded, start, costs, strict=True)))
     best = exact
     if _residual(gains, rounded) <= _residual(gains, exact) * (1 + ROUNDING_TOLERANCE) + 1e-12:
         best = rounded
-    return [(best[2 * i], best[2 * i + 1]) for i in range(len(spectra))]
+    return [(best[2 * i], best[2 * i + 1]) for i in range(len(best) // 2)]
 
 
 def weight_spectra(model: nn.Module, group_size: int) -> list[LayerSpectrum]:
@@ -164,13 +222,21 @@ def weight_spectra(model: nn.Module, group_size: int) -> list[LayerSpectrum]:
     return spectra
 
 
-def weight_spectrum_ranks(model: nn.Module, config: CompressionConfig) -> list[tuple[int, int]]:
+def storage_cost(config: CompressionConfig, sequence_length: int | None = None) -> StorageCost:
+    return StorageCost(config.latent_bits, config.window, sequence_length)
+
+
+def weight_spectrum_ranks(
+    model: nn.Module, config: CompressionConfig, sequence_length: int | None = None
+) -> list[tuple[int, int]]:
     """Ranks per group for method "weights" with a target_ratio, allocated on the weight spectra."""
     if config.target_ratio is None:
         raise ValueError("weight_spectrum_ranks needs a CompressionConfig with a target_ratio")
     geometry = model_geometry(model)
     config.resolve_ranks(geometry.head_dim, geometry.num_kv_heads)  # checks group_size divides the KV heads
-    return allocate_ranks(weight_spectra(model, config.group_size), config.target_ratio)
+    return allocate_ranks(
+        weight_spectra(model, config.group_size), config.target_ratio, cost=storage_cost(config, sequence_length)
+    )
 
 
 # --- loss sensitivity -------------------------------------------------------------------------------------------

@@ -1,5 +1,9 @@
 """Llama-family attention that stores keys before RoPE in an `SVDCompressedCache` and rotates them back at
-the positions they were written at. Any other cache goes through the module's original forward untouched."""
+the positions they were written at. Any other cache goes through the module's original forward untouched.
+
+Two paths compute the same function: up to `latent_attention.MAX_QUERY_LEN` new tokens (decoding) attend over the
+latents directly (`latent_attention.py`); longer inputs (prefill) rebuild every key and value at full size, then
+run the model's attention backend (the reference path, below)."""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .bases import SVDBases
 from .cache import SVDCompressedCache
+from .latent_attention import latent_attention_forward, use_latent_attention
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -93,6 +98,8 @@ def compressed_attention_forward(
         raise ValueError("hf_svdkv attention needs position_ids (the decoder model passes them to its layers)")
 
     batch, seq = hidden_states.shape[:-1]
+    if seq == 0:
+        raise ValueError("hf_svdkv: the input has no tokens (an empty prompt?); give at least one, e.g. the tokenizer's BOS token")
     hidden_shape = (batch, seq, -1, module.head_dim)
     query = module.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
     key = module.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
@@ -101,9 +108,19 @@ def compressed_attention_forward(
     cos, sin = position_embeddings
     query = apply_rope(query, cos, sin)
     positions = position_ids.expand(batch, -1)
+    # The latent path reads o_proj's weight directly: where accelerate offloaded it (a `meta` placeholder outside
+    # o_proj's own forward) only the reference path is right.
+    offloaded = module.o_proj.weight.device.type == "meta"
+    if use_latent_attention(module, past_key_values, seq) and not kwargs.get("output_attentions") and not offloaded:
+        # Decoding (a few tokens): attend over the latents directly, no full-size rebuild (latent_attention.py).
+        layer = past_key_values.layers[module.layer_idx]
+        output = latent_attention_forward(module, layer, patch.rotary_emb, query, key, value, positions, attention_mask, memo_key=cos)
+        return output, None
     key, value = past_key_values.update(key, value, module.layer_idx, positions=positions)
     layer = past_key_values.layers[module.layer_idx]
     cached_cos, cached_sin = patch.rotary_emb(value, layer.key_positions())
+    # Under an accelerate device map the rotary module may run on another device than this layer.
+    cached_cos, cached_sin = cached_cos.to(key.device), cached_sin.to(key.device)
     key = apply_rope(key, cached_cos, cached_sin)
     attention_mask = window_mask(attention_mask, seq, layer.get_seq_length(), layer.exact_tail, layer.window, query.dtype)
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -90,6 +91,15 @@ class SVDBases:
         `layer_ranks` overrides the config's uniform ranks with (key, value) latent dims per group, per layer."""
         geometry = model_geometry(model)
         group = config.group_size
+        if algorithm is None and config.method == "calibrated":
+            raise ValueError(
+                "method='calibrated' needs calibration text: use SVDBases.calibrate(model, texts, config, tokenizer=...) "
+                "and patch_model(model, bases=...), or method='weights' for data-free bases"
+            )
+        if layer_ranks is None and config.target_ratio is not None and algorithm is None:
+            from .allocation import weight_spectrum_ranks
+
+            layer_ranks = weight_spectrum_ranks(model, config)
         if layer_ranks is None:
             key_rank, value_rank = config.resolve_ranks(geometry.head_dim, geometry.num_kv_heads)
             layer_ranks = [(key_rank * group, value_rank * group)] * geometry.num_layers
@@ -105,6 +115,42 @@ class SVDBases:
             for i, (attn, (key_rank, value_rank)) in enumerate(zip(attention_modules(model), layer_ranks, strict=True))
         ]
         return cls(layers, geometry, group, algorithm.name, weight_fingerprint(model))
+
+    @classmethod
+    def calibrate(
+        cls,
+        model: nn.Module,
+        texts: str | Sequence[str] | torch.Tensor,
+        config: CompressionConfig,
+        *,
+        tokenizer: Any = None,
+        max_tokens: int | None = 65536,
+        sequence_length: int | None = None,
+        **options: Any,
+    ) -> SVDBases:
+        """Calibrated bases: key PCA and output-aware value PCA on `texts` (strings with their `tokenizer`, or a 1-D
+        tensor of token ids), ranks allocated by measured sensitivity when `config.target_ratio` is set.
+
+        Uses at most `max_tokens` tokens (None = all). `sequence_length` is the context length a target ratio is
+        quoted at, so that the config's full-precision window is counted. Options go to `calibration.Calibrator`
+        (seq_len, batch_size, progress, value_metric, sink_weight, allocation, probe_tokens)."""
+        from .calibration import calibrate_bases
+
+        if isinstance(texts, torch.Tensor):
+            token_ids = texts
+        else:
+            if tokenizer is None:
+                raise ValueError("SVDBases.calibrate needs tokenizer= to turn calibration text into token ids")
+            from .data import tokenize_text
+
+            text = texts if isinstance(texts, str) else "\n\n".join(texts)
+            token_ids = tokenize_text(tokenizer, text, vocab_size=model.config.get_text_config().vocab_size)
+        if token_ids.dim() != 1 or token_ids.numel() == 0:
+            raise ValueError(f"calibration needs a non-empty 1-D sequence of token ids, got shape {tuple(token_ids.shape)}")
+        if max_tokens is not None:
+            token_ids = token_ids[:max_tokens]
+        config = dataclasses.replace(config, method="calibrated")
+        return calibrate_bases(model, token_ids, config, sequence_length=sequence_length, **options)
 
     # --- facts --------------------------------------------------------------------------------------------
     @property
@@ -201,7 +247,12 @@ class SVDBases:
             raise ValueError(f"{path} has bases format {header.get('format_version')}, this version reads {FORMAT_VERSION}")
         if _state_digest(tensors) != header.get("sha256"):
             raise ValueError(f"bases file {path} was modified after it was written: its checksum does not match")
-        geometry = ModelGeometry(**header["geometry"])
+        # The checksum covers the tensors only: a header edited by hand must still agree with them.
+        try:
+            geometry, group_size, method = ModelGeometry(**header["geometry"]), int(header["group_size"]), str(header["method"])
+            groups = (geometry.num_kv_heads // group_size, group_size * geometry.head_dim)
+        except (KeyError, TypeError, ValueError, ZeroDivisionError) as err:
+            raise ValueError(f"bases file {path} has a malformed header ({type(err).__name__}: {err})") from None
         try:
             layers = [
                 LayerBases(*(Projection(*(tensors[f"layers.{i}.{kind}.{p}"] for p in ("down", "up", "center"))) for kind in ("key", "value")))
@@ -209,4 +260,6 @@ class SVDBases:
             ]
         except KeyError as err:
             raise ValueError(f"bases file {path} lacks tensor {err}: it was not written for {geometry.num_layers} layers") from None
-        return cls(layers, geometry, header["group_size"], header["method"], tensors["fingerprint"])
+        if any(tuple(proj.down.shape[:2]) != groups for layer in layers for proj in (layer.key, layer.value)):
+            raise ValueError(f"bases file {path}: its tensors do not fit the header's geometry and group_size (the header was edited?)")
+        return cls(layers, geometry, group_size, method, tensors["fingerprint"])

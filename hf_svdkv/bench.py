@@ -2,7 +2,8 @@
 
 For every context length and batch size, each row (a cache recipe from `eval`: dynamic, SVD configurations,
 transformers' quantized peers) gets a fresh cache, a prefill of random tokens, a few untimed decode steps, then
-`steps` timed single-token steps; decode speed is batch / median step time. Peak memory is the process's growth
+`steps` timed single-token steps; decode speed is batch / median step time. With `repeat` rounds, each row keeps its
+best round (on a machine shared with other work, the figure closest to an idle machine's). Peak memory is the process's growth
 during that run: CUDA's max_memory_allocated, or on CPU the peak resident set size (Linux keeps it in
 /proc/self/status as VmHWM and resets it on request; tracemalloc does not see torch's allocations). KV bytes are
 what the cache holds at the end (`memory.cache_nbytes`). Rows run one after another on the same weights, so their
@@ -142,52 +143,105 @@ def run_rows(
     steps: int = 16,
     warmup: int = 2,
     prefill_chunk: int = 0,
+    repeat: int = 1,
     seed: int = 0,
     progress: bool = True,
 ) -> list[BenchRow]:
-    """Every row (an `eval.RowSpec`) at every (context, batch), on the same random prompts."""
+    """Every row (an `eval.RowSpec`) at every (context, batch), on the same random prompts.
+
+    With `repeat` > 1 every row runs that many rounds (rows alternate within a round) and keeps its best: fastest
+    prefill and decode, smallest peak. On a shared machine, load that comes and goes then costs each row alike."""
     generator = torch.Generator().manual_seed(seed)
     vocab = model.config.get_text_config(decoder=True).vocab_size
     prompts = {(c, b): torch.randint(3, vocab, (b, c), generator=generator).to(model.device) for c in contexts for b in batches}
-    results = []
+    best: dict[tuple[str, int, int], BenchRow] = {}
     with torch.inference_mode():
         for spec in rows:
             spec.prepare(model, [prefill_chunk or min(contexts), 1])  # the update sizes of one run
         model(prompts[contexts[0], batches[0]][:, :64], use_cache=False, logits_to_keep=1)  # page weights in, init kernels
-        for spec in rows:
-            factory = spec.setup(model)
-            try:
-                for (context, batch), ids in prompts.items():
-                    prefill_s, tokens_per_s, peak, kv = measure(model, factory, ids, steps=steps, warmup=warmup,
-                                                                prefill_chunk=prefill_chunk)
-                    results.append(BenchRow(spec.name, context, batch, prefill_s, tokens_per_s, peak, kv))
-                    if progress:
-                        print(f"  {spec.name:24s} context {context:6d} batch {batch:3d}: prefill {prefill_s:7.2f} s, "
-                              f"decode {tokens_per_s:8.2f} tok/s", flush=True)
-            finally:
-                spec.teardown(model)
-    return results
+        for round_ in range(repeat):
+            for spec in rows:
+                factory = spec.setup(model)
+                try:
+                    for (context, batch), ids in prompts.items():
+                        prefill_s, tokens_per_s, peak, kv = measure(model, factory, ids, steps=steps, warmup=warmup,
+                                                                    prefill_chunk=prefill_chunk)
+                        row = BenchRow(spec.name, context, batch, prefill_s, tokens_per_s, peak, kv)
+                        if (key := (spec.name, context, batch)) in best:
+                            kept = best[key]
+                            peaks = [p for p in (kept.peak_mem_bytes, peak) if p is not None]
+                            row = BenchRow(spec.name, context, batch, min(kept.prefill_s, prefill_s),
+                                           max(kept.decode_tokens_per_s, tokens_per_s), min(peaks) if peaks else None, kv)
+                        best[key] = row
+                        if progress:
+                            label = f" (round {round_ + 1}/{repeat})" if repeat > 1 else ""
+                            print(f"  {spec.name:24s} context {context:6d} batch {batch:3d}: prefill {prefill_s:7.2f} s, "
+                                  f"decode {tokens_per_s:8.2f} tok/s{label}", flush=True)
+                finally:
+                    spec.teardown(model)
+    return list(best.values())
 
 
 # --- reporting ----------------------------------------------------------------------------------------------------
+TABLE_COLUMNS = ("row", "context", "batch", "prefill s", "decode tok/s", "decode ×dyn", "peak MiB", "peak ÷dyn",
+                 "KV MiB", "KV ÷dyn")
+
+
 def _mib(n: int | None) -> str:
     return "-" if n is None else f"{n / 2**20:,.1f}"
 
 
-def print_table(result: BenchResult) -> None:
-    """One line per row, with speed and memory ratios to `dynamic` at the same context and batch."""
+def _ratio(numerator: float | None, denominator: float | None) -> str:
+    return f"{numerator / denominator:.2f}x" if numerator and denominator else "-"
+
+
+def table_rows(result: BenchResult) -> list[tuple[str, ...]]:
+    """The cells of the table, one tuple per row: decode speed as a multiple of `dynamic`'s (higher is faster), peak
+    memory growth and KV bytes as how many times smaller than `dynamic`'s, at the same context and batch."""
     base = {(r.context, r.batch): r for r in result.rows if r.name == "dynamic"}
-    header = ("row", "context", "batch", "prefill s", "decode tok/s", "x dyn", "peak MiB", "x dyn", "KV MiB", "x smaller")
-    print(f"{result.model} on {result.device}")
-    print(" | ".join(f"{h:>12s}" if i else f"{h:24s}" for i, h in enumerate(header)))
+    cells = []
     for r in result.rows:
         ref = base.get((r.context, r.batch))
-        speed = f"{r.decode_tokens_per_s / ref.decode_tokens_per_s:.2f}" if ref else "-"
-        peak = f"{r.peak_mem_bytes / ref.peak_mem_bytes:.2f}" if ref and r.peak_mem_bytes and ref.peak_mem_bytes else "-"
-        smaller = f"{ref.kv_bytes / r.kv_bytes:.2f}" if ref and r.kv_bytes else "-"
-        cells = (r.context, r.batch, f"{r.prefill_s:.2f}", f"{r.decode_tokens_per_s:.2f}", speed, _mib(r.peak_mem_bytes),
-                 peak, _mib(r.kv_bytes), smaller)
-        print(f"{r.name:24s} | " + " | ".join(f"{c!s:>12s}" for c in cells))
+        cells.append((
+            r.name, str(r.context), str(r.batch), f"{r.prefill_s:.2f}", f"{r.decode_tokens_per_s:,.2f}",
+            _ratio(r.decode_tokens_per_s, ref and ref.decode_tokens_per_s), _mib(r.peak_mem_bytes),
+            _ratio(ref and ref.peak_mem_bytes, r.peak_mem_bytes), _mib(r.kv_bytes), _ratio(ref and ref.kv_bytes, r.kv_bytes),
+        ))
+    return cells
+
+
+def _title(result: BenchResult) -> str:
+    settings = ", ".join(f"{k} {v}" for k, v in result.settings.items() if k != "command")
+    return f"{result.model} · {result.device}" + (f" · {settings}" if settings else "")
+
+
+def print_table(result: BenchResult, console: Any = None) -> None:
+    """A rich table of every row, with its ratios to `dynamic`."""
+    from rich.console import Console
+    from rich.table import Table
+
+    if console is None:
+        console = Console()
+        if not console.is_terminal:  # piped or logged: rich would wrap at 80 columns
+            console = Console(width=140)
+    table = Table(title=_title(result))
+    for column in TABLE_COLUMNS:
+        table.add_column(column, justify="left" if column == "row" else "right", no_wrap=True)
+    for cells in table_rows(result):
+        table.add_row(*cells)
+    console.print(table)
+
+
+def markdown_table(result: BenchResult, command: str | None = None) -> str:
+    """The same table as `print_table`, as markdown (with the command that produced it, if given)."""
+    lines = [f"**{_title(result)}**", ""]
+    if command:
+        lines += [f"`{command}`", ""]
+    lines += ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in table_rows(result)]
+    lines += ["", "decode ×dyn: decode tokens/s over dynamic's (higher is faster); peak ÷dyn and KV ÷dyn: dynamic's "
+              "peak memory growth and KV bytes over this row's (higher is smaller)."]
+    return "\n".join(lines) + "\n"
 
 
 def plot(result: BenchResult, path: str | Path) -> Path:
@@ -202,10 +256,12 @@ def plot(result: BenchResult, path: str | Path) -> Path:
         for batch in sorted({r.batch for r in result.rows}):
             rows = sorted((r for r in result.rows if r.name == name and r.batch == batch), key=lambda r: r.context)
             label = f"{name} (batch {batch})"
-            speed_ax.plot([r.context for r in rows], [r.decode_tokens_per_s for r in rows], marker="o", label=label)
-            kv_ax.plot([r.context for r in rows], [r.kv_bytes / 2**20 for r in rows], marker="o", label=label)
+            style = {"marker": "o", "label": label}
+            speed_ax.plot([r.context for r in rows], [r.decode_tokens_per_s for r in rows], **style)
+            kv_ax.plot([r.context for r in rows], [r.kv_bytes / 2**20 for r in rows], **style)
     for ax, ylabel in ((speed_ax, "decode tokens/s"), (kv_ax, "KV cache MiB")):
-        ax.set_xscale("log", base=2)
+        if len({r.context for r in result.rows}) > 1:
+            ax.set_xscale("log", base=2)
         ax.set_xlabel("context (tokens)")
         ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
@@ -229,20 +285,32 @@ def _ints(text: str, flag: str) -> list[int]:
     return values
 
 
+def _ratios(text: str | None) -> list[float]:
+    try:
+        return [float(item) for item in (text or "").split(",") if item.strip()]
+    except ValueError:
+        raise ValueError(f"--target-ratio takes comma-separated numbers above 1, got {text!r}") from None
+
+
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of `hf-svdkv bench` (also scripts/benchmark.py)."""
     parser.add_argument("--model", help="Hub id or local directory (default: $HF_SVDKV_MODEL or the embedded SmolLM2-135M)")
     parser.add_argument("--dtype", help="torch dtype of the weights and the cache (default: bfloat16)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cpu)")
-    parser.add_argument("--contexts", default="2048,8192", help="comma-separated prompt lengths (default: 2048,8192)")
-    parser.add_argument("--batch", default="1", help="comma-separated batch sizes (default: 1)")
+    parser.add_argument("--contexts", default="1024,4096,8192,16384",
+                        help="comma-separated prompt lengths (default: 1024,4096,8192,16384)")
+    parser.add_argument("--batch", default="1,4", help="comma-separated batch sizes (default: 1,4)")
     parser.add_argument("--steps", type=int, default=16, help="timed decode steps per run (default: 16)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed decode steps first (default: 2)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run every row this many rounds and keep its best figures (default: 1; more on a busy machine)")
     parser.add_argument("--prefill-chunk", type=int, default=0,
                         help="prefill this many tokens per forward (default: 0 = the whole prompt at once)")
-    parser.add_argument("--ranks", default="32:32", help="comma-separated KEY:VALUE ranks per KV head (default: 32:32; 'none' for no rows)")
+    parser.add_argument("--ranks", default="32:32",
+                        help="comma-separated KEY:VALUE ranks per KV head, one SVD row each (default: 32:32; 'none' for no rows)")
     parser.add_argument("--group-size", type=int, default=1, help="KV heads sharing one basis (default: 1)")
-    parser.add_argument("--target-ratio", help="comma-separated compression targets, each an SVD row with allocated ranks")
+    parser.add_argument("--target-ratio",
+                        help="comma-separated compression targets, one SVD row each, ranks allocated on the weight spectra")
     parser.add_argument("--latent-bits", type=int, choices=(8, 4), help="store the SVD rows' latents as 8- or 4-bit integers")
     parser.add_argument("--window", type=int, default=0, help="full-precision window of the SVD rows (default: 0)")
     parser.add_argument("--peers", action="store_true", help="also run transformers' QuantizedCache int4 and int2")
@@ -250,46 +318,44 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--json", help="write the result as JSON here")
     parser.add_argument("--plot", help="write decode speed and KV size vs context here (PNG, PDF, SVG ...)")
+    parser.add_argument("--markdown", help="write the printed table as markdown here")
 
 
 def build_bench_rows(args: argparse.Namespace) -> list:
-    """dynamic, then one SVD row per --ranks pair and per --target-ratio, then the quantized peers."""
+    """dynamic, then one SVD row per --ranks pair and per --target-ratio, then the quantized peers. SVD rows use
+    data-free "weights" bases (target ratios: ranks allocated on the weight spectra): speed does not depend on basis
+    quality, and no calibration text is needed."""
     from .config import CompressionConfig
-    from .eval import dynamic_row, parse_ranks, peer_backend, quantized_row, svd_row
+    from .eval import build_rows, parse_ranks
 
-    common = {"group_size": args.group_size, "window": args.window, "latent_bits": args.latent_bits}
-    suffix = (f"-g{args.group_size}" if args.group_size != 1 else "") + (f"-w{args.window}" if args.window else "")
-    suffix += f"-int{args.latent_bits}" if args.latent_bits else ""
-    rows = [dynamic_row()]
     ranks = [] if args.ranks.strip().lower() == "none" else parse_ranks(args.ranks)
-    for key, value in ranks:
-        rows.append(svd_row(f"svd-k{key}-v{value}{suffix}", config=CompressionConfig(key_rank=key, value_rank=value, **common)))
-    for text in (args.target_ratio or "").split(","):
-        if text.strip():
-            ratio = float(text)
-            rows.append(svd_row(f"svd-{ratio:g}x{suffix}", config=CompressionConfig(target_ratio=ratio, **common)))
-    if args.peers:
-        backend = peer_backend(args.peer_backend)
-        if backend is None:
-            print("note: neither optimum-quanto nor hqq is installed; skipping the quantized peers")
-        else:
-            rows += [quantized_row(backend, 4), quantized_row(backend, 2)]
-    return rows
+    shapes = [{"key_rank": k, "value_rank": v} for k, v in ranks] + [{"target_ratio": r} for r in _ratios(args.target_ratio)]
+    configs = [CompressionConfig(**shape, method="weights", group_size=args.group_size, window=args.window,
+                                 latent_bits=args.latent_bits) for shape in shapes]
+    return build_rows(configs=configs, peers=args.peers, backend=args.peer_backend)
 
 
-def run_bench(args: argparse.Namespace) -> int:
-    """`hf-svdkv bench`: checks the flags, loads the model, runs every row, prints, writes --json / --plot."""
+def run_bench(args: argparse.Namespace, command: str | None = None) -> int:
+    """`hf-svdkv bench`: checks the flags, loads the model, runs every row, prints, writes --json / --plot / --markdown.
+    `command` (the command line) is recorded in the markdown and the JSON settings."""
     import dataclasses
+    from importlib.util import find_spec
 
     from .assets import MODEL_NAME as DEFAULT_MODEL_NAME
     from .loading import ModelConfig, load_model
 
+    # Everything that can be checked without the model is checked first: a typo should cost seconds.
     contexts, batches = _ints(args.contexts, "--contexts"), _ints(args.batch, "--batch")
-    if args.steps <= 0 or args.warmup < 0 or args.prefill_chunk < 0:
-        raise ValueError("--steps must be positive, --warmup and --prefill-chunk not negative")
-    for path in (args.json, args.plot):
+    if args.steps <= 0 or args.repeat <= 0 or args.warmup < 0 or args.prefill_chunk < 0:
+        raise ValueError("--steps and --repeat must be positive, --warmup and --prefill-chunk not negative")
+    if args.threads is not None and args.threads <= 0:
+        raise ValueError(f"--threads must be positive, got {args.threads}")
+    for flag in ("json", "plot", "markdown"):
+        path = getattr(args, flag)
         if path is not None and not Path(path).resolve().parent.is_dir():
-            raise ValueError(f"{path}: directory {Path(path).resolve().parent} does not exist")
+            raise ValueError(f"--{flag} {path}: directory {Path(path).resolve().parent} does not exist")
+    if args.plot and find_spec("matplotlib") is None:
+        raise ValueError("--plot needs matplotlib (pip install matplotlib)")
     rows = build_bench_rows(args)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -297,13 +363,18 @@ def run_bench(args: argparse.Namespace) -> int:
     config = dataclasses.replace(ModelConfig.from_env(), **{k: v for k, v in overrides.items() if v is not None})
     model, _ = load_model(config)
 
-    measured = run_rows(model, rows, contexts, batches, steps=args.steps, warmup=args.warmup, prefill_chunk=args.prefill_chunk)
+    measured = run_rows(model, rows, contexts, batches, steps=args.steps, warmup=args.warmup,
+                        prefill_chunk=args.prefill_chunk, repeat=args.repeat)
     settings = {"dtype": config.dtype, "steps": args.steps, "warmup": args.warmup, "prefill_chunk": args.prefill_chunk,
-                "threads": torch.get_num_threads()}
+                "threads": torch.get_num_threads(), "repeat": args.repeat}
     result = BenchResult(config.model_path or DEFAULT_MODEL_NAME, str(model.device), measured, settings)
+    if command:
+        result.settings["command"] = command
     print_table(result)
     if args.json:
         Path(args.json).write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
     if args.plot:
         plot(result, args.plot)
+    if args.markdown:
+        Path(args.markdown).write_text(markdown_table(result, command), encoding="utf-8")
     return 0

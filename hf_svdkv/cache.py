@@ -7,7 +7,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from .bases import SVDBases
 from .config import check_latent_bits, check_window
-from .projection import LayerBases
+from .projection import LayerBases, Projection
 
 
 class SVDCacheLayer(DynamicLayer):
@@ -57,26 +57,58 @@ class SVDCacheLayer(DynamicLayer):
         """Store the new pre-RoPE keys and values; return all of them rebuilt, then the exact tail."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self.positions = torch.cat([self.positions, positions.to(self.device, torch.int32)], dim=-1)
-        exact_keys = torch.cat([self.recent_keys, key_states], dim=-2)
-        exact_values = torch.cat([self.recent_values, value_states], dim=-2)
-        # Latents are rounded to the storage dtype before use, so a token reads the same whether its latent
-        # was computed in this call or stored by an earlier one.
-        new_key_latents = self.projection.key.encode(exact_keys).to(self.dtype)
-        new_value_latents = self.projection.value.encode(exact_values).to(self.dtype)
-        all_keys = self.projection.key.decode(torch.cat([self.keys, new_key_latents], dim=-2), self.head_dim)
-        all_values = self.projection.value.decode(torch.cat([self.values, new_value_latents], dim=-2), self.head_dim)
-
-        aged = max(exact_keys.shape[-2] - self.window, 0)
-        self.keys = torch.cat([self.keys, new_key_latents[..., :aged, :]], dim=-2)
-        self.values = torch.cat([self.values, new_value_latents[..., :aged, :]], dim=-2)
-        self.recent_keys, self.recent_values = exact_keys[..., aged:, :], exact_values[..., aged:, :]
-
-        self.exact_tail = exact_keys.shape[-2] if self.window else 0
+        old_keys, old_values = self.keys, self.values
+        exact_keys, exact_values, new_keys, new_values = self._store(key_states, value_states, positions)
+        all_keys = self.projection.key.decode(self._all_latents(old_keys, new_keys), self.head_dim)
+        all_values = self.projection.value.decode(self._all_latents(old_values, new_values), self.head_dim)
         if not self.exact_tail:
             return all_keys.to(self.dtype), all_values.to(self.dtype)
         keys = torch.cat([all_keys.to(self.dtype), exact_keys], dim=-2)
         return keys, torch.cat([all_values.to(self.dtype), exact_values], dim=-2)
+
+    def append(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Store the new pre-RoPE keys and values without rebuilding anything (the latent attention path).
+
+        Returns the exact span `update` would append as its tail (the window before this call, then the new
+        tokens; pre-RoPE keys, values), or None without a window. Stores exactly what `update` stores."""
+        exact_keys, exact_values, _, _ = self._store(key_states, value_states, positions)
+        return (exact_keys, exact_values) if self.exact_tail else None
+
+    def _store(self, key_states: torch.Tensor, value_states: torch.Tensor, positions: torch.Tensor) -> tuple:
+        """The storing half of `update`: (exact keys, exact values, their key latents, their value latents)."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if self.projection.key.down.is_inference() and not torch.is_inference_mode_enabled():
+            # Bases made or moved under torch.inference_mode are inference tensors, which autograd may not save.
+            self.projection = LayerBases(*(Projection(*(t.clone() for t in (p.down, p.up, p.center))) for p in (self.projection.key, self.projection.value)))
+        self.positions = torch.cat([self.positions, positions.to(self.device, torch.int32)], dim=-1)
+        exact_keys = torch.cat([self.recent_keys, key_states], dim=-2)
+        exact_values = torch.cat([self.recent_values, value_states], dim=-2)
+        # The whole exact span is encoded (not only the tokens ageing out): its latents are what `update` rebuilds.
+        new_keys, new_values = self._encode(self.projection.key, exact_keys), self._encode(self.projection.value, exact_values)
+        aged = max(exact_keys.shape[-2] - self.window, 0)
+        self.keys = self._kept(self.keys, new_keys, aged)
+        self.values = self._kept(self.values, new_values, aged)
+        # A slice would keep the whole span's storage alive (a prefill's full-size keys and values): keep a copy.
+        self.recent_keys, self.recent_values = (t[..., aged:, :].clone() if aged else t for t in (exact_keys, exact_values))
+        self.exact_tail = exact_keys.shape[-2] if self.window else 0
+        return exact_keys, exact_values, new_keys, new_values
+
+    # How latents are stored; QuantizedSVDCacheLayer stores integer codes instead.
+    def _encode(self, projection, states: torch.Tensor) -> torch.Tensor:
+        # Latents are rounded to the storage dtype before use, so a token reads the same whether its latent
+        # was computed in this call or stored by an earlier one.
+        return projection.encode(states).to(self.dtype)
+
+    def _kept(self, stored: torch.Tensor, new: torch.Tensor, count: int) -> torch.Tensor:
+        """`stored` followed by the first `count` tokens of `new`."""
+        return torch.cat([stored, new[..., :count, :]], dim=-2)
+
+    def _all_latents(self, stored: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        """`stored` followed by all of `new`, as floating-point latents ready to decode."""
+        return torch.cat([stored, new], dim=-2)
 
     def key_positions(self) -> torch.Tensor:
         """Positions of the columns `update` returned: every token, then the exact tail again."""
@@ -212,3 +244,15 @@ class SVDCompressedCache(Cache):
         first = self.layers[0]
         tokens = first.get_seq_length() * (first.positions.shape[0] if first.is_initialized else 0)
         return self.nbytes() / tokens if tokens else 0.0
+
+
+# The seed API's names for this module (`core.cache`), defined in hf_svdkv.seed and imported on first use.
+_SEED_NAMES = {"LLaMAKVCache": ".seed.kv_store", "StandardKVCache": ".seed.kv_store"}
+
+
+def __getattr__(name: str) -> object:
+    if name in _SEED_NAMES:
+        import importlib
+
+        return getattr(importlib.import_module(_SEED_NAMES[name], __package__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -18,11 +18,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .allocation import (
+    SIXTEEN_BIT,
     LayerSpectrum,
+    StorageCost,
     allocate_ranks,
     measure_sensitivity,
     sensitivity_weights,
     single_threaded,
+    storage_cost,
     uniform_ranks,
 )
 from .architectures import attention_modules, decoder_model, model_geometry
@@ -269,6 +272,8 @@ def plan_ranks(
     target_ratio: float,
     allocation: str = "sensitivity",
     *,
+    cost: StorageCost = SIXTEEN_BIT,
+    weights: Sequence[tuple[float, float]] | None = None,
     probe_tokens: int = 2048,
     seq_len: int = 512,
     progress: bool = True,
@@ -277,17 +282,76 @@ def plan_ranks(
 
     "uniform": equal ranks everywhere; "spectrum": water-filling on relative spectral energy; "sensitivity":
     the same, each layer's keys and values weighted by the KL its compression alone causes (`probe_weights`,
-    measured on the first `probe_tokens` tokens, at `target_ratio` if that is harsher than PROBE_RATIO)."""
+    measured on the first `probe_tokens` tokens at PROBE_RATIO whatever the target, so one measurement serves every
+    ratio; pass `weights` to reuse it)."""
     if allocation not in ALLOCATIONS:
         raise ValueError(f"unknown allocation {allocation!r}: choose one of {', '.join(ALLOCATIONS)}")
     spectra = algorithm.spectra(model, group_size)
     if allocation == "uniform":
-        return uniform_ranks(spectra, target_ratio)
-    weights = None
-    if allocation == "sensitivity":
-        weights = probe_weights(model, algorithm, token_ids, group_size, max(target_ratio, PROBE_RATIO),
+        return uniform_ranks(spectra, target_ratio, cost)
+    if allocation == "sensitivity" and weights is None:
+        weights = probe_weights(model, algorithm, token_ids, group_size, PROBE_RATIO,
                                 probe_tokens=probe_tokens, seq_len=seq_len, progress=progress)
-    return allocate_ranks(spectra, target_ratio, weights)
+    return allocate_ranks(spectra, target_ratio, weights if allocation == "sensitivity" else None, cost)
+
+
+class Calibrator:
+    """One model's statistics on one calibration text, gathered once, and bases for any config from them.
+
+    Sensitivity probes are also measured once per group size and probe ratio, so bases for several target
+    ratios (an eval's rows) cost one calibration pass. Use text disjoint from what you evaluate on."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        token_ids: torch.Tensor,
+        *,
+        seq_len: int = 512,
+        batch_size: int = 4,
+        progress: bool = True,
+        value_metric: str = "output",
+        sink_weight: float = DEFAULT_SINK_WEIGHT,
+        allocation: str = "sensitivity",
+        probe_tokens: int = 2048,
+    ):
+        if allocation not in ALLOCATIONS:
+            raise ValueError(f"unknown allocation {allocation!r}: choose one of {', '.join(ALLOCATIONS)}")
+        self.model = model
+        self.token_ids = token_ids
+        self.seq_len = seq_len
+        self.progress = progress
+        self.allocation = allocation
+        self.probe_tokens = probe_tokens
+        self.algorithm = CalibratedPCA(collect_statistics(model, token_ids, seq_len, batch_size, progress), value_metric, sink_weight)
+        self._weights: dict[tuple[int, float], list[tuple[float, float]]] = {}
+
+    def _probe_weights(self, group_size: int, probe_ratio: float) -> list[tuple[float, float]]:
+        key = (group_size, probe_ratio)
+        if key not in self._weights:
+            self._weights[key] = probe_weights(self.model, self.algorithm, self.token_ids, group_size, probe_ratio,
+                                               probe_tokens=self.probe_tokens, seq_len=self.seq_len, progress=self.progress)
+        return self._weights[key]
+
+    def measure(self, configs: Sequence[CompressionConfig]) -> None:
+        """Run now the sensitivity probes these configs' bases will need (otherwise the first `bases` call does)."""
+        if self.allocation == "sensitivity":
+            for config in configs:
+                if config.target_ratio is not None:
+                    self._probe_weights(config.group_size, PROBE_RATIO)
+
+    def bases(self, config: CompressionConfig, sequence_length: int | None = None) -> SVDBases:
+        """Calibrated bases for `config`: its uniform ranks, or ranks allocated for its target_ratio, counting
+        its latent_bits and (over `sequence_length` tokens) its window."""
+        geometry = model_geometry(self.model)
+        config.resolve_ranks(geometry.head_dim, geometry.num_kv_heads)
+        layer_ranks = None
+        if config.target_ratio is not None:
+            weights = None
+            if self.allocation == "sensitivity":
+                weights = self._probe_weights(config.group_size, PROBE_RATIO)
+            layer_ranks = plan_ranks(self.model, self.algorithm, self.token_ids, config.group_size, config.target_ratio,
+                                     self.allocation, cost=storage_cost(config, sequence_length), weights=weights)
+        return SVDBases.from_model(self.model, config, algorithm=self.algorithm, layer_ranks=layer_ranks)
 
 
 def calibrate_bases(
@@ -295,24 +359,13 @@ def calibrate_bases(
     token_ids: torch.Tensor,
     config: CompressionConfig,
     *,
-    seq_len: int = 512,
-    batch_size: int = 4,
-    progress: bool = True,
-    value_metric: str = "output",
-    sink_weight: float = DEFAULT_SINK_WEIGHT,
-    allocation: str = "sensitivity",
-    probe_tokens: int = 2048,
+    sequence_length: int | None = None,
+    **calibrator_options: object,
 ) -> SVDBases:
     """Calibrated bases for `model` from the 1-D `token_ids` (use text disjoint from what you evaluate on).
 
-    With `config.target_ratio`, ranks are allocated per layer and between keys and values (`allocation`);
-    otherwise the config's uniform ranks are used."""
+    With `config.target_ratio`, ranks are allocated per layer and between keys and values; otherwise the
+    config's uniform ranks are used. Options: those of `Calibrator`."""
     geometry = model_geometry(model)
     config.resolve_ranks(geometry.head_dim, geometry.num_kv_heads)  # fail on a bad config before calibrating
-    statistics = collect_statistics(model, token_ids, seq_len, batch_size, progress)
-    algorithm = CalibratedPCA(statistics, value_metric, sink_weight)
-    layer_ranks = None
-    if config.target_ratio is not None:
-        layer_ranks = plan_ranks(model, algorithm, token_ids, config.group_size, config.target_ratio, allocation,
-                                 probe_tokens=probe_tokens, seq_len=seq_len, progress=progress)
-    return SVDBases.from_model(model, config, algorithm=algorithm, layer_ranks=layer_ranks)
+    return Calibrator(model, token_ids, **calibrator_options).bases(config, sequence_length)

@@ -17,6 +17,19 @@ from typing import NoReturn
 
 PROG = "hf-svdkv"
 USER_ERRORS = (ValueError, FileNotFoundError, OSError)
+DEFAULT_CALIB_TOKENS = 65536
+# Measured on the default model, calibrated joint bases, 3 windows of 1536 + 512 tokens: window 0 / 32 / 64 / 128
+# cost +16.0 / +2.0 / +2.3 / +2.2% ppl at 2x and +67.0 / +7.0 / +6.8 / +5.2% at 3x (every byte counted).
+RECOMMENDED_WINDOW = 128
+# The recommended rows of a bare `hf-svdkv eval`: calibrated joint bases at 2x and 3x, and 4-bit latents at 6x. At 6x
+# a 64-token window beat 128 (+3.3% vs +4.4% ppl): over 2048 tokens the window's 16-bit bytes crowd out latents.
+DEFAULT_ROWS = (
+    {"method": "calibrated", "target_ratio": 2.0, "window": RECOMMENDED_WINDOW},
+    {"method": "calibrated", "target_ratio": 3.0, "window": RECOMMENDED_WINDOW},
+    {"method": "calibrated", "target_ratio": 6.0, "latent_bits": 4, "window": 64},
+)
+DEFAULT_ROWS_HELP = ("calibrated joint bases with a 128-token window at 2x and 3x, and with 4-bit latents and a 64-token "
+                     "window at 6x")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -38,6 +51,110 @@ def _check_output(path: str | None, flag: str) -> None:
         raise ValueError(f"{flag} {path}: directory {Path(path).resolve().parent} does not exist")
 
 
+# --- shared options ----------------------------------------------------------------------------------------------
+def _add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="Hub id or local directory (default: $HF_SVDKV_MODEL or the embedded SmolLM2-135M)")
+    p.add_argument("--dtype", help="torch dtype of the weights and the cache (default: bfloat16)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cpu)")
+
+
+def _load(args: argparse.Namespace):
+    from .loading import ModelConfig, load_model
+
+    # Flags override the HF_SVDKV_* environment; replace() re-runs ModelConfig's checks (dtype, device).
+    overrides = {"model_path": args.model, "dtype": args.dtype, "device": args.device}
+    config = dataclasses.replace(ModelConfig.from_env(), **{k: v for k, v in overrides.items() if v is not None})
+    model, tokenizer = load_model(config)
+    return config, model, tokenizer
+
+
+def _add_compression_arguments(p: argparse.ArgumentParser, *, lists: bool) -> None:
+    many = "comma-separated " if lists else ""
+    p.add_argument("--method", help=f"{many}weights (SVD of W_k/W_v, no data) or calibrated (PCA on calibration text)")
+    p.add_argument("--target-ratio", action="append", default=[],
+                   help=f"{many}memory budgets: x times smaller than a 16-bit cache, every byte counted (repeatable)")
+    p.add_argument("--group-size", help="KV heads sharing one basis, or 'all' (default: 1 for weights, all for calibrated)")
+    p.add_argument("--window", help=f"{many}recent tokens kept at full precision (default: {RECOMMENDED_WINDOW} for "
+                                    "calibrated rows, 0 for weights rows)")
+    p.add_argument("--latent-bits", help=f"{many}8, 4 or none: store latents as integer codes (default: none)")
+    p.add_argument("--calib-text", help="calibration text file (default: the last --calib-tokens tokens of the corpus, "
+                                        "never scored)")
+    p.add_argument("--calib-tokens", type=int, default=DEFAULT_CALIB_TOKENS,
+                   help=f"calibration tokens (default: {DEFAULT_CALIB_TOKENS})")
+
+
+def _split(text: str | None) -> list[str]:
+    return [item.strip() for item in (text or "").split(",") if item.strip()]
+
+
+def _floats(values: Sequence[str], flag: str) -> list[float]:
+    try:
+        return [float(item) for value in values for item in _split(value)]
+    except ValueError:
+        raise ValueError(f"{flag} takes numbers, e.g. 2 or 1.5,2,3; got {' '.join(values)!r}") from None
+
+
+def _ints_or_none(text: str | None, flag: str, default: list) -> list:
+    if text is None:
+        return default
+    try:
+        return [None if item.lower() == "none" else int(item) for item in _split(text)]
+    except ValueError:
+        raise ValueError(f"{flag} takes integers (or none), got {text!r}") from None
+
+
+def _methods(args: argparse.Namespace, default: str) -> list[str]:
+    from .config import METHODS
+
+    methods = _split(args.method) or [default]
+    for method in methods:
+        if method not in METHODS:
+            raise ValueError(f"unknown --method {method!r}: choose from {', '.join(METHODS)}")
+    return methods
+
+
+def _group_size(text: str | None, method: str, num_kv_heads: int) -> int:
+    # Joint bases over all KV heads of a layer are far better for calibrated bases (+16% vs +172% at 2x on the
+    # default model); weight-only bases keep the per-head default of CompressionConfig.
+    if text is None:
+        return num_kv_heads if method == "calibrated" else 1
+    if text == "all":
+        return num_kv_heads
+    if not text.isdigit():
+        raise ValueError(f"--group-size takes a positive integer or 'all', got {text!r}")
+    return int(text)
+
+
+def _token_ids(args: argparse.Namespace, tokenizer, model, text: str | None = None):
+    """(ids to score, calibration ids): calibration is --calib-text, or the corpus' end, cut off the scored ids."""
+    from .data import load_text, split_calibration, tokenize_text
+
+    vocab = model.config.get_text_config().vocab_size
+    ids = tokenize_text(tokenizer, text, vocab_size=vocab) if text is not None else None
+    if args.calib_text:
+        return ids, tokenize_text(tokenizer, load_text(text_file=args.calib_text), vocab_size=vocab)[: args.calib_tokens]
+    if ids is None:
+        ids = tokenize_text(tokenizer, load_text(args.dataset), vocab_size=vocab)
+    if args.calib_tokens >= ids.numel():
+        raise ValueError(f"--calib-tokens {args.calib_tokens} leaves nothing to score in a {ids.numel()}-token text")
+    calib_ids, ids = split_calibration(ids, args.calib_tokens)
+    return ids, calib_ids
+
+
+def _calibrator(model, calib_ids, configs: Sequence = ()):
+    """Statistics, then the sensitivity probes `configs` need: all of calibration, timed apart from the rows."""
+    import time
+
+    from .calibration import Calibrator
+
+    start = time.perf_counter()
+    calibrator = Calibrator(model, calib_ids)
+    calibrator.measure(configs)
+    calibrator.seconds = time.perf_counter() - start
+    print(f"calibration: {calib_ids.numel()} tokens, {calibrator.seconds:.1f} s", file=sys.stderr)
+    return calibrator
+
+
 # --- eval ---------------------------------------------------------------------------------------------------
 def _add_eval(subparsers: argparse._SubParsersAction) -> None:
     from .eval import PROTOCOLS
@@ -47,14 +164,12 @@ def _add_eval(subparsers: argparse._SubParsersAction) -> None:
         help="perplexity with the dynamic cache vs compressed caches",
         description=(
             "Perplexity of the model with its full DynamicCache (the baseline) and with SVD-compressed caches "
-            "(and, with --peers, transformers' int4/int2 QuantizedCache). Without --profiles, --ranks or "
-            "--bases-dir the SVD rows are the profiles low,med,high; with --ranks or --bases-dir, profiles run "
-            "only if --profiles is given too."
+            "(and, with --peers, transformers' int4/int2 QuantizedCache). SVD rows are every combination of "
+            "(--profiles, --ranks, --target-ratio) x --method x --window x --latent-bits, plus --bases-dir. "
+            f"Without --profiles, --ranks, --target-ratio or --bases-dir the rows are the recommended ones: {DEFAULT_ROWS_HELP}."
         ),
     )
-    p.add_argument("--model", help="Hub id or local directory (default: $HF_SVDKV_MODEL or the embedded SmolLM2-135M)")
-    p.add_argument("--dtype", help="torch dtype of the weights and the cache (default: bfloat16)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cpu)")
+    _add_model_arguments(p)
     p.add_argument("--dataset", default="wiki", choices=("wiki", "lee", "wikitext"), help="text to score (default: wiki)")
     p.add_argument("--text-file", help="score this UTF-8 text file instead of --dataset")
     p.add_argument("--protocol", default="continuation", choices=PROTOCOLS, help="see hf_svdkv.eval (default: continuation)")
@@ -63,53 +178,98 @@ def _add_eval(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--window-len", type=int, default=512, help="sliding: tokens per window (default: 512)")
     p.add_argument("--chunk", type=int, default=128, help="sliding: tokens per forward; the first chunk is not scored (default: 128)")
     p.add_argument("--windows", type=int, default=3, help="number of windows (default: 3)")
-    p.add_argument("--profiles", help="comma-separated SVD profiles, 'none' for no profile rows (default: low,med,high)")
+    p.add_argument("--profiles", help="comma-separated SVD profiles (low, med, high)")
     p.add_argument("--ranks", help="comma-separated KEY:VALUE ranks per KV head, e.g. 32:32,16:48")
-    p.add_argument("--group-size", type=int, default=1, help="KV heads sharing one basis (default: 1)")
-    p.add_argument("--bases-dir", action="append", default=[], help="bases saved with SVDBases.save_pretrained (repeatable)")
+    _add_compression_arguments(p, lists=True)
+    p.add_argument("--bases-dir", action="append", default=[], help="bases saved by `hf-svdkv bases` (repeatable)")
     p.add_argument("--peers", action="store_true", help="also run transformers' QuantizedCache int4 and int2")
     p.add_argument("--peer-backend", choices=("quanto", "hqq"), help="quantization backend (default: quanto, else hqq)")
     p.add_argument("--json", help="write the result as JSON here")
     p.add_argument("--plot", help="write a ppl-increase vs compression plot here (PNG, PDF, SVG ...)")
+    p.add_argument("--markdown", help="write the table as Markdown here")
     p.set_defaults(func=_cmd_eval)
 
 
-def _profiles(args: argparse.Namespace) -> list[str]:
-    if args.profiles is None:
-        return [] if args.ranks or args.bases_dir else ["low", "med", "high"]
-    names = [name.strip() for name in args.profiles.split(",") if name.strip()]
-    return [] if names == ["none"] else names
+def _eval_configs(args: argparse.Namespace, num_kv_heads: int) -> list:
+    from .config import CompressionConfig
+    from .eval import parse_ranks
+
+    ratios = _floats(args.target_ratio, "--target-ratio")
+    shapes = [{"profile": p} for p in _split(args.profiles)]
+    shapes += [{"key_rank": k, "value_rank": v} for k, v in (parse_ranks(args.ranks) if args.ranks else [])]
+    shapes += [{"target_ratio": r} for r in ratios]
+    if not shapes and not args.bases_dir:
+        if args.method or args.window or args.latent_bits:
+            raise ValueError("--method, --window and --latent-bits need rows to apply to: --profiles, --ranks or --target-ratio")
+        return [CompressionConfig(**row, group_size=num_kv_heads) for row in DEFAULT_ROWS]
+    bits = _ints_or_none(args.latent_bits, "--latent-bits", [None])
+    return [
+        CompressionConfig(**shape, method=method, group_size=_group_size(args.group_size, method, num_kv_heads),
+                          window=window, latent_bits=bit)
+        for shape in shapes for method in _methods(args, "weights") for window in _windows(args.window, method)
+        for bit in bits
+    ]
+
+
+def _windows(text: str | None, method: str) -> list[int]:
+    return _ints_or_none(text, "--window", [RECOMMENDED_WINDOW if method == "calibrated" else 0])
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from .architectures import model_geometry
     from .assets import MODEL_NAME as DEFAULT_MODEL_NAME
-    from .data import load_text, tokenize_text
-    from .eval import build_rows, parse_ranks, plot, print_table, run_eval
-    from .loading import ModelConfig, load_model
+    from .data import load_text
+    from .eval import build_rows, peer_backend, plot, print_table, run_eval, to_markdown
 
     # Everything that can be checked without the model is checked first: a typo should cost seconds.
-    _check_output(args.json, "--json")
-    _check_output(args.plot, "--plot")
+    for flag in ("json", "plot", "markdown"):
+        _check_output(getattr(args, flag), f"--{flag}")
     if args.plot and find_spec("matplotlib") is None:
         raise ValueError("--plot needs matplotlib (pip install matplotlib)")
     if args.windows <= 0:
         raise ValueError(f"--windows must be positive, got {args.windows}")
+    _floats(args.target_ratio, "--target-ratio")
+    if args.peers:
+        peer_backend(args.peer_backend)
+    text = load_text(args.dataset, args.text_file) if args.text_file else None
+
+    config, model, tokenizer = _load(args)
+    configs = _eval_configs(args, model_geometry(model).num_kv_heads)
+    calibrated = any(c.method == "calibrated" for c in configs)
+    if calibrated or args.calib_text:
+        ids, calib_ids = _token_ids(args, tokenizer, model, text)
+    else:
+        from .data import tokenize_text
+
+        ids = tokenize_text(tokenizer, text if text is not None else load_text(args.dataset),
+                            vocab_size=model.config.get_text_config().vocab_size)
+        calib_ids = None
+    length = args.context + args.continuation if args.protocol == "continuation" else args.window_len
+    calibrated_bases = None
+    if calibrated:
+        calibrator = _calibrator(model, calib_ids, [c for c in configs if c.method == "calibrated"])
+
+        def calibrated_bases(model, row_config):
+            return calibrator.bases(row_config, sequence_length=length)
+
+    def weight_bases(model, row_config):
+        # A target ratio is quoted at the evaluated length, so the window's bytes come out of the latents' budget.
+        from . import SVDBases
+        from .allocation import weight_spectrum_ranks
+
+        ranks = weight_spectrum_ranks(model, row_config, length) if row_config.target_ratio is not None else None
+        return SVDBases.from_model(model, row_config, layer_ranks=ranks)
+
     rows = build_rows(
-        profiles=_profiles(args),
-        ranks=parse_ranks(args.ranks) if args.ranks else (),
-        group_size=args.group_size,
+        configs=configs,
+        weight_bases=weight_bases,
         bases_dirs=args.bases_dir,
+        windows=_ints_or_none(args.window, "--window", [0]),
+        latent_bits=_ints_or_none(args.latent_bits, "--latent-bits", [None]),
+        calibrated_bases=calibrated_bases,
         peers=args.peers,
         backend=args.peer_backend,
     )
-    text = load_text(args.dataset, args.text_file)
-
-    # Flags override the HF_SVDKV_* environment; replace() re-runs ModelConfig's checks (dtype, device).
-    overrides = {"model_path": args.model, "dtype": args.dtype, "device": args.device}
-    config = dataclasses.replace(ModelConfig.from_env(), **{k: v for k, v in overrides.items() if v is not None})
-    model, tokenizer = load_model(config)
-    ids = tokenize_text(tokenizer, text, vocab_size=model.config.vocab_size)
-
     result = run_eval(
         model,
         ids,
@@ -122,14 +282,86 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         n_windows=args.windows,
         model_name=config.model_path or DEFAULT_MODEL_NAME,
         dataset_name=Path(args.text_file).name if args.text_file else args.dataset,
-        settings={"dtype": config.dtype, "device": config.device, "group_size": args.group_size},
+        settings={"dtype": config.dtype, "device": config.device,
+                  "calibration_tokens": int(calib_ids.numel()) if calib_ids is not None else 0,
+                  "calibration_seconds": round(calibrator.seconds, 1) if calibrated else None,
+                  "calibration_text": args.calib_text or ("end of the corpus" if calib_ids is not None else None)},
     )
     print_table(result)
     if args.json:
         Path(args.json).write_text(result.to_json() + "\n", encoding="utf-8")
     if args.plot:
         plot(result, args.plot)
+    if args.markdown:
+        Path(args.markdown).write_text(to_markdown(result, command="hf-svdkv " + " ".join(sys.argv[1:])), encoding="utf-8")
     return 0
+
+
+# --- bases --------------------------------------------------------------------------------------------------
+def _add_bases(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "bases",
+        help="compute bases (weight-only or calibrated) and save them to a directory",
+        description="Compute SVD bases for a model and save them with SVDBases.save_pretrained; "
+                    "use them with `hf-svdkv eval --bases-dir DIR` or SVDBases.from_pretrained(DIR).",
+    )
+    p.add_argument("output", help="directory to write bases.safetensors into")
+    _add_model_arguments(p)
+    p.add_argument("--dataset", default="wiki", choices=("wiki", "lee", "wikitext"), help="calibration corpus (default: wiki)")
+    p.add_argument("--profile", choices=("low", "med", "high"), help="ranks from a profile")
+    p.add_argument("--ranks", help="KEY:VALUE ranks per KV head, e.g. 32:32")
+    _add_compression_arguments(p, lists=False)
+    p.add_argument("--context-length", type=int, default=2048,
+                   help="tokens a --target-ratio is quoted at, so a --window is counted (default: 2048)")
+    p.set_defaults(func=_cmd_bases)
+
+
+def _cmd_bases(args: argparse.Namespace) -> int:
+    from . import SVDBases
+    from .architectures import model_geometry
+    from .config import CompressionConfig
+    from .eval import parse_ranks
+
+    ratios = _floats(args.target_ratio, "--target-ratio")
+    ranks = parse_ranks(args.ranks) if args.ranks else []
+    if len(ratios) + len(ranks) + bool(args.profile) != 1:
+        raise ValueError("give exactly one of --profile, --ranks KEY:VALUE or --target-ratio R")
+    [method] = _methods(args, "calibrated" if args.calib_text else "weights")[:1]
+    [window] = _windows(args.window, method)[:1]
+    [bits] = _ints_or_none(args.latent_bits, "--latent-bits", [None])[:1]
+    shape = {"target_ratio": ratios[0]} if ratios else {"key_rank": ranks[0][0], "value_rank": ranks[0][1]} if ranks else {"profile": args.profile}
+    _, model, tokenizer = _load(args)
+    config = CompressionConfig(**shape, method=method, window=window, latent_bits=bits,
+                               group_size=_group_size(args.group_size, method, model_geometry(model).num_kv_heads))
+    if method == "calibrated":
+        _, calib_ids = _token_ids(args, tokenizer, model)
+        bases = _calibrator(model, calib_ids, [config]).bases(config, sequence_length=args.context_length)
+    else:
+        bases = SVDBases.from_model(model, config)
+    path = bases.save_pretrained(args.output)
+    print(f"{bases}\nsaved to {path}")
+    return 0
+
+
+# --- bench --------------------------------------------------------------------------------------------------
+def _add_bench(subparsers: argparse._SubParsersAction) -> None:
+    from .bench import add_bench_arguments
+
+    p = subparsers.add_parser(
+        "bench",
+        help="prefill time, decode speed, peak memory and KV bytes vs the dynamic cache",
+        description="Speed and memory of the dynamic cache, SVD-compressed caches (--ranks, --target-ratio; data-free "
+                    "bases) and, with --peers, transformers' int4/int2 QuantizedCache, on random prompts of each "
+                    "--contexts length and --batch size. Ratios are to the dynamic cache.",
+    )
+    add_bench_arguments(p)
+    p.set_defaults(func=_cmd_bench)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run_bench
+
+    return run_bench(args, command="hf-svdkv " + " ".join(sys.argv[1:]))
 
 
 # --- entry point ----------------------------------------------------------------------------------------------
@@ -137,6 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Low-rank (SVD) KV-cache compression for Hugging Face transformers")
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", parser_class=_Parser)
     _add_eval(subparsers)
+    _add_bases(subparsers)
+    _add_bench(subparsers)
     return parser
 
 

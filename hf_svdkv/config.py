@@ -13,6 +13,8 @@ PROFILES: dict[str, dict[str, int]] = {
 }
 PROFILE_HEAD_DIM = 128
 METHODS = ("weights", "calibrated")
+# The seed API's fixed key rank, used when its spelling (value_compression_ranks) gives no key rank.
+SEED_KEY_RANK = 32
 LATENT_BITS = (8, 4)
 
 
@@ -51,6 +53,12 @@ class CompressionConfig:
             Ranks are then allocated per layer, and between keys and values, where they cost the least quality.
         window: the most recent tokens each query sees at full precision (0 = every token as a latent).
         latent_bits: store latents as 8- or 4-bit integers (None = in the model dtype).
+        value_compression_ranks: the seed API's spelling: value ranks per named profile, literal (not scaled to
+            the head size), e.g. {"med": 64}. Used where value_rank is not given; `profile`, else the only entry,
+            else "med" picks the one `patch_model` uses (the seed's profile builder uses them all).
+        key_compression_rank: the seed API's key rank (literal; 32 when only value_compression_ranks is given).
+        use_memory_efficient_svd: the seed API's SVD route: Gram-based or randomized instead of a full SVD (used by
+            its profile builder and SVDCompressionAlgorithm; `patch_model` with a config uses a full SVD).
     """
 
     key_rank: int | None = None
@@ -61,16 +69,20 @@ class CompressionConfig:
     target_ratio: float | None = None
     window: int = 0
     latent_bits: int | None = None
+    value_compression_ranks: dict[str, int] | None = None
+    key_compression_rank: int | None = None
+    use_memory_efficient_svd: bool = True
 
     def __post_init__(self) -> None:
         _check_rank("key_rank", self.key_rank)
         _check_rank("value_rank", self.value_rank)
-        if self.profile is not None and self.profile not in PROFILES:
+        seed_key_rank, seed_value_rank = self.seed_ranks()
+        if self.profile is not None and self.profile not in PROFILES and self.profile not in (self.value_compression_ranks or {}):
             raise ValueError(f"unknown profile {self.profile!r}: choose one of {', '.join(PROFILES)}")
         if self.target_ratio is not None:
             if isinstance(self.target_ratio, bool) or not isinstance(self.target_ratio, numbers.Real) or self.target_ratio <= 1:
                 raise ValueError(f"target_ratio must be a number above 1 (x times smaller than a 16-bit cache), got {self.target_ratio!r}")
-        elif self.profile is None and (self.key_rank is None or self.value_rank is None):
+        elif self.profile is None and ((self.key_rank or seed_key_rank) is None or (self.value_rank or seed_value_rank) is None):
             raise ValueError("give both key_rank and value_rank, a profile (low, med, high), or a target_ratio")
         check_window(self.window)
         check_latent_bits(self.latent_bits)
@@ -88,8 +100,8 @@ class CompressionConfig:
                 f"group_size {self.group_size} does not divide the model's {num_kv_heads} KV heads"
             )
         ranks = {}
-        for name in ("key_rank", "value_rank"):
-            rank = getattr(self, name)
+        for name, seed_rank in zip(("key_rank", "value_rank"), self.seed_ranks(), strict=True):
+            rank = getattr(self, name) or seed_rank
             if rank is None and self.profile is None:
                 rank = max(1, round(head_dim / self.target_ratio))
             elif rank is None:
@@ -101,3 +113,52 @@ class CompressionConfig:
                 )
             ranks[name] = rank
         return ranks["key_rank"], ranks["value_rank"]
+
+    def seed_value_profile(self) -> str | None:
+        """The entry of `value_compression_ranks` that `patch_model` uses (None without the seed spelling)."""
+        ranks = self.value_compression_ranks
+        if ranks is None:
+            return None
+        if self.profile is not None:
+            if self.profile not in ranks:
+                raise ValueError(f"profile {self.profile!r} is not one of value_compression_ranks ({', '.join(ranks)})")
+            return self.profile
+        if len(ranks) == 1:
+            return next(iter(ranks))
+        if "med" in ranks:
+            return "med"
+        raise ValueError(
+            f"value_compression_ranks has several profiles ({', '.join(ranks)}) and no 'med': pick one with profile=..."
+        )
+
+    def seed_ranks(self) -> tuple[int | None, int | None]:
+        """(key, value) ranks per KV head given in the seed spelling, checked against key_rank / value_rank."""
+        _check_rank("key_compression_rank", self.key_compression_rank)
+        if not isinstance(self.use_memory_efficient_svd, bool):
+            raise ValueError(f"use_memory_efficient_svd must be True or False, got {self.use_memory_efficient_svd!r}")
+        ranks = self.value_compression_ranks
+        if ranks is not None:
+            if not isinstance(ranks, dict) or not ranks:
+                raise ValueError(f"value_compression_ranks must be a non-empty dict of profile name -> rank, e.g. {{'med': 64}}, got {ranks!r}")
+            for name, rank in ranks.items():
+                _check_rank(f"value_compression_ranks[{name!r}]", rank)
+        key = self.key_compression_rank
+        value = ranks[self.seed_value_profile()] if ranks is not None else None
+        for name, core, seed in (("key_rank", self.key_rank, key), ("value_rank", self.value_rank, value)):
+            if core is not None and seed is not None and core != seed:
+                raise ValueError(f"{name}={core} contradicts the seed spelling's rank {seed}: give one of them")
+        if key is None and ranks is not None and self.key_rank is None:
+            key = SEED_KEY_RANK
+        return key, value
+
+
+# The seed API's names for this module (`core.config`), defined in hf_svdkv.seed and imported on first use.
+_SEED_NAMES = {"ModelConfig": ".loading", "InferenceConfig": ".seed.inference_config"}
+
+
+def __getattr__(name: str) -> object:
+    if name in _SEED_NAMES:
+        import importlib
+
+        return getattr(importlib.import_module(_SEED_NAMES[name], __package__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -108,3 +108,15 @@ def split_calibration(ids: torch.Tensor, calib_tokens: int) -> tuple[torch.Tenso
         raise ValueError(f"calib_tokens must be in [1, {ids.numel() - 1}] for {ids.numel()} tokens, got {calib_tokens}")
     cut = ids.numel() - calib_tokens
     return ids[cut:], ids[:cut]
+
+
+# The seed API's names for this module (`core.data`), defined in hf_svdkv.seed and imported on first use.
+_SEED_NAMES = {"LLaMADatasetProcessor": ".seed.dataset"}
+
+
+def __getattr__(name: str) -> object:
+    if name in _SEED_NAMES:
+        import importlib
+
+        return getattr(importlib.import_module(_SEED_NAMES[name], __package__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

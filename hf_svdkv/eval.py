@@ -105,8 +105,23 @@ def dynamic_row() -> RowSpec:
     return RowSpec("dynamic", setup=lambda model: lambda: DynamicCache(config=model.config))
 
 
-def svd_row(name: str, *, config: Any = None, bases_dir: str | Path | None = None) -> RowSpec:
-    """A row for `SVDCompressedCache`: `patch_model` with a CompressionConfig, or with bases saved on disk."""
+BasesFactory = Callable[[nn.Module, Any], Any]
+
+
+def svd_row(
+    name: str,
+    *,
+    config: Any = None,
+    bases_dir: str | Path | None = None,
+    bases_factory: BasesFactory | None = None,
+    window: int = 0,
+    latent_bits: int | None = None,
+) -> RowSpec:
+    """A row for `SVDCompressedCache`: `patch_model` with a CompressionConfig, or with bases saved on disk.
+
+    `bases_factory(model, config)` builds the bases for `config` (e.g. a shared `Calibrator`'s `bases`); without
+    it, `patch_model` computes data-free bases from the config. `window` and `latent_bits` apply to saved bases
+    (a config carries its own)."""
     from . import SVDBases, SVDCompressedCache, patch_model, unpatch_model
     from .architectures import model_geometry
 
@@ -125,10 +140,12 @@ def svd_row(name: str, *, config: Any = None, bases_dir: str | Path | None = Non
             config.resolve_ranks(geometry.head_dim, geometry.num_kv_heads)
 
     def setup(model: nn.Module) -> CacheFactory:
-        if config is not None:
-            patch_model(model, config)
+        if bases_dir is not None:
+            patch_model(model, bases=loaded["bases"], window=window, latent_bits=latent_bits)
+        elif bases_factory is not None:
+            patch_model(model, bases=bases_factory(model, config), window=config.window, latent_bits=config.latent_bits)
         else:
-            patch_model(model, bases=loaded["bases"])
+            patch_model(model, config)
         return lambda: SVDCompressedCache(model)
 
     return RowSpec(name, setup=setup, prepare=prepare, teardown=unpatch_model)
@@ -191,27 +208,63 @@ def parse_ranks(text: str) -> list[tuple[int, int]]:
     return pairs
 
 
+def row_name(config: Any) -> str:
+    """`svd-low`, `svd-k32-v32-g3`, `calib-2x-w64-int4`: method, ranks or ratio, then what differs from the defaults."""
+    prefix = "calib" if config.method == "calibrated" else "svd"
+    if config.target_ratio is not None:
+        body = f"{config.target_ratio:g}x"
+    elif config.profile is not None and config.key_rank is None and config.value_rank is None:
+        body = config.profile
+    else:
+        body = f"k{config.key_rank}-v{config.value_rank}"
+    suffix = f"-g{config.group_size}" if config.group_size != 1 else ""
+    suffix += f"-w{config.window}" if config.window else ""
+    suffix += f"-int{config.latent_bits}" if config.latent_bits else ""
+    return f"{prefix}-{body}{suffix}"
+
+
 def build_rows(
     *,
     profiles: Sequence[str] = (),
     ranks: Sequence[tuple[int, int]] = (),
+    target_ratios: Sequence[float] = (),
+    methods: Sequence[str] = ("weights",),
     group_size: int = 1,
+    windows: Sequence[int] = (0,),
+    latent_bits: Sequence[int | None] = (None,),
+    configs: Sequence[Any] = (),
     bases_dirs: Sequence[str | Path] = (),
+    calibrated_bases: BasesFactory | None = None,
+    weight_bases: BasesFactory | None = None,
     peers: bool = False,
     backend: str | None = None,
 ) -> list[RowSpec]:
-    """The rows of an evaluation: dynamic first (the baseline), then SVD rows, then quantized peers."""
+    """The rows of an evaluation: dynamic first (the baseline), then SVD rows, then quantized peers.
+
+    SVD rows are every combination of (profile, ranks or target ratio) x method x window x latent bits, then the
+    explicit `configs`. Rows with method "calibrated" get their bases from `calibrated_bases(model, config)`, others
+    from `weight_bases(model, config)` if given (else `patch_model` fits them)."""
     from . import CompressionConfig
 
-    suffix = f"-g{group_size}" if group_size != 1 else ""
+    shapes = [{"profile": p} for p in profiles] + [{"key_rank": k, "value_rank": v} for k, v in ranks]
+    shapes += [{"target_ratio": r} for r in target_ratios]
+    all_configs = [
+        CompressionConfig(**shape, method=method, group_size=group_size, window=window, latent_bits=bits)
+        for shape in shapes for method in methods for window in windows for bits in latent_bits
+    ] + list(configs)
     rows = [dynamic_row()]
-    for profile in profiles:
-        rows.append(svd_row(f"svd-{profile}{suffix}", config=CompressionConfig(profile=profile, group_size=group_size)))
-    for k, v in ranks:
-        config = CompressionConfig(key_rank=k, value_rank=v, group_size=group_size)
-        rows.append(svd_row(f"svd-k{k}-v{v}{suffix}", config=config))
+    for config in all_configs:
+        factory = weight_bases
+        if config.method == "calibrated":
+            if calibrated_bases is None:
+                raise ValueError(f"row {row_name(config)} is calibrated but no calibration was given")
+            factory = calibrated_bases
+        rows.append(svd_row(row_name(config), config=config, bases_factory=factory))
     for directory in bases_dirs:
-        rows.append(svd_row(f"bases:{Path(directory).name}", bases_dir=directory))
+        for window in windows:
+            for bits in latent_bits:
+                suffix = (f"-w{window}" if window else "") + (f"-int{bits}" if bits else "")
+                rows.append(svd_row(f"bases:{Path(directory).name}{suffix}", bases_dir=directory, window=window, latent_bits=bits))
     if peers:
         chosen = peer_backend(backend)
         if chosen is None:
@@ -375,6 +428,30 @@ def print_table(result: EvalResult, console: Any = None) -> None:
             f"{row.seconds:.1f}",
         )
     console.print(table)
+
+
+def to_markdown(result: EvalResult, command: str | None = None) -> str:
+    """The table as Markdown (for READMEs), with the settings and the command that produced it."""
+    settings = result.settings
+    lines = []
+    if command:
+        lines += [f"`{command}`", ""]
+    lines += [
+        f"{result.model} · {result.dataset} · {result.protocol} · {settings.get('windows')} windows · "
+        f"{settings.get('dtype', '')} · rows in {settings.get('total_seconds', 0):.0f} s",
+    ]
+    if settings.get("calibration_seconds"):
+        lines[-1] += (f" · calibration {settings['calibration_seconds']:.0f} s on {settings['calibration_tokens']:,} tokens "
+                      f"({settings.get('calibration_text')}, never scored)")
+    lines += [
+        "",
+        "| row | ppl | Δ ppl | KV bytes/token | ratio | seconds |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in result.rows:
+        lines.append(f"| {row.name} | {row.ppl:,.3f} | {_pct(row.delta_pct)} | {row.kv_bytes_per_token:,.1f} | "
+                     f"{row.compression_ratio:.2f}x | {row.seconds:.1f} |")
+    return "\n".join(lines) + "\n"
 
 
 def plot(result: EvalResult, path: str | Path) -> Path:

@@ -9,14 +9,16 @@
 
 On CUDA, single-token decoding goes through the fused Triton kernel of `triton_decode` when Triton is importable.
 
-Entry points: `use_latent_attention` (can this call take the fast path?) and `latent_attention_forward` (store the new
-tokens, attend, project: the attention module's output). `latent_attention` and `fold_value_up_into_o_proj` are the
-pieces, for tests and other kernels.
+Entry points, called by `attention.compressed_attention_forward`: `use_latent_attention` (can this call take the
+fast path?) and `latent_attention_forward` (store the new tokens with `SVDCacheLayer.append`, attend, project: the
+attention module's output). `latent_attention` and `fold_value_up_into_o_proj` are the pieces, for tests and other
+kernels.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 import weakref
 from dataclasses import dataclass
 
@@ -34,10 +36,10 @@ CHUNK_ELEMENTS = 1 << 21
 # Beyond this many query tokens, the reference path (one rebuild, then a fused SDPA kernel) is faster than scoring
 # every query against rebuilt chunks; the fast path is meant for decoding.
 MAX_QUERY_LEN = 16
-# KV heads * head_dim up to which all heads are scored in one block-diagonal matmul (see latent_attention).
-MAX_BLOCK_DIAGONAL = 512
 # rope types whose frequencies depend on the sequence length: the rotary module itself must compute them.
 _DYNAMIC_ROPE = ("dynamic", "longrope")
+# attention backends whose masks (None, 4-D bool or additive float) `_allowed` reads.
+_MASK_BACKENDS = ("eager", "sdpa")
 
 
 # --- values folded into o_proj ------------------------------------------------------------------------------------
@@ -66,42 +68,30 @@ def fold_value_up_into_o_proj(
     return folded.float(), bias.float()
 
 
-# --- storing without rebuilding -----------------------------------------------------------------------------------
-def append_to_cache(
-    layer: SVDCacheLayer, key_states: torch.Tensor, value_states: torch.Tensor, positions: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """What `layer.update` stores, without rebuilding anything; returns the exact tail (keys before RoPE, values)
-    `update` would append to its output, or None without a window. Mirrors `SVDCacheLayer.update` and
-    `QuantizedSVDCacheLayer.update` line for line, so either path can fill the same cache."""
-    from .quantization import concat, quantize
-    from .quantized_layer import QuantizedSVDCacheLayer
-
-    if not layer.is_initialized:
-        layer.lazy_initialization(key_states, value_states)
-    layer.positions = torch.cat([layer.positions, positions.to(layer.device, torch.int32)], dim=-1)
-    exact_keys = torch.cat([layer.recent_keys, key_states], dim=-2)
-    exact_values = torch.cat([layer.recent_values, value_states], dim=-2)
-    aged = max(exact_keys.shape[-2] - layer.window, 0)
-    if aged:
-        # Encoding the whole exact span (not only the aged tokens) keeps the stored latents bit-identical to update's.
-        new_keys = layer.projection.key.encode(exact_keys)
-        new_values = layer.projection.value.encode(exact_values)
-        if isinstance(layer, QuantizedSVDCacheLayer):
-            layer.keys = concat([layer.keys, quantize(new_keys, layer.bits, layer.group).crop(aged)])
-            layer.values = concat([layer.values, quantize(new_values, layer.bits, layer.group).crop(aged)])
-        else:
-            layer.keys = torch.cat([layer.keys, new_keys[..., :aged, :].to(layer.dtype)], dim=-2)
-            layer.values = torch.cat([layer.values, new_values[..., :aged, :].to(layer.dtype)], dim=-2)
-    layer.recent_keys, layer.recent_values = exact_keys[..., aged:, :], exact_values[..., aged:, :]
-    layer.exact_tail = exact_keys.shape[-2] if layer.window else 0
-    return (exact_keys, exact_values) if layer.exact_tail else None
-
-
 def _latents(stored, start: int, end: int, dtype: torch.dtype) -> torch.Tensor:
     """Tokens [start, end) of a layer's key or value latents, dequantized if stored as integer codes."""
     if isinstance(stored, torch.Tensor):
         return stored[..., start:end, :].to(dtype)
     return stored.apply(lambda t: t[..., start:end, :]).dequantize(dtype)
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised tensor of `shape`, reusing one buffer per name (per thread) on CPU: a large temporary
+    allocated afresh on every call is mapped afresh too, and its page faults cost more than the work done in it.
+    The buffer is bounded by CHUNK_ELEMENTS; CUDA's caching allocator already reuses memory."""
+    if device.type != "cpu":
+        return torch.empty(shape, dtype=dtype, device=device)
+    buffers = _SCRATCH.__dict__.setdefault("buffers", {})
+    key = (name, dtype, torch.is_inference_mode_enabled())  # inference tensors cannot be written outside that mode
+    numel = math.prod(shape)
+    buffer = buffers.get(key)
+    if buffer is None or buffer.numel() < numel:
+        buffer = torch.empty(numel + numel // 4 + 4096, dtype=dtype)  # room for a growing cache: a token per step
+        buffers[key] = buffer
+    return buffer[:numel].view(shape)
 
 
 # --- RoPE as complex multiplication -------------------------------------------------------------------------------
@@ -125,17 +115,36 @@ def rope_factors(rotary: nn.Module, positions: torch.Tensor, memo_key: object | 
     (so every rope type and its attention scaling match the reference path exactly).
 
     Every layer of a cache holds the same positions, so with `memo_key` (any object that lives for one forward, such
-    as that forward's `position_embeddings[0]`) the first layer computes them and the others reuse them."""
+    as that forward's `position_embeddings[0]`) the first layer computes them and the others reuse them. The next
+    forward's positions usually extend these by a token: then only the new positions are computed (unless the rope
+    type's frequencies depend on the sequence length)."""
     memo = _ROPE_MEMO.get(rotary)
-    if memo is not None and memo_key is not None and memo[0] is memo_key and memo[1].shape[:2] == positions.shape:
-        return memo[1]
+    if memo is not None and memo_key is not None and memo[0] is memo_key and memo[2].shape[:2] == positions.shape:
+        return memo[2]
+    known = 0
+    if memo is not None and memo_key is not None and not _dynamic_rope(rotary):
+        previous = memo[1]
+        length = previous.shape[-1]
+        if (
+            previous.shape[0] == positions.shape[0]
+            and length <= positions.shape[-1]
+            and previous.device == positions.device
+            and torch.equal(previous, positions[:, :length])
+        ):
+            known = length
     dummy = torch.empty(0, device=positions.device, dtype=torch.float32)  # only its device and dtype are read
-    cos, sin = rotary(dummy, positions)
+    cos, sin = rotary(dummy, positions[:, known:])
     half = cos.shape[-1] // 2
     factors = torch.complex(cos[..., :half].float(), sin[..., :half].float())
+    if known:
+        factors = torch.cat([memo[2][:, :known], factors], dim=1)
     if memo_key is not None:
-        _ROPE_MEMO[rotary] = (memo_key, factors)
+        _ROPE_MEMO[rotary] = (memo_key, positions, factors)
     return factors
+
+
+def _dynamic_rope(rotary: nn.Module) -> bool:
+    return any(kind in str(getattr(rotary, "rope_type", "default")) for kind in _DYNAMIC_ROPE)
 
 
 # --- the attention ------------------------------------------------------------------------------------------------
@@ -222,18 +231,6 @@ def _layer_state(module: nn.Module, layer: SVDCacheLayer) -> _LayerState:
     return state
 
 
-def _block_diagonal(queries: torch.Tensor, groups: int) -> torch.Tensor:
-    """[batch, kv_heads, rows, d] -> [batch, groups, heads per group * rows, heads per group * d]: each KV head's
-    query rows in that head's columns, zeros elsewhere, so one matmul scores a whole group's rebuilt keys."""
-    batch, kv_heads, rows, head_dim = queries.shape
-    per_group = kv_heads // groups
-    if per_group == 1:
-        return queries
-    eye = torch.eye(per_group, dtype=queries.dtype, device=queries.device)
-    grouped = queries.view(batch, groups, per_group, rows, 1, head_dim) * eye.view(1, 1, per_group, 1, per_group, 1)
-    return grouped.reshape(batch, groups, per_group * rows, per_group * head_dim)
-
-
 def latent_attention(
     query: torch.Tensor,
     layer: SVDCacheLayer,
@@ -246,7 +243,7 @@ def latent_attention(
     chunk_size: int | None = None,
 ) -> LatentAttentionOutput:
     """Attention of `query` [batch, heads, q, head_dim] (after RoPE) over a layer that already holds the new tokens
-    (`append_to_cache`); `rope` = `rope_factors` of `layer.positions`; `exact` = the exact tail `append_to_cache`
+    (`SVDCacheLayer.append`); `rope` = `rope_factors` of `layer.positions`; `exact` = the exact tail `append`
     returned. Scores and softmax in float32; two passes: all scores (chunk by chunk), then one softmax."""
     batch, num_heads, query_len, head_dim = query.shape
     num_kv_heads = state.value_center.shape[0]
@@ -260,24 +257,29 @@ def latent_attention(
 
     dtype = state.key_weight.dtype
     key_groups, width = state.key_weight.shape[:2]
-    # One block-diagonal matmul over every KV head wastes kv_heads-fold multiplications but replaces many skinny
-    # matmuls, which CPUs run far below their speed; past a few heads the waste costs more, so score head by head.
-    score_groups = 1 if num_kv_heads * head_dim <= MAX_BLOCK_DIAGONAL else num_kv_heads
-    blocks = _block_diagonal(queries, score_groups).transpose(-1, -2)  # [batch, score_groups, heads * d, heads * rows]
-    scores = queries.new_empty((batch, score_groups, blocks.shape[-1], latent_len + exact_len))
+    per_group = width // head_dim  # KV heads sharing one key basis
+    device = query.device
+    scores = queries.new_empty((batch, num_kv_heads, per_kv * query_len, latent_len + exact_len))
     for start in range(0, latent_len, chunk_size):
         end = min(start + chunk_size, latent_len)
+        size = end - start
         latents = _latents(layer.keys, start, end, dtype)  # [batch, key_groups, chunk, rank]
-        rebuilt = torch.matmul(latents, state.key_weight.mT)  # [batch, key_groups, chunk, heads * d]
-        # Token-major float32 over all KV heads, [batch, chunk, key_groups, heads * d]: one pass converts and moves.
-        keys = queries.new_empty((batch, end - start, key_groups, width))
-        keys.permute(0, 2, 1, 3).copy_(rebuilt)
+        rebuilt = _scratch("rebuilt", (batch, key_groups, size, width), dtype, device)
+        torch.matmul(latents, state.key_weight.mT, out=rebuilt)
+        if dtype == torch.float32 and per_group == 1:
+            keys = rebuilt
+        else:  # float32 and head-major [batch, kv_heads, chunk, d]: one pass converts and splits each group's heads
+            keys = _scratch("keys", (batch, num_kv_heads, size, head_dim), torch.float32, device)
+            grouped = rebuilt.view(batch, key_groups, size, per_group, head_dim).transpose(2, 3)
+            keys.view(batch, key_groups, per_group, size, head_dim).copy_(grouped)
         if state.key_bias is not None:
-            keys += state.key_bias
-        keys = _rotate(keys.view(batch, end - start, num_kv_heads, head_dim), rope[:, start:end, None])
-        keys = keys.view(batch, end - start, score_groups, -1).transpose(1, 2)  # [batch, score_groups, chunk, heads * d]
-        scores[..., start:end] = torch.matmul(keys, blocks).transpose(-1, -2)
-    scores = scores.view(batch, num_kv_heads, per_kv * query_len, -1)
+            keys += state.key_bias.view(num_kv_heads, 1, head_dim)
+        _rotate(keys, rope[:, None, start:end])
+        # Every query head reading a KV head, against that head's keys: [batch, kv_heads, heads per kv * q, chunk].
+        if size == scores.shape[-1]:
+            torch.matmul(queries, keys.mT, out=scores)
+        else:
+            scores[..., start:end] = torch.matmul(queries, keys.mT)
     if exact is not None:
         exact_keys = _rotate(_interleave(exact[0].float()), rope[:, None, total - exact_len :])
         scores[..., latent_len:] = torch.matmul(queries, exact_keys.transpose(-1, -2))
@@ -294,7 +296,8 @@ def latent_attention(
         probs = torch.softmax(scores, dim=-1)
 
     value_groups = layer.projection.value.num_groups
-    latent_probs = probs[..., :latent_len].reshape(batch, value_groups, -1, latent_len)
+    # Rows of a value group: its KV heads' query heads and query tokens (explicit: latent_len may be 0).
+    latent_probs = probs[..., :latent_len].reshape(batch, value_groups, num_heads * query_len // value_groups, latent_len)
     # Plain latents are read in one matmul; integer codes are dequantized chunk by chunk, to bound the transient.
     value_chunk = max(latent_len, 1) if isinstance(layer.values, torch.Tensor) else chunk_size
     latent = None
@@ -327,7 +330,7 @@ def project_output(module: nn.Module, state: _LayerState, out: LatentAttentionOu
 def _triton_ready(query: torch.Tensor, layer: SVDCacheLayer, rotary: nn.Module) -> bool:
     if query.device.type != "cuda" or query.shape[2] != 1 or not isinstance(layer.keys, torch.Tensor):
         return False
-    if any(kind in str(getattr(rotary, "rope_type", "default")) for kind in _DYNAMIC_ROPE):
+    if _dynamic_rope(rotary):
         return False
     from . import triton_decode
 
@@ -336,10 +339,12 @@ def _triton_ready(query: torch.Tensor, layer: SVDCacheLayer, rotary: nn.Module) 
 
 def use_latent_attention(module: nn.Module, cache: SVDCompressedCache, query_len: int) -> bool:
     """Whether this attention call can take the latent path: inference (no dropout), up to MAX_QUERY_LEN new tokens,
-    an `o_proj` that is a plain linear layer (its weight can be folded), a cache that is not offloaded layer by layer.
+    an `o_proj` that is a plain linear layer (its weight can be folded), a cache that is not offloaded layer by layer,
+    and the eager or sdpa backend (whose 4-D masks this path reads; flash attention's masks are 2-D).
     The caller also keeps the reference path when attention weights are requested: this path never forms them."""
     return (
         not module.training
+        and getattr(module.config, "_attn_implementation", None) in _MASK_BACKENDS
         and query_len <= MAX_QUERY_LEN
         and isinstance(module.o_proj, nn.Linear)
         and module.o_proj.weight.is_floating_point()
@@ -362,7 +367,7 @@ def latent_attention_forward(
 
     query [batch, heads, q, d] after RoPE; key_states / value_states [batch, kv_heads, q, d] before RoPE, as
     `SVDCompressedCache.update` takes them; positions [batch, q]; the model's attention mask."""
-    exact = append_to_cache(layer, key_states, value_states, positions)
+    exact = layer.append(key_states, value_states, positions)
     state = _layer_state(module, layer)
     if _triton_ready(query, layer, rotary):
         from .triton_decode import triton_latent_attention

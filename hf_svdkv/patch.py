@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TypeVar
 
+import torch
 from torch import nn
 
 from .architectures import attention_modules, decoder_model, model_geometry
@@ -47,6 +49,28 @@ def _forward_attribute(module: nn.Module) -> str:
     return "_old_forward" if hasattr(module, "_hf_hook") and "_old_forward" in module.__dict__ else "forward"
 
 
+@contextmanager
+def onloaded_kv_weights(model: nn.Module) -> Iterator[None]:
+    """Inside, every layer's k/v projection weights are real CPU tensors even where accelerate offloaded them (to
+    cpu or disk, leaving `meta` placeholders behind its hooks), so bases can be fitted and validated; on exit the
+    hooks offload them again. Costs CPU memory for all k/v projections at once (whole decoder layers where a layer
+    is offloaded as one block). A no-op for a model without offloading."""
+    try:
+        from accelerate.utils import align_module_device, has_offloaded_params
+    except ImportError:  # accelerate < 1.1: nothing to onload with
+        yield
+        return
+    cpu = torch.device("cpu")
+    with ExitStack() as stack:
+        for layer in decoder_model(model).layers:
+            attn = getattr(layer, "self_attn", None)
+            owners = (layer, attn, getattr(attn, "k_proj", None), getattr(attn, "v_proj", None))
+            for owner in owners:
+                if owner is not None and has_offloaded_params(owner):
+                    stack.enter_context(align_module_device(owner, cpu))
+        yield
+
+
 def _prepare_compressed_cache(model: nn.Module, original: Callable, generation_config, model_kwargs: dict, *args, **kwargs):
     """generate()'s cache preparation, choosing an SVDCompressedCache where it would have built a DynamicCache."""
     wants_default_cache = (
@@ -83,10 +107,11 @@ def patch_model(
     modules = attention_modules(model)
     if is_patched(model):
         unpatch_model(model)
-    if bases is None:
-        bases = SVDBases.from_model(model, config)
-    else:
-        bases.validate(model)
+    with onloaded_kv_weights(model):
+        if bases is None:
+            bases = SVDBases.from_model(model, config)
+        else:
+            bases.validate(model)
 
     if window is None:
         window = config.window if config is not None else 0

@@ -40,32 +40,16 @@ class QuantizedSVDCacheLayer(SVDCacheLayer):
     def _empty(self, batch: int, groups: int, rank: int) -> QuantizedTensor:
         return empty_quantized((batch, groups), rank, self.bits, self.group, self.device)
 
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, positions: torch.Tensor, **kwargs
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the new pre-RoPE keys and values; return all of them rebuilt, then the exact tail."""
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        self.positions = torch.cat([self.positions, positions.to(self.device, torch.int32)], dim=-1)
-        exact_keys = torch.cat([self.recent_keys, key_states], dim=-2)
-        exact_values = torch.cat([self.recent_values, value_states], dim=-2)
-        new_keys = quantize(self.projection.key.encode(exact_keys), self.bits, self.group)
-        new_values = quantize(self.projection.value.encode(exact_values), self.bits, self.group)
+    # Storing: `SVDCacheLayer.update` / `append` with integer codes in place of float latents.
+    def _encode(self, projection, states: torch.Tensor) -> QuantizedTensor:
+        return quantize(projection.encode(states), self.bits, self.group)
+
+    def _kept(self, stored: QuantizedTensor, new: QuantizedTensor, count: int) -> QuantizedTensor:
+        return concat([stored, new.crop(count)])
+
+    def _all_latents(self, stored: QuantizedTensor, new: QuantizedTensor) -> torch.Tensor:
         # Dequantized straight to the projection's float32: no extra rounding to the model dtype on the way.
-        compute_dtype = self.projection.key.up.dtype
-        all_keys = self.projection.key.decode(concat([self.keys, new_keys]).dequantize(compute_dtype), self.head_dim)
-        all_values = self.projection.value.decode(concat([self.values, new_values]).dequantize(compute_dtype), self.head_dim)
-
-        aged = max(exact_keys.shape[-2] - self.window, 0)
-        self.keys = concat([self.keys, new_keys.crop(aged)])
-        self.values = concat([self.values, new_values.crop(aged)])
-        self.recent_keys, self.recent_values = exact_keys[..., aged:, :], exact_values[..., aged:, :]
-
-        self.exact_tail = exact_keys.shape[-2] if self.window else 0
-        if not self.exact_tail:
-            return all_keys.to(self.dtype), all_values.to(self.dtype)
-        keys = torch.cat([all_keys.to(self.dtype), exact_keys], dim=-2)
-        return keys, torch.cat([all_values.to(self.dtype), exact_values], dim=-2)
+        return concat([stored, new]).dequantize(self.projection.key.up.dtype)
 
     # Sequence and batch operations. SVDCacheLayer's go through DynamicLayer, which treats `keys` / `values` as plain
     # tensors; here every op is one function mapped over the codes (data, scales, zeros) and the other tensors.

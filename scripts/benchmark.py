@@ -12,4 +12,4 @@ from hf_svdkv.bench import add_bench_arguments, run_bench
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_bench_arguments(parser)
-    sys.exit(run_bench(parser.parse_args()))
+    sys.exit(run_bench(parser.parse_args(), command="python scripts/benchmark.py " + " ".join(sys.argv[1:])))

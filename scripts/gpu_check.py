@@ -1,14 +1,20 @@
-"""One self-contained GPU check of hf_svdkv's decode paths: correctness, then the timing of one attention step.
+"""One self-contained GPU check of hf_svdkv's decode paths: correctness, then timing. Writes gpu_check.json and
+gpu_check.md to --out.
 
-    python scripts/gpu_check.py --out $OUT          # < 3 minutes on an H100; no model download, no network
+    python scripts/gpu_check.py --out $OUT          # about 4 minutes on an H100; no model download, no network
+    TRITON_INTERPRET=1 python scripts/gpu_check.py --dry-run --out /tmp/gc   # the same code on CPU, tiny sizes
 
-(a) correctness on CUDA: a tiny random Llama (GQA) at full rank, patched vs DynamicCache (float32 and bf16), and the
-    Triton kernel vs the torch latent path vs the reference path (rebuild everything, RoPE, SDPA) on one layer;
-(b) timing (CUDA events, warm-up, median) of one decode attention step of the default model's geometry (9 query
-    heads, 3 KV heads, head_dim 64) at 8k and 32k tokens, batch 1 and 8: SDPA over a full bf16 cache vs the Triton
-    kernel, the torch latent path and the reference path, for a 2x cache (per-head 32/32, joint 96/96).
-Every section runs under its own try/except: a failure is recorded and the rest still runs. Prints markdown tables;
-writes gpu_check.json to --out.
+(a) correctness on CUDA: a tiny random Llama (GQA) at full rank, patched (latent path as wired, Triton on decode)
+    and with the latent path switched off, vs DynamicCache (float32, bf16, fp16), left-padded batch;
+(b) the Triton kernel vs the torch latent path vs the reference path (rebuild everything, RoPE, SDPA) on one layer of
+    the default model's geometry (9 query heads, 3 KV heads, head_dim 64), float32/bf16/fp16, batch 1 and 8;
+(c) timing (CUDA events, warm-up, median) of one decode attention step at 32k and 8k tokens, batch 1 and 8: SDPA over
+    a full bf16 cache vs the Triton kernel, the torch latent path and the reference path, for a 2x cache (per-head
+    32/32, joint 96/96);
+(d) end to end, if time is left: decode tokens/s of a random-weight model of the default model's size (30 layers)
+    with DynamicCache vs the 2x SVD cache at 32k tokens, batch 1 and 8 (hf_svdkv.bench.measure).
+Every section runs under its own try/except: a failure is recorded and the rest still runs; the files are rewritten
+after every section, so a run cut short still leaves what it measured.
 """
 
 from __future__ import annotations
@@ -34,14 +40,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from hf_svdkv import CompressionConfig, SVDCompressedCache, patch_model  # noqa: E402
 from hf_svdkv import latent_attention as la  # noqa: E402
-from hf_svdkv.attention import apply_rope, compressed_attention_forward  # noqa: E402
+from hf_svdkv.attention import apply_rope  # noqa: E402
 
 RESULTS: dict = {"sections": {}, "errors": {}}
 SECTIONS: list = []
 # --dry-run: the same code on CPU (kernels in Triton's interpreter), tiny sizes, to catch script bugs without a GPU.
 # Timing cases still pending after budget_s seconds are skipped (and listed under errors), to stay within 3 minutes.
-RUN = {"device": "cuda", "contexts": (32768, 8192), "batches": (1, 8), "check_context": 5000, "model_tokens": 300,
-       "max_iters": 1000, "budget_s": 170.0, "start": time.perf_counter()}
+RUN = {"device": "cuda", "contexts": (32768, 8192), "batches": (1, 8), "check_context": 5000, "check_batches": (1, 8),
+       "model_tokens": 300, "e2e_contexts": (32768,), "e2e_layers": 30, "e2e_steps": 16, "max_iters": 1000,
+       "budget_s": 150.0, "e2e_budget_s": 240.0, "start": time.perf_counter()}
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 GEOMETRY = {"num_heads": 9, "num_kv_heads": 3, "head_dim": 64}  # SmolLM2-135M's attention
 CONFIGS = {"per-head 32/32": CompressionConfig(key_rank=32, value_rank=32), "joint 96/96": CompressionConfig(key_rank=32, value_rank=32, group_size=3)}
 
@@ -73,82 +81,71 @@ def write_json() -> None:
     out = Path(RUN["out"])
     out.mkdir(parents=True, exist_ok=True)
     (out / "gpu_check.json").write_text(json.dumps(RESULTS, indent=2, default=str))
+    (out / "gpu_check.md").write_text(markdown())
 
 
-def tiny_llama(dtype: torch.dtype, layers: int = 2, hidden_per_head: int = 64):
+def tiny_llama(dtype: torch.dtype, layers: int = 2, hidden_per_head: int = 64, vocab: int = 256, intermediate: int = 1024):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=256, hidden_size=GEOMETRY["num_heads"] * hidden_per_head, intermediate_size=1024,
+        vocab_size=vocab, hidden_size=GEOMETRY["num_heads"] * hidden_per_head, intermediate_size=intermediate,
         num_hidden_layers=layers, num_attention_heads=GEOMETRY["num_heads"],
         num_key_value_heads=GEOMETRY["num_kv_heads"], head_dim=GEOMETRY["head_dim"], max_position_embeddings=65536,
-        initializer_range=0.08, tie_word_embeddings=False, pad_token_id=0,
+        initializer_range=0.08, tie_word_embeddings=False, pad_token_id=0, rope_theta=100000.0,
     )
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
     return LlamaForCausalLM(config).to(RUN["device"], dtype).eval()
 
 
-def fast_forward(module, patch, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
-    """The patched attention with the latent path wired in (as tests/test_latent_attention.py does), so this script
-    exercises it whether or not attention.py already calls it."""
-    batch, seq = hidden_states.shape[:-1]
-    if not isinstance(past_key_values, SVDCompressedCache) or not la.use_latent_attention(module, past_key_values, seq):
-        return compressed_attention_forward(module, patch, hidden_states, position_embeddings=position_embeddings,
-                                            attention_mask=attention_mask, past_key_values=past_key_values, **kwargs)
-    shape = (batch, seq, -1, module.head_dim)
-    query = apply_rope(module.q_proj(hidden_states).view(shape).transpose(1, 2), *position_embeddings)
-    key = module.k_proj(hidden_states).view(shape).transpose(1, 2)
-    value = module.v_proj(hidden_states).view(shape).transpose(1, 2)
-    layer = past_key_values.layers[module.layer_idx]
-    positions = kwargs["position_ids"].expand(batch, -1)
-    out = la.latent_attention_forward(module, layer, patch.rotary_emb, query, key, value, positions, attention_mask,
-                                      memo_key=position_embeddings[0])
-    return out, None
-
-
-def step_logits(model, ids, cache, mask=None, steps: int = 8) -> torch.Tensor:
+def step_logits(model, ids, cache, mask=None, steps: int = 8, tokens: torch.Tensor | None = None):
+    """Logits of the prefill's last token and of `steps` single-token steps; feeds `tokens` [batch, steps] when given
+    (so two caches are compared on the same inputs), else its own greedy choices. Returns (logits, tokens fed)."""
+    fed = []
     with torch.no_grad():
         out = model(ids, attention_mask=mask, past_key_values=cache)
         logits = [out.logits[:, -1:]]
-        for _ in range(steps):
-            nxt = out.logits[:, -1:].argmax(-1)
+        for step in range(steps):
+            nxt = out.logits[:, -1:].argmax(-1) if tokens is None else tokens[:, step : step + 1]
+            fed.append(nxt)
             mask = None if mask is None else torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
             out = model(nxt, attention_mask=mask, past_key_values=cache)
             logits.append(out.logits)
-    return torch.cat(logits, dim=1).float()
+    return torch.cat(logits, dim=1).float(), torch.cat(fed, dim=1)
 
 
 @section("model_full_rank")
 def check_model() -> dict:
-    """Patched (latent path, Triton on decode) vs DynamicCache at full rank: float32 exact, bf16 within rounding."""
+    """Patched vs DynamicCache at full rank (float32 exact up to rounding, 16-bit within rounding), both with the
+    latent path as wired (Triton on decode) and with it switched off (the reference path)."""
     from transformers import DynamicCache
 
-    import hf_svdkv.patch
+    import hf_svdkv.attention
 
     rows = {}
     ids = torch.randint(3, 256, (2, RUN["model_tokens"]), device=RUN["device"], generator=torch.Generator(RUN["device"]).manual_seed(0))
     mask = torch.ones_like(ids)
     mask[1, :37] = 0  # left padding on row 1
-    for dtype in (torch.float32, torch.bfloat16):
+    wired = hf_svdkv.attention.use_latent_attention
+    for dtype in DTYPES:
         model = tiny_llama(dtype)
-        expected = step_logits(model, ids, DynamicCache(config=model.config), mask)
+        expected, tokens = step_logits(model, ids, DynamicCache(config=model.config), mask)
         for name, group in (("per-head", 1), ("joint", 3)):
             full = CompressionConfig(key_rank=64, value_rank=64, group_size=group)
-            for wiring, forward in (("as-wired", compressed_attention_forward), ("latent", fast_forward)):
-                original = hf_svdkv.patch.compressed_attention_forward
-                hf_svdkv.patch.compressed_attention_forward = forward if wiring == "latent" else original
+            for wiring in ("latent", "reference"):
+                hf_svdkv.attention.use_latent_attention = wired if wiring == "latent" else (lambda *args: False)
                 try:
                     patch_model(model, full)
-                    got = step_logits(model, ids, SVDCompressedCache(model), mask)
+                    got, _ = step_logits(model, ids, SVDCompressedCache(model), mask, tokens=tokens)
                 finally:
-                    hf_svdkv.patch.compressed_attention_forward = original
+                    hf_svdkv.attention.use_latent_attention = wired
                 diff = (got - expected).abs().max().item()
                 same = bool((got.argmax(-1) == expected.argmax(-1)).all())
-                rows[f"{str(dtype).removeprefix('torch.')} {name} {wiring}"] = {"max_abs_logit_diff": diff, "same_argmax": same}
+                rows[f"{str(dtype).removeprefix('torch.')} {name} {wiring}"] = {"max_abs_logit_diff": diff, "same_argmax": same,
+                                                                                "logit_scale": expected.abs().max().item()}
         del model
     for key, value in rows.items():
-        print(f"{key:32s} max|Δlogit| {value['max_abs_logit_diff']:.2e}  same argmax: {value['same_argmax']}")
+        print(f"{key:32s} max|Δlogit| {value['max_abs_logit_diff']:.2e} (scale {value['logit_scale']:.1f})  same argmax: {value['same_argmax']}")
     return rows
 
 
@@ -163,7 +160,7 @@ def filled_layer(config: CompressionConfig, dtype: torch.dtype, batch: int, cont
     keys = torch.randn(shape, device=RUN["device"], generator=generator).to(dtype)
     values = torch.randn(shape, device=RUN["device"], generator=generator).to(dtype)
     positions = (torch.arange(context, device=RUN["device"])[None] - torch.tensor([[pad]] + [[0]] * (batch - 1), device=RUN["device"])).clamp_min(0)
-    la.append_to_cache(layer, keys, values, positions.to(torch.int32))
+    layer.append(keys, values, positions.to(torch.int32))
     query = torch.randn(batch, GEOMETRY["num_heads"], 1, GEOMETRY["head_dim"], device=RUN["device"], generator=generator).to(dtype)
     mask = None
     if pad:
@@ -205,23 +202,29 @@ def latent_step(attention, layer, query, mask, rotary, use_triton: bool, block_t
 @section("kernel_vs_torch_vs_reference")
 def check_kernel() -> dict:
     rows = {}
+    context = RUN["check_context"]
     for name, config in CONFIGS.items():
-        for dtype in (torch.float32, torch.bfloat16):
-            model, attention, layer, query, mask, _ = filled_layer(config, dtype, batch=3, context=RUN["check_context"], pad=RUN["check_context"] // 40)
-            rotary = model.model.rotary_emb
-            with torch.no_grad():
-                ref = reference_step(attention, layer, query, mask, rotary).float()
-                torch_path = latent_step(attention, layer, query, mask, rotary, use_triton=False).float()
-                kernel = latent_step(attention, layer, query, mask, rotary, use_triton=True).float()
-            scale = ref.abs().max().item()
-            key = f"{name} {str(dtype).removeprefix('torch.')}"
-            rows[key] = {
-                "max_ref": scale,
-                "triton_vs_torch": (kernel - torch_path).abs().max().item(),
-                "triton_vs_reference": (kernel - ref).abs().max().item(),
-                "torch_vs_reference": (torch_path - ref).abs().max().item(),
-            }
-            print(f"{key:28s} " + "  ".join(f"{k} {v:.2e}" for k, v in rows[key].items()))
+        for dtype in DTYPES:
+            for batch in RUN["check_batches"]:
+                model, attention, layer, query, mask, _ = filled_layer(config, dtype, batch=batch, context=context, pad=context // 40)
+                rotary = model.model.rotary_emb
+                with torch.no_grad():
+                    ref = reference_step(attention, layer, query, mask, rotary).float()
+                    torch_path = latent_step(attention, layer, query, mask, rotary, use_triton=False).float()
+                    kernel = latent_step(attention, layer, query, mask, rotary, use_triton=True).float()
+                scale = ref.abs().max().item()
+                key = f"{name} {str(dtype).removeprefix('torch.')} batch {batch}"
+                rows[key] = {
+                    "max_ref": scale,
+                    "triton_vs_torch": (kernel - torch_path).abs().max().item(),
+                    "triton_vs_reference": (kernel - ref).abs().max().item(),
+                    "torch_vs_reference": (torch_path - ref).abs().max().item(),
+                }
+                # 16-bit: the reference rounds rebuilt keys and values to the model dtype, the latent paths do not.
+                tolerance = 1e-4 if dtype == torch.float32 else 3e-2
+                rows[key]["ok"] = rows[key]["triton_vs_torch"] <= tolerance * max(scale, 1.0)
+                print(f"{key:36s} " + "  ".join(f"{k} {v:.2e}" if isinstance(v, float) else f"{k} {v}" for k, v in rows[key].items()))
+                del model
     return rows
 
 
@@ -330,30 +333,84 @@ def timing() -> list[dict]:
     return rows
 
 
-def print_tables() -> None:
+@section("model_decode")
+def model_decode() -> list[dict]:
+    """End to end: a random model of the default model's size, DynamicCache vs the 2x SVD cache (latent path, Triton)."""
+    from hf_svdkv.bench import run_rows
+    from hf_svdkv.eval import build_rows
+
+    if time.perf_counter() - RUN["start"] > RUN["e2e_budget_s"]:
+        raise RuntimeError("skipped: the script's time budget is spent")
+    model = tiny_llama(torch.bfloat16, layers=RUN["e2e_layers"], vocab=49152, intermediate=1536)
+    rows = build_rows(configs=[CompressionConfig(key_rank=32, value_rank=32)])
+    measured = run_rows(model, rows, list(RUN["e2e_contexts"]), list(RUN["batches"]), steps=RUN["e2e_steps"], warmup=3,
+                        prefill_chunk=min(8192, min(RUN["e2e_contexts"])))
+    base = {(r.context, r.batch): r for r in measured if r.name == "dynamic"}
+    out = []
+    for r in measured:
+        ref = base[r.context, r.batch]
+        out.append({"name": r.name, "context": r.context, "batch": r.batch, "prefill_s": r.prefill_s,
+                    "decode_tokens_per_s": r.decode_tokens_per_s, "x_dynamic": r.decode_tokens_per_s / ref.decode_tokens_per_s,
+                    "peak_mem_bytes": r.peak_mem_bytes, "kv_bytes": r.kv_bytes, "kv_x_smaller": ref.kv_bytes / r.kv_bytes})
+    return out
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def markdown() -> str:
+    """Every section as markdown tables (what gpu_check.md holds)."""
+    lines = [f"# gpu_check: {RESULTS.get('device')}", "",
+             f"torch {RESULTS.get('torch')}, triton {RESULTS.get('triton')}, transformers {RESULTS.get('transformers')}; "
+             f"{RESULTS.get('seconds', 0):.0f} s; command: `{RESULTS.get('command')}`", ""]
+    model = RESULTS["sections"].get("model_full_rank")
+    if model:
+        lines += ["## Full rank vs DynamicCache (tiny random Llama, GQA, left-padded batch; decode fed the dynamic run's tokens)", "",
+                  "| dtype, bases, path | max abs logit diff | logit scale | same argmax |", "|---|---|---|---|"]
+        lines += [f"| {k} | {v['max_abs_logit_diff']:.2e} | {v['logit_scale']:.1f} | {v['same_argmax']} |" for k, v in model.items()]
+        lines.append("")
+    kernel = RESULTS["sections"].get("kernel_vs_torch_vs_reference")
+    if kernel:
+        lines += ["## One decode step: Triton kernel vs torch latent path vs reference path (output after o_proj)", "",
+                  "| config dtype batch | max ref | triton vs torch | triton vs reference | torch vs reference | ok |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {k} | {v['max_ref']:.3g} | {v['triton_vs_torch']:.2e} | {v['triton_vs_reference']:.2e} | "
+                  f"{v['torch_vs_reference']:.2e} | {v['ok']} |" for k, v in kernel.items()]
+        lines.append("")
     rows = RESULTS["sections"].get("timing") or []
     if rows:
-        print("\n| context | batch | config | path | ms (events) | ms (graph) | x SDPA (best, events) | x SDPA (graph) |")
-        print("|---|---|---|---|---|---|---|---|")
-        for r in rows:
-            def fmt(v, spec):
-                return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
-            print(f"| {r['context']} | {r['batch']} | {r['config']} | {r['path']} | {fmt(r['ms'], '.4f')} | "
-                  f"{fmt(r.get('graph_ms'), '.4f')} | {fmt(r.get('speedup_vs_sdpa'), '.2f')} | "
-                  f"{fmt(r.get('graph_speedup_vs_sdpa'), '.2f')} |")
+        lines += ["## Timing of one decode attention step (bf16; ms, median of CUDA events; graph = CUDA-graph replay)", "",
+                  "| context | batch | config | path | ms (events) | ms (graph) | x SDPA (best, events) | x SDPA (graph) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['context']} | {r['batch']} | {r['config']} | {r['path']} | {_fmt(r['ms'], '.4f')} | "
+                  f"{_fmt(r.get('graph_ms'), '.4f')} | {_fmt(r.get('speedup_vs_sdpa'), '.2f')} | "
+                  f"{_fmt(r.get('graph_speedup_vs_sdpa'), '.2f')} |" for r in rows]
+        lines.append("")
+    e2e = RESULTS["sections"].get("model_decode")
+    if e2e:
+        lines += ["## End to end: random model of the default model's size, decode tokens/s", "",
+                  "| row | context | batch | prefill s | decode tok/s | x dynamic | peak MiB | KV MiB | KV x smaller |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['name']} | {r['context']} | {r['batch']} | {r['prefill_s']:.2f} | {r['decode_tokens_per_s']:.1f} | "
+                  f"{r['x_dynamic']:.2f} | {_fmt(r['peak_mem_bytes'] and r['peak_mem_bytes'] / 2**20, '.1f')} | "
+                  f"{r['kv_bytes'] / 2**20:.1f} | {r['kv_x_smaller']:.2f} |" for r in e2e]
+        lines.append("")
     if RESULTS["errors"]:
-        print("\nfailed sections: " + ", ".join(RESULTS["errors"]))
+        lines += ["## Failed or skipped", ""] + [f"- {name}: `{' '.join(str(err).split())[-300:]}`" for name, err in RESULTS["errors"].items()]
+    return "\n".join(lines) + "\n"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=".", help="folder for gpu_check.json")
+    parser.add_argument("--out", default=".", help="folder for gpu_check.json and gpu_check.md")
     parser.add_argument("--dry-run", action="store_true", help="CPU + Triton interpreter, tiny sizes (tests the script)")
     args = parser.parse_args()
     RUN["out"] = args.out
+    RESULTS["command"] = "python3 scripts/gpu_check.py " + " ".join(sys.argv[1:])
     if args.dry_run:
-        RUN.update(device="cpu", contexts=(200,), batches=(1, 2), check_context=150, model_tokens=40, max_iters=1,
-                   budget_s=math.inf)
+        RUN.update(device="cpu", contexts=(200,), batches=(1, 2), check_context=150, check_batches=(1, 2), model_tokens=40,
+                   e2e_contexts=(64,), e2e_layers=2, e2e_steps=2, max_iters=1, budget_s=math.inf, e2e_budget_s=math.inf)
     elif not torch.cuda.is_available():
         print("no CUDA device: nothing to check (--dry-run runs the script on CPU)")
         return 1
@@ -365,9 +422,9 @@ def main() -> int:
                    transformers=transformers.__version__)
     print(json.dumps({k: RESULTS[k] for k in ("device", "torch", "triton", "transformers")}))
     run_sections()
-    print_tables()
     write_json()
-    return 0
+    print(markdown())
+    return 1 if RESULTS["errors"] else 0
 
 
 if __name__ == "__main__":

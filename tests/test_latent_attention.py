@@ -1,5 +1,6 @@
-"""The latent fast path computes the same function as the reference path (rebuild everything, then attention):
-same logits within float32 tolerance, for every geometry, grouping, mask, window and latent storage."""
+"""The latent fast path (wired into the patched attention for decoding) computes the same function as the reference
+path (rebuild everything, then attention): same logits within float32 tolerance, for every geometry, grouping, mask,
+window and latent storage."""
 
 from __future__ import annotations
 
@@ -7,50 +8,23 @@ import pytest
 import torch
 from tiny_models import structured_ids, tiny_model
 
-import hf_svdkv.patch
+import hf_svdkv.attention
 from hf_svdkv import CompressionConfig, Projection, SVDBases, SVDCompressedCache, patch_model
-from hf_svdkv.attention import apply_rope, compressed_attention_forward
-from hf_svdkv.latent_attention import (
-    fold_value_up_into_o_proj,
-    latent_attention_forward,
-    use_latent_attention,
-)
+from hf_svdkv.latent_attention import fold_value_up_into_o_proj, latent_attention_forward, use_latent_attention
 
 ATOL = 1e-4
 
 
-def fast_forward(module, patch, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
-    """`compressed_attention_forward` with the latent path wired in, as attention.py is meant to do it."""
-    batch, seq = hidden_states.shape[:-1]
-    if not isinstance(past_key_values, SVDCompressedCache) or not use_latent_attention(module, past_key_values, seq):
-        return compressed_attention_forward(module, patch, hidden_states, position_embeddings=position_embeddings,
-                                            attention_mask=attention_mask, past_key_values=past_key_values, **kwargs)
-    patch.check_cache(past_key_values)
-    shape = (batch, seq, -1, module.head_dim)
-    query = module.q_proj(hidden_states).view(shape).transpose(1, 2)
-    key = module.k_proj(hidden_states).view(shape).transpose(1, 2)
-    value = module.v_proj(hidden_states).view(shape).transpose(1, 2)
-    cos, sin = position_embeddings
-    query = apply_rope(query, cos, sin)
-    positions = kwargs["position_ids"].expand(batch, -1)
-    layer = past_key_values.layers[module.layer_idx]
-    out = latent_attention_forward(module, layer, patch.rotary_emb, query, key, value, positions, attention_mask, memo_key=cos)
-    return out, None
-
-
 def patch_both(model, config: CompressionConfig, monkeypatch, **kwargs):
-    """Two ways to patch `model` with the same bases: the reference path and the latent path."""
+    """Two ways to patch `model` with the same bases: the reference path (the latent path switched off) and the
+    patched attention as wired, which takes the latent path for up to MAX_QUERY_LEN new tokens."""
     bases = SVDBases.from_model(model, config)
 
-    def reference():
-        monkeypatch.setattr(hf_svdkv.patch, "compressed_attention_forward", compressed_attention_forward)
+    def patch(latent: bool):
+        monkeypatch.setattr(hf_svdkv.attention, "use_latent_attention", use_latent_attention if latent else lambda *args: False)
         return patch_model(model, bases=bases, window=config.window, latent_bits=config.latent_bits, **kwargs)
 
-    def fast():
-        monkeypatch.setattr(hf_svdkv.patch, "compressed_attention_forward", fast_forward)
-        return patch_model(model, bases=bases, window=config.window, latent_bits=config.latent_bits, **kwargs)
-
-    return reference, fast
+    return (lambda: patch(False)), (lambda: patch(True))
 
 
 def decode_logits(model, ids: torch.Tensor, steps: int = 6, piece: int = 1, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -157,7 +131,6 @@ def test_generate_is_unchanged_and_chunking_does_not_matter(monkeypatch):
         expected = model.generate(ids, max_new_tokens=24, do_sample=False)
     fast()
     monkeypatch.setattr("hf_svdkv.latent_attention.CHUNK_ELEMENTS", 7 * 2 * 32)  # chunks of 7 tokens, the last partial
-    monkeypatch.setattr("hf_svdkv.latent_attention.MAX_BLOCK_DIAGONAL", 0)  # score KV head by KV head
     with torch.no_grad():
         got = model.generate(ids, max_new_tokens=24, do_sample=False)
     assert torch.equal(got, expected)
@@ -202,3 +175,45 @@ def test_fold_value_up_into_o_proj_is_o_proj_of_rebuilt_values():
     weight, bias = fold_value_up_into_o_proj(o_proj, projection, heads, kv_heads, head_dim)
     latent_out = probs @ latents[0, 0]  # every head of the single joint group reads the same latents
     torch.testing.assert_close(weight @ latent_out.flatten() + bias, expected, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("seq,latent", [(1, True), (16, True), (17, False)])
+def test_the_patched_attention_takes_the_latent_path_when_it_can(monkeypatch, seq, latent):
+    """Up to MAX_QUERY_LEN new tokens go through the latent path; prefill, training, attention weights and backends
+    with 2-D masks keep the reference path."""
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(args[3].shape[2])
+        return latent_attention_forward(*args, **kwargs)
+
+    monkeypatch.setattr(hf_svdkv.attention, "latent_attention_forward", spy)
+    model = tiny_model("llama", attn_implementation="eager")
+    patch_model(model, CompressionConfig(key_rank=8, value_rank=8))
+    cache = SVDCompressedCache(model)
+    with torch.no_grad():
+        model(structured_ids(seq), past_key_values=cache)
+    assert calls == ([seq] * model.config.num_hidden_layers if latent else [])
+    calls.clear()
+    with torch.no_grad():
+        out = model(structured_ids(1), past_key_values=cache, output_attentions=True)
+    assert calls == [] and out.attentions[0] is not None
+    model.config._attn_implementation = "flash_attention_2"
+    assert not use_latent_attention(model.model.layers[0].self_attn, cache, 1)
+    model.config._attn_implementation = "eager"
+    model.train()
+    assert not use_latent_attention(model.model.layers[0].self_attn, cache, 1)
+
+
+def test_rope_factors_extend_the_previous_forwards():
+    """A forward whose positions extend the previous forward's computes only the new ones; anything else recomputes."""
+    from hf_svdkv.latent_attention import rope_factors
+
+    rotary = tiny_model("llama").model.rotary_emb
+    positions = torch.arange(40)[None].repeat(2, 1)
+    positions[1] += 5
+    rope_factors(rotary, positions[:, :25], memo_key=object())
+    extended = rope_factors(rotary, positions, memo_key=object())
+    torch.testing.assert_close(extended, rope_factors(rotary, positions), atol=1e-6, rtol=0)
+    other = positions.flip(0)  # rows reordered (beam search): not an extension
+    torch.testing.assert_close(rope_factors(rotary, other, memo_key=object()), rope_factors(rotary, other), atol=0, rtol=0)

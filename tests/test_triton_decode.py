@@ -12,13 +12,7 @@ import torch
 from tiny_models import structured_ids, tiny_model
 
 from hf_svdkv import CompressionConfig, SVDCompressedCache, patch_model
-from hf_svdkv.latent_attention import (
-    _layer_state,
-    append_to_cache,
-    latent_attention,
-    project_output,
-    rope_factors,
-)
+from hf_svdkv.latent_attention import _layer_state, latent_attention, project_output, rope_factors
 
 triton = pytest.importorskip("triton")
 
@@ -61,7 +55,7 @@ def filled_layer(model, batch: int, prompt_len: int, pad: int):
     key, value = (torch.randn(shape, generator=generator).to(dtype) for _ in range(2))
     query = torch.randn(batch, model.config.num_attention_heads, 1, attention.head_dim, generator=generator).to(dtype)
     positions = (mask.sum(-1, keepdim=True) if pad else torch.full((batch, 1), prompt_len)).to(torch.int32)
-    exact = append_to_cache(layer, key, value, positions)
+    exact = layer.append(key, value, positions)
     full_mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype)], dim=-1).bool()[:, None, None, :]
     return attention, layer, query, exact, (full_mask if pad else None)
 

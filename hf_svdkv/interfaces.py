@@ -1,0 +1,5 @@
+"""The seed's `core.interfaces` import path."""
+
+from .seed.interfaces import CompressionInterface, ModelLoaderInterface
+
+__all__ = ["CompressionInterface", "ModelLoaderInterface"]

@@ -1,0 +1,39 @@
+"""Paste generated result tables into README.md.
+
+Every `<!-- BEGIN name -->` ... `<!-- END name -->` block of the README is replaced by docs/name.md, a file written
+by a command (`hf-svdkv eval --markdown`, `hf-svdkv bench --markdown`, scripts/gpu_check.py), so no figure in the
+README is typed by hand. Run it after re-running those commands:
+
+    python scripts/update_readme.py
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BLOCK = re.compile(r"(<!-- BEGIN (?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- END (?P=name) -->)", re.DOTALL)
+
+
+def main() -> int:
+    readme = ROOT / "README.md"
+    text = readme.read_text(encoding="utf-8")
+    missing = []
+
+    def fill(match: re.Match) -> str:
+        source = ROOT / "docs" / f"{match['name']}.md"
+        if not source.is_file():
+            missing.append(str(source))
+            return match[0]
+        return match[1] + source.read_text(encoding="utf-8").rstrip("\n") + "\n" + match[4]
+
+    readme.write_text(BLOCK.sub(fill, text), encoding="utf-8")
+    for path in missing:
+        print(f"not found, block left as it was: {path}", file=sys.stderr)
+    return 1 if missing else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

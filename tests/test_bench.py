@@ -1,0 +1,94 @@
+"""`hf-svdkv bench` on a tiny random model (seconds), its table and its errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from tiny_models import VOCAB, tiny_model
+from transformers import PreTrainedTokenizerFast
+
+from hf_svdkv.bench import BenchResult, BenchRow, markdown_table, table_rows
+from hf_svdkv.cli import main
+
+ROW_KEYS = {"name", "context", "batch", "prefill_s", "decode_tokens_per_s", "peak_mem_bytes", "kv_bytes"}
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny Llama (2 KV heads of head_dim 32) plus a word-level tokenizer, loadable as a local model."""
+    from tokenizers import Tokenizer, models
+
+    tokenizer = Tokenizer(models.WordLevel({"<unk>": 0, **{f"w{i}": i + 1 for i in range(VOCAB - 1)}}, unk_token="<unk>"))
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama").save_pretrained(directory)
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>").save_pretrained(directory)
+    return directory
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def test_bench_runs_on_a_tiny_model(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("sys.argv", ["hf-svdkv", "bench", "..."])  # the command line the markdown records
+    paths = {flag: tmp_path / name for flag, name in (("--json", "b.json"), ("--plot", "b.png"), ("--markdown", "b.md"))}
+    args = ["bench", "--model", str(tiny_model_dir), "--dtype", "float32", "--contexts", "40,72", "--batch", "1,2",
+            "--ranks", "16:16", "--target-ratio", "3", "--steps", "2", "--warmup", "1", "--repeat", "2"]
+    assert main(args + [item for flag, path in paths.items() for item in (flag, str(path))]) == 0
+    result = json.loads(paths["--json"].read_text())
+    assert {"model", "device", "rows"} <= result.keys() and result["device"] == "cpu"
+    rows = result["rows"]
+    assert [r["name"] for r in rows[::4]] == ["dynamic", "svd-k16-v16", "svd-3x"]
+    assert all(r.keys() == ROW_KEYS for r in rows) and len(rows) == 3 * 2 * 2
+    assert all(r["decode_tokens_per_s"] > 0 and r["prefill_s"] > 0 for r in rows)
+    by_key = {(r["name"], r["context"], r["batch"]): r for r in rows}
+    for context in (40, 72):
+        for batch in (1, 2):
+            dynamic = by_key["dynamic", context, batch]["kv_bytes"]
+            # float32 cache of 2 heads x 2 x 32 per token and layer vs 2 x (16 + 16) latents + one int32 position
+            steps = 1 + 2  # warm-up and timed decode steps after the prefill
+            assert dynamic == 2 * batch * (context + steps) * 2 * 2 * 32 * 4
+            assert dynamic / by_key["svd-k16-v16", context, batch]["kv_bytes"] == pytest.approx(512 / (256 + 4))
+    assert paths["--plot"].stat().st_size > 0
+    markdown = paths["--markdown"].read_text()
+    assert "| row | context | batch |" in markdown and "svd-3x" in markdown and "`hf-svdkv bench ...`" in markdown
+    out = capsys.readouterr().out
+    assert "decode ×dyn" in out and "(round 2/2)" in out and result["settings"]["repeat"] == 2
+
+
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["--contexts", "1k"], "--contexts"),
+        (["--batch", "0"], "--batch"),
+        (["--ranks", "32"], "bad --ranks entry"),
+        (["--target-ratio", "0.5"], "target_ratio"),
+        (["--latent-bits", "3"], "--latent-bits"),
+        (["--steps", "0"], "--steps"),
+        (["--repeat", "0"], "--repeat"),
+        (["--json", "/no/such/dir/b.json"], "does not exist"),
+    ],
+)
+def test_bench_bad_input_is_one_line_exit_2(capsys, args, fragment):
+    code, err = run_cli(["bench", *args], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("hf-svdkv: error: ") and fragment in lines[0], err
+
+
+def test_bench_unknown_model_is_one_line(capsys, tmp_path):
+    code, err = run_cli(["bench", "--model", str(tmp_path / "missing"), "--contexts", "16", "--batch", "1"], capsys)
+    assert code == 2 and err.strip().splitlines()[-1].startswith("hf-svdkv: error: cannot load model")
+
+
+def test_table_ratios_are_to_dynamic():
+    rows = [BenchRow("dynamic", 8192, 1, 2.0, 10.0, 400, 200), BenchRow("svd", 8192, 1, 2.5, 12.0, 200, 100),
+            BenchRow("other", 1024, 1, 0.1, 50.0, None, 10)]
+    result = BenchResult("m", "cpu", rows, {"steps": 4})
+    cells = table_rows(result)
+    assert cells[0][5:] == ("1.00x", "0.0", "1.00x", "0.0", "1.00x")
+    assert cells[1][5] == "1.20x" and cells[1][7] == "2.00x" and cells[1][9] == "2.00x"
+    assert cells[2][5] == cells[2][7] == cells[2][9] == "-"  # no dynamic row at that context
+    assert markdown_table(result, "hf-svdkv bench").count("\n| ") == 4

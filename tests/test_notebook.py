@@ -1,0 +1,41 @@
+"""notebooks/quickstart.ipynb runs from top to bottom on the default model, in a fresh kernel."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "quickstart.ipynb"
+
+
+def outputs_text(notebook: nbformat.NotebookNode) -> str:
+    parts = []
+    for cell in notebook.cells:
+        for output in cell.get("outputs", []):
+            parts.append(output.get("text", ""))
+            parts.extend(str(v) for k, v in output.get("data", {}).items() if k.startswith("text/"))
+    return "\n".join(parts)
+
+
+@pytest.mark.slow
+def test_quickstart_notebook_executes(tmp_path, monkeypatch):
+    # One thread per kernel: on a small shared CPU, spinning BLAS / OpenMP threads slow everything down.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    for name in ("MODEL", "DEVICE", "DTYPE", "ATTN"):
+        monkeypatch.delenv(f"HF_SVDKV_{name}", raising=False)
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    client = NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
+    client.execute()  # raises CellExecutionError, with the cell and its traceback, if any cell fails
+
+    text = outputs_text(notebook)
+    assert "LlamaForCausalLM: 30 layers, 3 KV heads of dim 64, torch.bfloat16" in text
+    assert "compressed: The Eiffel Tower is" in text
+    assert "SVDCompressedCache: 17400 bytes per token, a full cache 23040" in text
+    for row in ("dynamic", "svd-k48-v64", "svd-k32-v64", "svd-k32-v64-w64", "svd-k32-v48-w64"):
+        assert row in text
+    assert (tmp_path / "quickstart_tradeoff.png").stat().st_size > 10_000
+    assert any(o.get("data", {}).get("image/png") for c in notebook.cells for o in c.get("outputs", []))
