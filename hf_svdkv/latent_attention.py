@@ -352,6 +352,10 @@ def use_latent_attention(module: nn.Module, cache: SVDCompressedCache, query_len
     )
 
 
+# (key rank, value rank, query heads) the Triton kernel could not be compiled for on this GPU.
+_TRITON_TOO_LARGE: set[tuple[int, int, int]] = set()
+
+
 def latent_attention_forward(
     module: nn.Module,
     layer: SVDCacheLayer,
@@ -369,11 +373,20 @@ def latent_attention_forward(
     `SVDCompressedCache.update` takes them; positions [batch, q]; the model's attention mask."""
     exact = layer.append(key_states, value_states, positions)
     state = _layer_state(module, layer)
-    if _triton_ready(query, layer, rotary):
+    out = None
+    kernel_shape = (layer.keys.shape[-1], layer.values.shape[-1], query.shape[1])
+    if _triton_ready(query, layer, rotary) and kernel_shape not in _TRITON_TOO_LARGE:
+        from triton.runtime.errors import OutOfResources
+
         from .triton_decode import triton_latent_attention
 
-        out = triton_latent_attention(query, layer, state, rotary, scaling=module.scaling, attention_mask=attention_mask, exact=exact)
-    else:
+        try:
+            out = triton_latent_attention(query, layer, state, rotary, scaling=module.scaling, attention_mask=attention_mask, exact=exact)
+        except OutOfResources:
+            # Large ranks (e.g. full rank) need more shared memory than the kernel's tiles fit on this GPU: the
+            # torch path computes the same function.
+            _TRITON_TOO_LARGE.add(kernel_shape)
+    if out is None:
         rope = rope_factors(rotary, layer.positions, memo_key)
         out = latent_attention(query, layer, state, rope, scaling=module.scaling, attention_mask=attention_mask, exact=exact)
     return project_output(module, state, out)

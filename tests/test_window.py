@@ -90,3 +90,18 @@ def test_crop_with_a_window_keeps_storage_consistent():
     assert torch.isfinite(logits).all() and cache.get_seq_length() == 20
     # Tokens already aged into latents cannot come back at full precision, so a rollback is not exact.
     assert not cache.is_croppable
+
+
+@pytest.mark.parametrize("window", [0, 6])
+def test_the_window_does_not_keep_the_prefill_alive(window):
+    """The full-precision window owns its W tokens: a slice of the prefill's keys would keep all of them in memory."""
+    model = tiny_model("llama")
+    patch_model(model, CompressionConfig(key_rank=8, value_rank=8, window=window))
+    cache = SVDCompressedCache(model)
+    with torch.no_grad():
+        model(structured_ids(40), past_key_values=cache)
+        model(structured_ids(1), past_key_values=cache)
+    for layer in cache.layers:
+        for exact in (layer.recent_keys, layer.recent_values):
+            assert exact.shape[-2] == window
+            assert exact.untyped_storage().nbytes() == exact.numel() * exact.element_size()
