@@ -32,13 +32,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def window_mask(
-    mask: torch.Tensor | None, query_len: int, total: int, exact_tail: int, window: int, dtype: torch.dtype
+    mask: torch.Tensor | None, query_len: int, total: int, exact_tail: int, window: int, dtype: torch.dtype,
+    device: torch.device | None = None,
 ) -> torch.Tensor | None:
     """Extend a [batch, 1, query, total] mask to the `exact_tail` full-precision copies appended to the keys:
     a query reads a token's exact copy when it is less than `window` tokens old, its latent copy otherwise."""
     if not exact_tail:
         return mask
-    device = mask.device if mask is not None else None
+    device = mask.device if mask is not None else device
     query_index = torch.arange(total - query_len, total, device=device)[:, None]
     age = query_index - torch.arange(total, device=device)[None, :]
     if mask is None:
@@ -122,7 +123,7 @@ def compressed_attention_forward(
     # Under an accelerate device map the rotary module may run on another device than this layer.
     cached_cos, cached_sin = cached_cos.to(key.device), cached_sin.to(key.device)
     key = apply_rope(key, cached_cos, cached_sin)
-    attention_mask = window_mask(attention_mask, seq, layer.get_seq_length(), layer.exact_tail, layer.window, query.dtype)
+    attention_mask = window_mask(attention_mask, seq, layer.get_seq_length(), layer.exact_tail, layer.window, query.dtype, query.device)
 
     attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, _eager_attention(module))
     sliding_window = getattr(module, "sliding_window", getattr(module.config, "sliding_window", None))

@@ -75,7 +75,7 @@ def test_device_map_generates_like_the_model_in_one_piece(saved, reference, devi
     assert torch.equal(generate(model), reference["plain"])
 
     patch_model(model, CONFIG)  # bases fitted from weights accelerate keeps on disk
-    assert model.model.layers[1].self_attn.k_proj.weight.device.type == ("meta" if offloaded else "cpu")  # offloaded again
+    assert model.model.layers[1].self_attn.k_proj.weight.device.type == ("meta" if offloaded else model.device.type)  # offloaded again
     for mine, theirs in zip(model._hf_svdkv_patch.bases.layers, reference["bases"].layers, strict=True):
         torch.testing.assert_close(mine.key.down @ mine.key.up, theirs.key.down @ theirs.key.up, atol=1e-5, rtol=0)
     with torch.no_grad():
@@ -83,8 +83,8 @@ def test_device_map_generates_like_the_model_in_one_piece(saved, reference, devi
     assert torch.equal(result.sequences, reference["patched-w0"])
     cache = result.past_key_values
     assert isinstance(cache, SVDCompressedCache)
-    for layer in cache.layers:  # bases and latents live where the layer runs
-        assert layer.keys.device.type == layer.projection.key.down.device.type == "cpu"
+    for layer in cache.layers:  # bases and latents live where the layer runs (the GPU, where there is one)
+        assert layer.keys.device.type == layer.projection.key.down.device.type == model.device.type
 
     patch_model(model, bases=reference["bases"], window=4)  # precomputed bases are validated against offloaded weights
     assert torch.equal(generate(model), reference["patched-w4"])
@@ -120,3 +120,25 @@ def test_layers_offloaded_as_blocks(saved, reference, tmp_path):
     assert torch.equal(generate(model), reference["patched-w0"])
     patch_model(model, CONFIG, window=4)
     assert torch.equal(generate(model), reference["patched-w4"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on a lent GPU)")
+def test_layers_split_between_cuda_and_cpu(saved, reference, tmp_path):
+    device_map = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0, "model.layers.1": "cpu",
+                  "model.layers.2": 0, "model.norm": 0, "lm_head": 0}
+    model = load(saved[0], device_map, tmp_path)
+    patch_model(model, CONFIG)
+    with torch.no_grad():
+        result = model.generate(structured_ids(20).to(0), max_new_tokens=12, do_sample=False, return_dict_in_generate=True)
+    assert torch.equal(result.sequences.cpu(), reference["patched-w0"])
+    # With a GPU, accelerate runs a layer mapped to "cpu" on the GPU (its weights are offloaded to CPU memory).
+    assert model.model.layers[1].self_attn.k_proj.weight.device.type == "meta"
+    for layer in result.past_key_values.layers:  # bases and latents live where the layer runs
+        assert layer.keys.device.type == layer.projection.key.down.device.type == layer.positions.device.type == "cuda"
+    patch_model(model, CONFIG, window=4)
+    assert torch.equal(generate_on(model, 0), reference["patched-w4"])
+
+
+def generate_on(model: torch.nn.Module, device: int | str) -> torch.Tensor:
+    with torch.no_grad():
+        return model.generate(structured_ids(20).to(device), max_new_tokens=12, do_sample=False).cpu()
