@@ -7,6 +7,8 @@ run the model's attention backend (the reference path, below)."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -76,6 +78,16 @@ class AttentionPatch:
             cache.checked_against.add(id(self.bases))
 
 
+@functools.cache
+def _cache_argument(forward: Callable) -> str:
+    """The name the original attention forward takes its cache under: `cache` (transformers >= 5.24) or
+    `past_key_values`."""
+    try:
+        return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+    except (TypeError, ValueError):
+        return "past_key_values"
+
+
 def compressed_attention_forward(
     module: nn.Module,
     patch: AttentionPatch,
@@ -83,14 +95,17 @@ def compressed_attention_forward(
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
     attention_mask: torch.Tensor | None = None,
     past_key_values=None,
+    cache=None,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    # transformers 5.24 renamed the attention's `past_key_values` argument to `cache`: accept either.
+    past_key_values = cache if cache is not None else past_key_values
     if not isinstance(past_key_values, SVDCompressedCache):
         return patch.original_forward(
             hidden_states,
             position_embeddings=position_embeddings,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
+            **{_cache_argument(patch.original_forward): past_key_values},
             **kwargs,
         )
     patch.check_cache(past_key_values)
