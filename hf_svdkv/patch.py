@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -75,12 +76,15 @@ def _prepare_compressed_cache(model: nn.Module, original: Callable, generation_c
     """generate()'s cache preparation, choosing an SVDCompressedCache where it would have built a DynamicCache."""
     wants_default_cache = (
         model_kwargs.get("past_key_values") is None
+        and model_kwargs.get("cache") is None
         and generation_config.use_cache is not False
         and generation_config.cache_implementation is None
     )
     if not wants_default_cache:
         return original(generation_config, model_kwargs, *args, **kwargs)
-    model_kwargs["past_key_values"] = SVDCompressedCache(model)
+    # transformers 5.24 renamed the models' `past_key_values` argument to `cache`.
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    model_kwargs[name] = SVDCompressedCache(model)
 
 
 def patch_model(
