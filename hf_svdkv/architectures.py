@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import asdict, dataclass
 
 from torch import nn
@@ -77,3 +78,12 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
             raise UnsupportedModelError(f"decoder layer {index} normalises q/k per head, which hf_svdkv does not support")
         modules.append(attn)
     return modules
+
+
+def cache_kwargs(model: nn.Module, cache: object) -> dict[str, object]:
+    """`{name: cache}` for a model call: transformers 5.24 renamed `past_key_values` to `cache` (the old name warns)."""
+    try:
+        name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    except (TypeError, ValueError):
+        name = "past_key_values"
+    return {name: cache}

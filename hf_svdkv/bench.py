@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .architectures import cache_kwargs
 from .memory import cache_nbytes
 
 _STATUS = Path("/proc/self/status")
@@ -116,7 +117,7 @@ def measure(
         _sync(device)
         start = time.perf_counter()
         for begin in range(0, ids.shape[1], chunk):  # only the last logit is needed: skip the LM head elsewhere
-            out = model(ids[:, begin : begin + chunk], past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = model(ids[:, begin : begin + chunk], **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
         _sync(device)
         prefill_s = time.perf_counter() - start
         token = out.logits[:, -1:].argmax(-1)
@@ -124,7 +125,7 @@ def measure(
         for step in range(warmup + steps):
             _sync(device)
             start = time.perf_counter()
-            out = model(token, past_key_values=cache, use_cache=True)
+            out = model(token, **cache_kwargs(model, cache), use_cache=True)
             token = out.logits[:, -1:].argmax(-1)
             _sync(device)
             if step >= warmup:

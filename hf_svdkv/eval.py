@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .architectures import cache_kwargs
 from .memory import cache_nbytes
 
 PROTOCOLS = ("continuation", "sliding")
@@ -282,8 +283,8 @@ def _nll_sum(logits: torch.Tensor, targets: torch.Tensor) -> float:
 
 def _continuation_window(model: nn.Module, ids: torch.Tensor, cache: Any, context: int) -> tuple[float, int]:
     # Only the prefill's last logit is needed: skipping the LM head on the context saves real time.
-    prefill = model(ids[:, :context], past_key_values=cache, use_cache=True, logits_to_keep=1)
-    rest = model(ids[:, context:], past_key_values=cache, use_cache=True)
+    prefill = model(ids[:, :context], **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
+    rest = model(ids[:, context:], **cache_kwargs(model, cache), use_cache=True)
     logits = torch.cat([prefill.logits[:, -1:], rest.logits[:, :-1]], dim=1)
     targets = ids[:, context:]
     return _nll_sum(logits, targets), targets.numel()
@@ -291,12 +292,12 @@ def _continuation_window(model: nn.Module, ids: torch.Tensor, cache: Any, contex
 
 def _sliding_window(model: nn.Module, ids: torch.Tensor, cache: Any, chunk: int) -> tuple[float, int]:
     total = ids.shape[1]
-    first = model(ids[:, :chunk], past_key_values=cache, use_cache=True, logits_to_keep=1)
+    first = model(ids[:, :chunk], **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
     carry = first.logits[:, -1:]  # predicts the first scored token (position `chunk`)
     nll, count = 0.0, 0
     for start in range(chunk, total, chunk):
         piece = ids[:, start : start + chunk]
-        out = model(piece, past_key_values=cache, use_cache=True)
+        out = model(piece, **cache_kwargs(model, cache), use_cache=True)
         logits = torch.cat([carry, out.logits[:, :-1]], dim=1)
         nll += _nll_sum(logits, piece)
         count += piece.numel()
