@@ -117,8 +117,19 @@ class SVDCacheLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self.positions.shape[-1] if self.is_initialized else 0
 
-    # Sequence and batch operations: DynamicLayer handles the latents, the other tensors follow.
+    # Sequence and batch operations: one function mapped over every stored tensor. The latents go through the three
+    # hooks below, which QuantizedSVDCacheLayer overrides for its integer codes.
+    def _map_latents(self, fn, latents: torch.Tensor) -> torch.Tensor:
+        return fn(latents)
+
+    def _crop_latents(self, latents: torch.Tensor, length: int) -> torch.Tensor:
+        return latents[..., :length, :]
+
+    def _latent_nbytes(self, latents: torch.Tensor) -> int:
+        return latents.numel() * latents.element_size()
+
     def _map_batch(self, fn) -> None:
+        self.keys, self.values = self._map_latents(fn, self.keys), self._map_latents(fn, self.values)
         for name in ("recent_keys", "recent_values", "positions"):
             setattr(self, name, fn(getattr(self, name)))
 
@@ -127,36 +138,32 @@ class SVDCacheLayer(DynamicLayer):
             raise ValueError(f"crop takes a negative number of tokens to remove, got {tokens_to_remove}")
         if tokens_to_remove == 0 or not self.is_initialized:
             return
+        # The newest tokens go first from the window, then from the latents.
         remove = min(-tokens_to_remove, self.get_seq_length())
         from_recent = min(remove, self.recent_keys.shape[-2])
         keep_recent = self.recent_keys.shape[-2] - from_recent
         self.recent_keys, self.recent_values = self.recent_keys[..., :keep_recent, :], self.recent_values[..., :keep_recent, :]
         keep_latent = self.keys.shape[-2] - (remove - from_recent)
-        self.keys, self.values = self.keys[..., :keep_latent, :], self.values[..., :keep_latent, :]
+        self.keys, self.values = self._crop_latents(self.keys, keep_latent), self._crop_latents(self.values, keep_latent)
         self.positions = self.positions[..., : self.positions.shape[-1] - remove]
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        super().batch_repeat_interleave(repeats)
         if self.is_initialized:
             self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        super().batch_select_indices(indices)
         if self.is_initialized:
             self._map_batch(lambda t: t[indices, ...])
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.is_initialized:
-            super().reorder_cache(beam_idx)
             self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     def offload(self) -> None:
-        super().offload()
         if self.is_initialized:
             self._map_batch(lambda t: t.to("cpu", non_blocking=True))
 
     def prefetch(self) -> None:
-        super().prefetch()
         if self.is_initialized and self.positions.device != self.device:
             self._map_batch(lambda t: t.to(self.device, non_blocking=True))
 
@@ -166,11 +173,12 @@ class SVDCacheLayer(DynamicLayer):
         self.exact_tail = 0
 
     def nbytes(self) -> int:
-        """Bytes held: key and value latents, the full-precision window and positions."""
+        """Bytes held: key and value latents (integer codes with their scales and zero points when quantized), the
+        full-precision window and positions."""
         if not self.is_initialized:
             return 0
-        tensors = (self.keys, self.values, self.recent_keys, self.recent_values, self.positions)
-        return sum(t.numel() * t.element_size() for t in tensors)
+        exact = (self.recent_keys, self.recent_values, self.positions)
+        return self._latent_nbytes(self.keys) + self._latent_nbytes(self.values) + sum(t.numel() * t.element_size() for t in exact)
 
 
 class SVDCompressedCache(Cache):

@@ -51,48 +51,12 @@ class QuantizedSVDCacheLayer(SVDCacheLayer):
         # Dequantized straight to the projection's float32: no extra rounding to the model dtype on the way.
         return concat([stored, new]).dequantize(self.projection.key.up.dtype)
 
-    # Sequence and batch operations. SVDCacheLayer's go through DynamicLayer, which treats `keys` / `values` as plain
-    # tensors; here every op is one function mapped over the codes (data, scales, zeros) and the other tensors.
-    def _map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        self.keys, self.values = self.keys.apply(fn), self.values.apply(fn)
-        super()._map_batch(fn)
+    # Sequence and batch operations: SVDCacheLayer's, with each op mapped over the codes, scales and zero points.
+    def _map_latents(self, fn: Callable[[torch.Tensor], torch.Tensor], latents: QuantizedTensor) -> QuantizedTensor:
+        return latents.apply(fn)
 
-    def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove > 0:
-            raise ValueError(f"crop takes a negative number of tokens to remove, got {tokens_to_remove}")
-        if tokens_to_remove == 0 or not self.is_initialized:
-            return
-        # The newest tokens go first from the window, then from the latents.
-        remove = min(-tokens_to_remove, self.get_seq_length())
-        keep_recent = max(self.recent_keys.shape[-2] - remove, 0)
-        keep_latent = self.keys.shape[-2] - (remove - (self.recent_keys.shape[-2] - keep_recent))
-        self.recent_keys, self.recent_values = self.recent_keys[..., :keep_recent, :], self.recent_values[..., :keep_recent, :]
-        self.keys, self.values = self.keys.crop(keep_latent), self.values.crop(keep_latent)
-        self.positions = self.positions[..., : self.positions.shape[-1] - remove]
+    def _crop_latents(self, latents: QuantizedTensor, length: int) -> QuantizedTensor:
+        return latents.crop(length)
 
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.is_initialized:
-            self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.is_initialized:
-            self._map_batch(lambda t: t[indices, ...])
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        if self.is_initialized:
-            self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def offload(self) -> None:
-        if self.is_initialized:
-            self._map_batch(lambda t: t.to("cpu", non_blocking=True))
-
-    def prefetch(self) -> None:
-        if self.is_initialized and self.positions.device != self.device:
-            self._map_batch(lambda t: t.to(self.device, non_blocking=True))
-
-    def nbytes(self) -> int:
-        """Bytes held: integer codes, scales and zero points of the latents, the full-precision window, positions."""
-        if not self.is_initialized:
-            return 0
-        exact = (self.recent_keys, self.recent_values, self.positions)
-        return self.keys.nbytes() + self.values.nbytes() + sum(t.numel() * t.element_size() for t in exact)
+    def _latent_nbytes(self, latents: QuantizedTensor) -> int:
+        return latents.nbytes()
