@@ -80,10 +80,15 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
     return modules
 
 
-def cache_kwargs(model: nn.Module, cache: object) -> dict[str, object]:
-    """`{name: cache}` for a model call: transformers 5.24 renamed `past_key_values` to `cache` (the old name warns)."""
+def cache_argument(forward: object) -> str:
+    """The name a model's or attention module's forward takes its KV cache under: `cache` since transformers 5.24,
+    `past_key_values` before (the old name still works there, with a deprecation warning)."""
     try:
-        name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
     except (TypeError, ValueError):
-        name = "past_key_values"
-    return {name: cache}
+        return "past_key_values"
+
+
+def cache_kwargs(model: nn.Module, cache: object) -> dict[str, object]:
+    """`{name: cache}` for a call of `model`, under the name its forward expects."""
+    return {cache_argument(model.forward): cache}

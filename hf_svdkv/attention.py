@@ -7,8 +7,6 @@ run the model's attention backend (the reference path, below)."""
 
 from __future__ import annotations
 
-import functools
-import inspect
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -70,22 +68,13 @@ class AttentionPatch:
     original_forward: Callable
     rotary_emb: nn.Module
     bases: SVDBases
+    cache_argument: str = "past_key_values"  # what original_forward calls its cache (architectures.cache_argument)
 
     def check_cache(self, cache: SVDCompressedCache) -> None:
         # A cache built from other bases would decode latents with the wrong basis: refuse it once, loudly.
         if cache.bases is not self.bases and id(self.bases) not in cache.checked_against:
             self.bases.check_same_model(cache.bases)
             cache.checked_against.add(id(self.bases))
-
-
-@functools.cache
-def _cache_argument(forward: Callable) -> str:
-    """The name the original attention forward takes its cache under: `cache` (transformers >= 5.24) or
-    `past_key_values`."""
-    try:
-        return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
-    except (TypeError, ValueError):
-        return "past_key_values"
 
 
 def compressed_attention_forward(
@@ -105,7 +94,7 @@ def compressed_attention_forward(
             hidden_states,
             position_embeddings=position_embeddings,
             attention_mask=attention_mask,
-            **{_cache_argument(patch.original_forward): past_key_values},
+            **{patch.cache_argument: past_key_values},
             **kwargs,
         )
     patch.check_cache(past_key_values)

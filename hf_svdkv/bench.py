@@ -113,11 +113,12 @@ def measure(
     device = ids.device
     with PeakMemory(device) as peak:
         cache = make_cache()
+        cache_kwarg = cache_kwargs(model, cache)
         chunk = prefill_chunk or ids.shape[1]
         _sync(device)
         start = time.perf_counter()
         for begin in range(0, ids.shape[1], chunk):  # only the last logit is needed: skip the LM head elsewhere
-            out = model(ids[:, begin : begin + chunk], **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
+            out = model(ids[:, begin : begin + chunk], **cache_kwarg, use_cache=True, logits_to_keep=1)
         _sync(device)
         prefill_s = time.perf_counter() - start
         token = out.logits[:, -1:].argmax(-1)
@@ -125,7 +126,7 @@ def measure(
         for step in range(warmup + steps):
             _sync(device)
             start = time.perf_counter()
-            out = model(token, **cache_kwargs(model, cache), use_cache=True)
+            out = model(token, **cache_kwarg, use_cache=True)
             token = out.logits[:, -1:].argmax(-1)
             _sync(device)
             if step >= warmup:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -12,7 +11,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from .architectures import attention_modules, decoder_model, model_geometry
+from .architectures import attention_modules, cache_argument, decoder_model, model_geometry
 from .attention import AttentionPatch, compressed_attention_forward
 from .bases import SVDBases
 from .cache import SVDCompressedCache
@@ -72,7 +71,9 @@ def onloaded_kv_weights(model: nn.Module) -> Iterator[None]:
         yield
 
 
-def _prepare_compressed_cache(model: nn.Module, original: Callable, generation_config, model_kwargs: dict, *args, **kwargs):
+def _prepare_compressed_cache(
+    model: nn.Module, original: Callable, cache_name: str, generation_config, model_kwargs: dict, *args, **kwargs
+):
     """generate()'s cache preparation, choosing an SVDCompressedCache where it would have built a DynamicCache."""
     wants_default_cache = (
         model_kwargs.get("past_key_values") is None
@@ -82,9 +83,7 @@ def _prepare_compressed_cache(model: nn.Module, original: Callable, generation_c
     )
     if not wants_default_cache:
         return original(generation_config, model_kwargs, *args, **kwargs)
-    # transformers 5.24 renamed the models' `past_key_values` argument to `cache`.
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    model_kwargs[name] = SVDCompressedCache(model)
+    model_kwargs[cache_name] = SVDCompressedCache(model)
 
 
 def patch_model(
@@ -129,11 +128,13 @@ def patch_model(
     rotary_emb = decoder_model(model).rotary_emb
     for module in modules:
         attribute = _forward_attribute(module)
-        patch = AttentionPatch(original_forward=getattr(module, attribute), rotary_emb=rotary_emb, bases=bases)
+        original_forward = getattr(module, attribute)
+        patch = AttentionPatch(original_forward=original_forward, rotary_emb=rotary_emb, bases=bases,
+                               cache_argument=cache_argument(original_forward))
         state.replace(module, attribute, partial(compressed_attention_forward, module, patch))
     if hasattr(model, "_prepare_cache_for_generation"):
         original = model._prepare_cache_for_generation
-        state.replace(model, "_prepare_cache_for_generation", partial(_prepare_compressed_cache, model, original))
+        state.replace(model, "_prepare_cache_for_generation", partial(_prepare_compressed_cache, model, original, cache_argument(model.forward)))
     model.__dict__[STATE_ATTRIBUTE] = state
     return model
 
