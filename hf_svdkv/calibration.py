@@ -205,8 +205,18 @@ class CalibratedPCA:
         self.statistics = list(statistics)
         self.value_metric = value_metric
         self.sink_weight = sink_weight
+        # Spectra (for allocation), probes and the final fit all need the same decompositions: compute each once.
+        self._decompositions: dict[tuple[int, int], tuple[_Decomposition, _Decomposition]] = {}
 
     def _decompose(self, layer_idx: int, attention: nn.Module, group_size: int) -> tuple[_Decomposition, _Decomposition]:
+        key = (layer_idx, group_size)
+        if key not in self._decompositions:
+            self._decompositions[key] = self._compute_decomposition(layer_idx, attention, group_size)
+        return self._decompositions[key]
+
+    def _compute_decomposition(
+        self, layer_idx: int, attention: nn.Module, group_size: int
+    ) -> tuple[_Decomposition, _Decomposition]:
         if layer_idx >= len(self.statistics):
             raise ValueError(f"no calibration statistics for layer {layer_idx}: {len(self.statistics)} layers were calibrated")
         stats = self.statistics[layer_idx]
