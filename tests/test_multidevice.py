@@ -15,13 +15,7 @@ CONFIG = CompressionConfig(key_rank=12, value_rank=20)
 LAYERS = 3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # A small shared CPU: spinning BLAS / OpenMP threads make tiny ops slow; one thread keeps this module fast.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

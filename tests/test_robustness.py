@@ -31,13 +31,7 @@ FULL_RANK = CompressionConfig(key_rank=32, value_rank=32)  # head_dim 32: exact
 REDUCED = CompressionConfig(key_rank=16, value_rank=16)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # A small shared CPU: spinning BLAS / OpenMP threads make tiny ops slow; one thread keeps this module fast.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def greedy(model, ids: torch.Tensor, new: int, **kwargs) -> torch.Tensor:

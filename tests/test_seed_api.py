@@ -101,14 +101,7 @@ def run_seed_example(source: str, namespace: dict | None = None) -> dict:
     return namespace
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # On a small shared CPU, BLAS / OpenMP threads spin against other processes (a bf16 decode step or an MKL SVD
-    # then takes seconds); one thread keeps this module fast and its timings steady.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
