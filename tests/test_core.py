@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import ARCHITECTURES, structured_ids, tiny_model
+from tiny_models import ARCHITECTURES, assert_left_padded_rows_equal_single_runs, structured_ids, tiny_model
 from transformers import DynamicCache
 
 from hf_svdkv import CompressionConfig, SVDBases, SVDCompressedCache, is_patched, patch_model, unpatch_model
@@ -71,22 +71,8 @@ def test_backends_match_and_explicit_cache_in_generate(attn_implementation):
 def test_left_padded_batch_rows_equal_single_runs(arch, rank):
     model = tiny_model(arch, num_heads=4, num_kv_heads=2, head_dim=32)
     patch_model(model, CompressionConfig(key_rank=rank, value_rank=rank))
-    prompts = [structured_ids(n, seed=n)[0] for n in (5, 11, 17)]
-    width = max(len(p) for p in prompts)
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt):] = prompt
-        mask[row, width - len(prompt):] = 1
-    with torch.no_grad():
-        batched = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
-                                 return_dict_in_generate=True, output_logits=True)
-        for row, prompt in enumerate(prompts):
-            single = model.generate(prompt[None], max_new_tokens=12, do_sample=False,
-                                    return_dict_in_generate=True, output_logits=True)
-            assert torch.equal(batched.sequences[row, width:], single.sequences[0, len(prompt):])
-            for got, ref in zip(batched.logits, single.logits, strict=True):
-                torch.testing.assert_close(got[row], ref[0], atol=1e-4, rtol=0)
+    batched = assert_left_padded_rows_equal_single_runs(model, (5, 11, 17), new_tokens=12)
+    width = 17
     positions = batched.past_key_values.layers[0].positions
     assert positions[0, width - 5:].tolist()[:5] == list(range(5))  # each row keeps its own positions
 

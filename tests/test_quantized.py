@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from tiny_models import structured_ids, tiny_model
+from tiny_models import assert_left_padded_rows_equal_single_runs, structured_ids, tiny_model
 from transformers import DynamicCache
 
 from hf_svdkv import CompressionConfig, Projection, SVDCompressedCache, patch_model
@@ -245,21 +245,8 @@ def test_memory_accounting_matches_the_shapes(bits, key_rank, value_rank, group_
 
 def test_generate_uses_quantized_latents_and_left_padded_rows_equal_single_runs():
     model = patched(8, window=3, arch="mistral")
-    prompts = [structured_ids(n, seed=n)[0] for n in (4, 13)]
-    ids = torch.zeros(2, 13, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, prompt in enumerate(prompts):
-        ids[row, 13 - len(prompt):], mask[row, 13 - len(prompt):] = prompt, 1
-    with torch.no_grad():
-        batched = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
-                                 return_dict_in_generate=True, output_logits=True)
-        assert type(batched.past_key_values.layers[0]) is QuantizedSVDCacheLayer
-        for row, prompt in enumerate(prompts):
-            single = model.generate(prompt[None], max_new_tokens=10, do_sample=False,
-                                    return_dict_in_generate=True, output_logits=True)
-            assert torch.equal(batched.sequences[row, 13:], single.sequences[0, len(prompt):])
-            for got, ref in zip(batched.logits, single.logits, strict=True):
-                torch.testing.assert_close(got[row], ref[0], atol=1e-4, rtol=0)
+    batched = assert_left_padded_rows_equal_single_runs(model, (4, 13), new_tokens=10)
+    assert type(batched.past_key_values.layers[0]) is QuantizedSVDCacheLayer
 
 
 def test_beam_search_runs_on_quantized_latents():

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import structured_ids, tiny_model
+from tiny_models import assert_left_padded_rows_equal_single_runs, structured_ids, tiny_model
 
 from hf_svdkv import CompressionConfig, SVDCompressedCache, patch_model
 
@@ -57,20 +57,7 @@ def test_window_helps_and_is_counted_in_memory():
 def test_window_with_left_padding_rows_equal_single_runs():
     model = tiny_model("mistral")
     patch_model(model, CompressionConfig(key_rank=12, value_rank=12, window=6))
-    prompts = [structured_ids(n, seed=n)[0] for n in (4, 13)]
-    ids = torch.zeros(2, 13, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, prompt in enumerate(prompts):
-        ids[row, 13 - len(prompt):], mask[row, 13 - len(prompt):] = prompt, 1
-    with torch.no_grad():
-        batched = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
-                                 return_dict_in_generate=True, output_logits=True)
-        for row, prompt in enumerate(prompts):
-            single = model.generate(prompt[None], max_new_tokens=10, do_sample=False,
-                                    return_dict_in_generate=True, output_logits=True)
-            assert torch.equal(batched.sequences[row, 13:], single.sequences[0, len(prompt):])
-            for got, ref in zip(batched.logits, single.logits, strict=True):
-                torch.testing.assert_close(got[row], ref[0], atol=1e-4, rtol=0)
+    assert_left_padded_rows_equal_single_runs(model, (4, 13), new_tokens=10)
 
 
 def test_crop_with_a_window_keeps_storage_consistent():

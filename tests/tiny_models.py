@@ -77,3 +77,24 @@ def structured_ids(length: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
     flips = torch.rand(ids.shape, generator=generator) < 0.1
     ids[flips] = torch.randint(3, VOCAB, (int(flips.sum()),), generator=generator)
     return ids
+
+
+def assert_left_padded_rows_equal_single_runs(model, lengths: tuple[int, ...], new_tokens: int) -> object:
+    """Generate greedily for prompts of `lengths` as one left-padded batch and one by one: tokens identical, logits
+    within 1e-4. Returns the batched generation output (for checks on its cache)."""
+    prompts = [structured_ids(n, seed=n)[0] for n in lengths]
+    width = max(lengths)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):], mask[row, width - len(prompt):] = prompt, 1
+    with torch.no_grad():
+        batched = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+                                 return_dict_in_generate=True, output_logits=True)
+        for row, prompt in enumerate(prompts):
+            single = model.generate(prompt[None], max_new_tokens=new_tokens, do_sample=False,
+                                    return_dict_in_generate=True, output_logits=True)
+            assert torch.equal(batched.sequences[row, width:], single.sequences[0, len(prompt):])
+            for got, ref in zip(batched.logits, single.logits, strict=True):
+                torch.testing.assert_close(got[row], ref[0], atol=1e-4, rtol=0)
+    return batched
