@@ -13,6 +13,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     packages=find_packages(include=["hf_svdkv", "hf_svdkv.*"]),
+    package_data={"hf_svdkv": ["cpu_decode.cpp"]},  # compiled on first use (hf_svdkv/cpu_decode.py)
     python_requires=">=3.10",
     install_requires=[
         # torch is not pinned here: install the build you want first (a bare requirement pulls a CUDA build).

@@ -7,6 +7,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from .bases import SVDBases
 from .config import check_latent_bits, check_window
+from .growing import append_along, held_nbytes
 from .projection import LayerBases, Projection
 
 
@@ -31,6 +32,7 @@ class SVDCacheLayer(DynamicLayer):
         self.recent_keys: torch.Tensor | None = None
         self.recent_values: torch.Tensor | None = None
         self.exact_tail = 0
+        self._buffers: dict = {}  # what `keys`, `values` and `positions` are views of (growing.append_along)
 
     @property
     def is_croppable(self) -> bool:
@@ -49,6 +51,7 @@ class SVDCacheLayer(DynamicLayer):
         self.recent_keys = key_states[:, :, :0]
         self.recent_values = value_states[:, :, :0]
         self.positions = torch.zeros((batch, 0), dtype=torch.int32, device=self.device)
+        self._buffers = {}
         self.is_initialized = True
 
     def update(
@@ -83,14 +86,16 @@ class SVDCacheLayer(DynamicLayer):
         if self.projection.key.down.is_inference() and not torch.is_inference_mode_enabled():
             # Bases made or moved under torch.inference_mode are inference tensors, which autograd may not save.
             self.projection = LayerBases(*(Projection(*(t.clone() for t in (p.down, p.up, p.center))) for p in (self.projection.key, self.projection.value)))
-        self.positions = torch.cat([self.positions, positions.to(self.device, torch.int32)], dim=-1)
+        self.positions, self._buffers["positions"] = append_along(
+            self._buffers.get("positions"), self.positions, positions.to(self.device, torch.int32), dim=-1
+        )
         exact_keys = torch.cat([self.recent_keys, key_states], dim=-2)
         exact_values = torch.cat([self.recent_values, value_states], dim=-2)
         # The whole exact span is encoded (not only the tokens ageing out): its latents are what `update` rebuilds.
         new_keys, new_values = self._encode(self.projection.key, exact_keys), self._encode(self.projection.value, exact_values)
         aged = max(exact_keys.shape[-2] - self.window, 0)
-        self.keys = self._kept(self.keys, new_keys, aged)
-        self.values = self._kept(self.values, new_values, aged)
+        self.keys = self._kept("keys", new_keys, aged)
+        self.values = self._kept("values", new_values, aged)
         # A slice would keep the whole span's storage alive (a prefill's full-size keys and values): keep a copy.
         self.recent_keys, self.recent_values = (t[..., aged:, :].clone() if aged else t for t in (exact_keys, exact_values))
         self.exact_tail = exact_keys.shape[-2] if self.window else 0
@@ -102,9 +107,10 @@ class SVDCacheLayer(DynamicLayer):
         # was computed in this call or stored by an earlier one.
         return projection.encode(states).to(self.dtype)
 
-    def _kept(self, stored: torch.Tensor, new: torch.Tensor, count: int) -> torch.Tensor:
-        """`stored` followed by the first `count` tokens of `new`."""
-        return torch.cat([stored, new[..., :count, :]], dim=-2)
+    def _kept(self, name: str, new: torch.Tensor, count: int) -> torch.Tensor:
+        """The stored latents `name` ("keys" or "values") followed by the first `count` tokens of `new`."""
+        kept, self._buffers[name] = append_along(self._buffers.get(name), getattr(self, name), new[..., :count, :])
+        return kept
 
     def _all_latents(self, stored: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         """`stored` followed by all of `new`, as floating-point latents ready to decode."""
@@ -125,8 +131,8 @@ class SVDCacheLayer(DynamicLayer):
     def _crop_latents(self, latents: torch.Tensor, length: int) -> torch.Tensor:
         return latents[..., :length, :]
 
-    def _latent_nbytes(self, latents: torch.Tensor) -> int:
-        return latents.numel() * latents.element_size()
+    def _latent_nbytes(self, name: str) -> int:
+        return held_nbytes(getattr(self, name), self._buffers.get(name))
 
     def _map_batch(self, fn) -> None:
         self.keys, self.values = self._map_latents(fn, self.keys), self._map_latents(fn, self.values)
@@ -146,6 +152,7 @@ class SVDCacheLayer(DynamicLayer):
         keep_latent = self.keys.shape[-2] - (remove - from_recent)
         self.keys, self.values = self._crop_latents(self.keys, keep_latent), self._crop_latents(self.values, keep_latent)
         self.positions = self.positions[..., : self.positions.shape[-1] - remove]
+        self._buffers = {}  # the next token must not overwrite, in place, tokens an older view still shows
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.is_initialized:
@@ -171,14 +178,16 @@ class SVDCacheLayer(DynamicLayer):
         super().reset()
         self.positions = self.recent_keys = self.recent_values = None
         self.exact_tail = 0
+        self._buffers = {}
 
     def nbytes(self) -> int:
         """Bytes held: key and value latents (integer codes with their scales and zero points when quantized), the
-        full-precision window and positions."""
+        full-precision window and positions, with the spare room their buffers keep for the next tokens."""
         if not self.is_initialized:
             return 0
-        exact = (self.recent_keys, self.recent_values, self.positions)
-        return self._latent_nbytes(self.keys) + self._latent_nbytes(self.values) + sum(t.numel() * t.element_size() for t in exact)
+        exact = sum(t.numel() * t.element_size() for t in (self.recent_keys, self.recent_values))
+        positions = held_nbytes(self.positions, self._buffers.get("positions"))
+        return self._latent_nbytes("keys") + self._latent_nbytes("values") + exact + positions
 
 
 class SVDCompressedCache(Cache):

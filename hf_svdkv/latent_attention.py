@@ -7,7 +7,8 @@
   query head that reads them, and dropped: at most one chunk of full-size keys exists at a time.
 - Tokens inside the full-precision window are read from their exact copies, by the same rule as `window_mask`.
 
-On CUDA, single-token decoding goes through the fused Triton kernel of `triton_decode` when Triton is importable.
+Single-token decoding goes through a fused kernel where one is available: Triton's (`triton_decode`) on CUDA, the
+C++ one of `cpu_decode` on a CPU with a C++ compiler; both share `kernel_attention` for the exact window.
 
 Entry points, called by `attention.compressed_attention_forward`: `use_latent_attention` (can this call take the
 fast path?) and `latent_attention_forward` (store the new tokens with `SVDCacheLayer.append`, attend, project: the
@@ -20,6 +21,7 @@ from __future__ import annotations
 import math
 import threading
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -185,7 +187,7 @@ def _column_masks(
     return latent, exact
 
 
-@dataclass
+@dataclass(eq=False)  # hashed by identity: cpu_decode memoizes on it
 class _LayerState:
     """Per cache layer, built once: bases laid out for the chunked kernels and the folded output projection."""
 
@@ -316,6 +318,48 @@ def latent_attention(
     return LatentAttentionOutput(latent, exact_out.reshape(batch, num_heads, query_len, head_dim).transpose(1, 2))
 
 
+def kernel_attention(
+    decode: Callable[[torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]],
+    query: torch.Tensor,
+    layer: SVDCacheLayer,
+    state: _LayerState,
+    rotary: nn.Module,
+    *,
+    scaling: float,
+    attention_mask: torch.Tensor | None = None,
+    exact: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> LatentAttentionOutput:
+    """`latent_attention` for one query token [batch, heads, 1, d] through a fused kernel over the latent tokens:
+    `decode(query [batch, heads, d], valid [batch, latent tokens] uint8 or None)` returns the output over value
+    latents [batch, heads, value_rank] and its log-sum-exp [batch, heads]. The exact window tail (a few tokens) is
+    scored here and merged through the log-sum-exp."""
+    batch, num_heads, _, head_dim = query.shape
+    total, latent_len = layer.get_seq_length(), layer.keys.shape[-2]
+    exact_len = 0 if exact is None else exact[0].shape[-2]
+    latent_mask, exact_mask = _column_masks(attention_mask, 1, total, latent_len, exact_len, layer.window, query.device)
+    valid = None if latent_mask is None else latent_mask[:, 0, 0].to(torch.uint8).expand(batch, -1)
+    if latent_len:
+        latent, lse = decode(query[:, :, 0], valid)
+    else:
+        latent = query.new_zeros((batch, num_heads, layer.values.shape[-1]), dtype=torch.float32)
+        lse = query.new_full((batch, num_heads), -math.inf, dtype=torch.float32)
+    if exact is None:
+        return LatentAttentionOutput(latent[:, None])
+
+    num_kv_heads = state.value_center.shape[0]
+    queries = _interleave(query.float() * scaling).view(batch, num_kv_heads, -1, head_dim)
+    rope = rope_factors(rotary, layer.positions[:, total - exact_len :])
+    exact_keys = _rotate(_interleave(exact[0].float()), rope[:, None])
+    scores = torch.matmul(queries, exact_keys.transpose(-1, -2)).view(batch, num_heads, exact_len)
+    if exact_mask is not None:
+        scores = scores.masked_fill(~exact_mask[:, 0], -math.inf)
+    total_lse = torch.logaddexp(lse, torch.logsumexp(scores, dim=-1))
+    latent = latent * torch.exp(lse - total_lse)[..., None]
+    probs = torch.exp(scores - total_lse[..., None]).view(batch, num_kv_heads, -1, exact_len)
+    exact_out = torch.matmul(probs, exact[1].float() - state.value_center[:, None, :]).view(batch, num_heads, head_dim)
+    return LatentAttentionOutput(latent[:, None], exact_out[:, None])
+
+
 def project_output(module: nn.Module, state: _LayerState, out: LatentAttentionOutput) -> torch.Tensor:
     """The attention module's output [batch, q, hidden]: folded o_proj on the latent part, o_proj's own weight on
     the exact part."""
@@ -335,6 +379,15 @@ def _triton_ready(query: torch.Tensor, layer: SVDCacheLayer, rotary: nn.Module) 
     from . import triton_decode
 
     return triton_decode.available()
+
+
+def _cpu_kernel_ready(query: torch.Tensor, layer: SVDCacheLayer, state: _LayerState) -> bool:
+    if query.device.type != "cpu" or query.shape[2] != 1:
+        return False
+    from . import cpu_decode
+
+    num_heads, head_dim = query.shape[1], query.shape[3]
+    return cpu_decode.supports(layer, head_dim, num_heads, state.value_center.shape[0]) and cpu_decode.available()
 
 
 def use_latent_attention(module: nn.Module, cache: SVDCompressedCache, query_len: int) -> bool:
@@ -386,6 +439,15 @@ def latent_attention_forward(
             # Large ranks (e.g. full rank) need more shared memory than the kernel's tiles fit on this GPU: the
             # torch path computes the same function.
             _TRITON_TOO_LARGE.add(kernel_shape)
+    if out is None and _cpu_kernel_ready(query, layer, state):
+        from . import cpu_decode
+
+        rope = rope_factors(rotary, layer.positions, memo_key)
+
+        def decode(one_query: torch.Tensor, valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+            return cpu_decode.decode_latents(one_query, layer, state, rope, module.scaling, valid)
+
+        out = kernel_attention(decode, query, layer, state, rotary, scaling=module.scaling, attention_mask=attention_mask, exact=exact)
     if out is None:
         rope = rope_factors(rotary, layer.positions, memo_key)
         out = latent_attention(query, layer, state, rope, scaling=module.scaling, attention_mask=attention_mask, exact=exact)

@@ -7,8 +7,11 @@ from collections.abc import Callable
 import torch
 
 from .cache import SVDCacheLayer
+from .growing import append_along, held_nbytes
 from .projection import LayerBases
 from .quantization import QuantizedTensor, concat, empty_quantized, quantize, rotate_projection
+
+_FIELDS = ("data", "scale", "zero")  # the tensors of a QuantizedTensor
 
 
 class QuantizedSVDCacheLayer(SVDCacheLayer):
@@ -44,8 +47,12 @@ class QuantizedSVDCacheLayer(SVDCacheLayer):
     def _encode(self, projection, states: torch.Tensor) -> QuantizedTensor:
         return quantize(projection.encode(states), self.bits, self.group)
 
-    def _kept(self, stored: QuantizedTensor, new: QuantizedTensor, count: int) -> QuantizedTensor:
-        return concat([stored, new.crop(count)])
+    def _kept(self, name: str, new: QuantizedTensor, count: int) -> QuantizedTensor:
+        stored, new = getattr(self, name), new.crop(count)
+        fields = {}
+        for field in _FIELDS:
+            fields[field], self._buffers[name, field] = append_along(self._buffers.get((name, field)), getattr(stored, field), getattr(new, field))
+        return QuantizedTensor(**fields, bits=stored.bits, group=stored.group, dim=stored.dim)
 
     def _all_latents(self, stored: QuantizedTensor, new: QuantizedTensor) -> torch.Tensor:
         # Dequantized straight to the projection's float32: no extra rounding to the model dtype on the way.
@@ -58,5 +65,6 @@ class QuantizedSVDCacheLayer(SVDCacheLayer):
     def _crop_latents(self, latents: QuantizedTensor, length: int) -> QuantizedTensor:
         return latents.crop(length)
 
-    def _latent_nbytes(self, latents: QuantizedTensor) -> int:
-        return latents.nbytes()
+    def _latent_nbytes(self, name: str) -> int:
+        latents = getattr(self, name)
+        return sum(held_nbytes(getattr(latents, field), self._buffers.get((name, field))) for field in _FIELDS)

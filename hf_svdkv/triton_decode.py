@@ -23,7 +23,7 @@ import math
 import torch
 
 from .cache import SVDCacheLayer
-from .latent_attention import LatentAttentionOutput, _column_masks, _interleave, _LayerState, _rotate, rope_factors
+from .latent_attention import LatentAttentionOutput, _LayerState, kernel_attention
 
 try:
     import triton
@@ -245,31 +245,12 @@ def triton_latent_attention(
     attention_mask: torch.Tensor | None = None,
     exact: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> LatentAttentionOutput:
-    """`latent_attention` for one query token [batch, heads, 1, d], through the kernel; the exact window tail (a few
-    tokens) is scored in torch and merged through the log-sum-exp."""
-    batch, num_heads, _, head_dim = query.shape
-    total, latent_len = layer.get_seq_length(), layer.keys.shape[-2]
-    exact_len = 0 if exact is None else exact[0].shape[-2]
-    latent_mask, exact_mask = _column_masks(attention_mask, 1, total, latent_len, exact_len, layer.window, query.device)
-    valid = None if latent_mask is None else latent_mask[:, 0, 0].to(torch.uint8).expand(batch, -1)
-    if latent_len:
-        inv_freq = rotary.inv_freq.to(device=query.device, dtype=torch.float32)
-        latent, lse = decode_latents(query[:, :, 0], layer, state, inv_freq, float(rotary.attention_scaling), scaling, valid)
-    else:
-        latent = query.new_zeros((batch, num_heads, layer.values.shape[-1]), dtype=torch.float32)
-        lse = query.new_full((batch, num_heads), -math.inf, dtype=torch.float32)
-    if exact is None:
-        return LatentAttentionOutput(latent[:, None])
+    """`latent_attention` for one query token [batch, heads, 1, d], through the kernel (`kernel_attention` merges
+    the exact window tail)."""
+    inv_freq = rotary.inv_freq.to(device=query.device, dtype=torch.float32)
+    rope_scale = float(rotary.attention_scaling)
 
-    num_kv_heads = state.value_center.shape[0]
-    queries = _interleave(query.float() * scaling).view(batch, num_kv_heads, -1, head_dim)
-    rope = rope_factors(rotary, layer.positions[:, total - exact_len :])
-    exact_keys = _rotate(_interleave(exact[0].float()), rope[:, None])
-    scores = torch.matmul(queries, exact_keys.transpose(-1, -2)).view(batch, num_heads, exact_len)
-    if exact_mask is not None:
-        scores = scores.masked_fill(~exact_mask[:, 0], -math.inf)
-    total_lse = torch.logaddexp(lse, torch.logsumexp(scores, dim=-1))
-    latent = latent * torch.exp(lse - total_lse)[..., None]
-    probs = torch.exp(scores - total_lse[..., None]).view(batch, num_kv_heads, -1, exact_len)
-    exact_out = torch.matmul(probs, exact[1].float() - state.value_center[:, None, :]).view(batch, num_heads, head_dim)
-    return LatentAttentionOutput(latent[:, None], exact_out[:, None])
+    def decode(one_query: torch.Tensor, valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        return decode_latents(one_query, layer, state, inv_freq, rope_scale, scaling, valid)
+
+    return kernel_attention(decode, query, layer, state, rotary, scaling=scaling, attention_mask=attention_mask, exact=exact)

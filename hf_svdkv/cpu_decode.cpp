@@ -1,0 +1,293 @@
+// One decoding step (one query token) of attention over an SVDCacheLayer, fused, for the CPU.
+// Built and loaded by cpu_decode.py; see its docstring for the layout of every argument.
+//
+// Per block of cached tokens of one KV head, in registers: rebuild the head's keys from their latents (c @ up +
+// center, four tokens at a time so each row of the up projection is loaded once for all four), rotate them at their
+// positions, score them against the query heads that read this KV head, and fold the block into an online softmax
+// over the *value latents*. Nothing full-size is written to memory: per token the kernel reads key_rank + value_rank
+// latent numbers and its cos/sin.
+//
+// Work is split over (batch row, span of tokens, KV head) for OpenMP; each span writes a partial (max, sum,
+// unnormalised output) per query head, and a second loop merges the spans (flash-decoding).
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <algorithm>
+#include <vector>
+
+#if defined(__SSE__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int kBlock = 32;     // tokens scored before one online-softmax update
+constexpr int kUnroll = 4;     // tokens rebuilt together
+constexpr int kMaxPerKv = 32;  // query heads per KV head (GQA ratio) this kernel handles
+constexpr int kMaxRank = 512;  // value rank this kernel handles
+
+// 16 floats: one AVX-512 register (a GCC/Clang vector extension; other ISAs split it).
+typedef float Vec __attribute__((vector_size(64)));
+typedef float UnalignedVec __attribute__((vector_size(64), aligned(4)));
+typedef uint16_t Bf16x16 __attribute__((vector_size(32), aligned(2)));
+typedef uint32_t U32x16 __attribute__((vector_size(64)));
+
+inline Vec load(const float* p) { return *reinterpret_cast<const UnalignedVec*>(p); }
+inline Vec load(const uint16_t* p) {  // 16 bfloat16 -> float32: the bits are the top half of a float's
+  const U32x16 bits = __builtin_convertvector(*reinterpret_cast<const Bf16x16*>(p), U32x16) << 16;
+  return (Vec)bits;  // a bit cast between vector types of one size
+}
+inline float to_float(float x) { return x; }
+inline float to_float(uint16_t x) {
+  const uint32_t bits = static_cast<uint32_t>(x) << 16;
+  float out;
+  memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+
+inline float hsum(Vec v) {
+#if defined(__AVX512F__)
+  return _mm512_reduce_add_ps(v);  // Vec and __m512 are the same GCC vector type
+#else
+  float total = 0.0f;
+  for (int x = 0; x < 16; ++x) total += v[x];
+  return total;
+#endif
+}
+
+// A latent row as float32, into `out` (n values).
+template <typename T>
+inline void row_to_float(const T* row, int64_t n, float* out) {
+  int64_t x = 0;
+  for (; x + 16 <= n; x += 16) *reinterpret_cast<UnalignedVec*>(out + x) = load(row + x);
+  for (; x < n; ++x) out[x] = to_float(row[x]);
+}
+
+struct Args {
+  const void* keys; const void* values;  // latents [B, key groups, n, rk] / [B, value groups, n, rv]
+  const float* up;                        // [key groups, rk, width] float32, each head's RoPE pairs interleaved
+  const float* bias;                      // [key groups, width] (the key center) or null
+  const float* rope;                      // [B, n_rope, D/2, 2]: cos, sin of each token's position
+  const float* query;                     // [B, kv heads, per_kv, D], scaled, pairs interleaved
+  const uint8_t* valid;                   // [B, valid_stride] or null
+  float* part_max; float* part_sum; float* part_acc;  // [B, kv heads, spans, per_kv (, rv)]
+  float* out_max; float* out_sum; float* out;         // [B, kv heads, per_kv (, rv)]
+  int64_t batch, n, kv_heads, per_kv, heads_per_key_group, heads_per_value_group, rk, rv, width, span;
+  int64_t sk_b, sk_g, sk_t, sv_b, sv_g, sv_t, rope_stride, valid_stride;
+};
+
+// Keys of kUnroll tokens (before RoPE) from their float32 latent rows, added to k (which starts at the center).
+template <int D>
+inline void rebuild(const float* const rows[kUnroll], const float* up, int64_t rk, int64_t width, Vec k[kUnroll][D / 16]) {
+  constexpr int V = D / 16;
+  for (int64_t r = 0; r < rk; ++r) {
+    Vec w[V];
+    for (int v = 0; v < V; ++v) w[v] = load(up + r * width + 16 * v);
+    for (int i = 0; i < kUnroll; ++i) {
+      const float c = rows[i][r];
+      for (int v = 0; v < V; ++v) k[i][v] += c * w[v];
+    }
+  }
+}
+
+template <int D, typename T>
+void span_kernel(const Args& a, int64_t b, int64_t h, int64_t s, float* scratch) {
+  constexpr int V = D / 16;
+  const int64_t per_kv = a.per_kv, rk = a.rk, rv = a.rv;
+  const int64_t key_group = h / a.heads_per_key_group, column = (h % a.heads_per_key_group) * D;
+  const int64_t value_group = h / a.heads_per_value_group;
+  const T* keys = static_cast<const T*>(a.keys) + b * a.sk_b + key_group * a.sk_g;
+  const float* up = a.up + key_group * rk * a.width + column;
+  const T* values = static_cast<const T*>(a.values) + b * a.sv_b + value_group * a.sv_g;
+  const float* bias = a.bias ? a.bias + key_group * a.width + column : nullptr;
+  const float* rope = a.rope + b * a.rope_stride;
+  const uint8_t* valid = a.valid ? a.valid + b * a.valid_stride : nullptr;
+
+  Vec query[kMaxPerKv][V];
+  for (int64_t j = 0; j < per_kv; ++j)
+    for (int v = 0; v < V; ++v) query[j][v] = load(a.query + ((b * a.kv_heads + h) * per_kv + j) * D + 16 * v);
+  Vec center[V];
+  for (int v = 0; v < V; ++v) center[v] = bias ? load(bias + 16 * v) : Vec{};
+  Vec sign;  // lanes 2i and 2i+1 hold one RoPE pair (x, y): rotated = (x c - y s, x s + y c)
+  for (int x = 0; x < 16; ++x) sign[x] = x % 2 ? 1.0f : -1.0f;
+
+  float running_max[kMaxPerKv], running_sum[kMaxPerKv];
+  for (int64_t j = 0; j < per_kv; ++j) { running_max[j] = -3.0e38f; running_sum[j] = 0.0f; }
+  float* acc = scratch;                 // [per_kv][rv]
+  float* rows = acc + per_kv * rv;      // [kBlock][rk]: the block's key latents as float32
+  float* zero_row = rows + kBlock * rk;  // [rk]: stands for the tokens past the end of the span
+  float* value_rows = zero_row + rk;     // [kBlock][rv]: the block's value latents as float32
+  for (int64_t x = 0; x < per_kv * rv; ++x) acc[x] = 0.0f;
+  for (int64_t x = 0; x < rk; ++x) zero_row[x] = 0.0f;
+  alignas(64) float scores[kMaxPerKv][kBlock];
+  alignas(64) float probs[kMaxPerKv][kBlock];
+
+  const int64_t begin = s * a.span, end = std::min(a.n, begin + a.span);
+  for (int64_t t0 = begin; t0 < end; t0 += kBlock) {
+    const int64_t count = std::min<int64_t>(kBlock, end - t0);
+    if (sizeof(T) != sizeof(float))
+      for (int64_t t = 0; t < count; ++t) row_to_float(keys + (t0 + t) * a.sk_t, rk, rows + t * rk);
+    for (int64_t u = 0; u < count; u += kUnroll) {
+      const float* latent_rows[kUnroll];
+      for (int i = 0; i < kUnroll; ++i)
+        latent_rows[i] = u + i >= count          ? zero_row
+                         : sizeof(T) == sizeof(float) ? reinterpret_cast<const float*>(keys + (t0 + u + i) * a.sk_t)
+                                                      : rows + (u + i) * rk;
+      Vec k[kUnroll][V];
+      for (int i = 0; i < kUnroll; ++i)
+        for (int v = 0; v < V; ++v) k[i][v] = center[v];
+      rebuild<D>(latent_rows, up, rk, a.width, k);
+      for (int i = 0; i < kUnroll && u + i < count; ++i) {
+        const float* cos_sin = rope + (t0 + u + i) * D;
+        Vec rotated[V];
+        for (int v = 0; v < V; ++v) {
+          const Vec pair = load(cos_sin + 16 * v);
+          const Vec cos = __builtin_shufflevector(pair, pair, 0, 0, 2, 2, 4, 4, 6, 6, 8, 8, 10, 10, 12, 12, 14, 14);
+          const Vec sin = __builtin_shufflevector(pair, pair, 1, 1, 3, 3, 5, 5, 7, 7, 9, 9, 11, 11, 13, 13, 15, 15);
+          const Vec swapped = __builtin_shufflevector(k[i][v], k[i][v], 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+          rotated[v] = k[i][v] * cos + swapped * sin * sign;
+        }
+        for (int64_t j = 0; j < per_kv; ++j) {
+          Vec dot = query[j][0] * rotated[0];
+          for (int v = 1; v < V; ++v) dot += query[j][v] * rotated[v];
+          scores[j][u + i] = hsum(dot);
+        }
+      }
+    }
+
+    for (int64_t j = 0; j < per_kv; ++j) {
+      float* p = probs[j];
+      float block_max = -3.0e38f;
+      for (int64_t t = 0; t < count; ++t)
+        if (!valid || valid[t0 + t]) block_max = std::max(block_max, scores[j][t]);
+      if (block_max <= -3.0e38f) {  // every token of the block hidden
+        for (int64_t t = 0; t < count; ++t) p[t] = 0.0f;
+        continue;
+      }
+      const float new_max = std::max(running_max[j], block_max);
+      const float rescale = expf(running_max[j] - new_max);
+      running_sum[j] *= rescale;
+      for (int64_t x = 0; x < rv; ++x) acc[j * rv + x] *= rescale;
+      for (int64_t t = 0; t < count; ++t) p[t] = expf(scores[j][t] - new_max);
+      if (valid)
+        for (int64_t t = 0; t < count; ++t) p[t] = valid[t0 + t] ? p[t] : 0.0f;
+      running_max[j] = new_max;
+      float block_sum = 0.0f;
+      for (int64_t t = 0; t < count; ++t) block_sum += p[t];
+      running_sum[j] += block_sum;
+    }
+    // Value latents: the block's rows as float32 once, then each query head's output is accumulated in registers.
+    for (int64_t t = 0; t < count; ++t) row_to_float(values + (t0 + t) * a.sv_t, rv, value_rows + t * rv);
+    for (int64_t j = 0; j < per_kv; ++j) {
+      float* out = acc + j * rv;
+      int64_t x = 0;
+      for (; x + 16 <= rv; x += 16) {
+        Vec sum = load(out + x);
+        for (int64_t t = 0; t < count; ++t) sum += probs[j][t] * load(value_rows + t * rv + x);
+        *reinterpret_cast<UnalignedVec*>(out + x) = sum;
+      }
+      for (; x < rv; ++x)
+        for (int64_t t = 0; t < count; ++t) out[x] += probs[j][t] * value_rows[t * rv + x];
+    }
+  }
+  const int64_t spans = (a.n + a.span - 1) / a.span;
+  const int64_t base = ((b * a.kv_heads + h) * spans + s) * per_kv;
+  for (int64_t j = 0; j < per_kv; ++j) {
+    a.part_max[base + j] = running_max[j];
+    a.part_sum[base + j] = running_sum[j];
+    memcpy(a.part_acc + (base + j) * rv, acc + j * rv, rv * sizeof(float));
+  }
+}
+
+void merge_spans(const Args& a, int64_t b, int64_t h) {
+  const int64_t spans = (a.n + a.span - 1) / a.span, per_kv = a.per_kv, rv = a.rv;
+  for (int64_t j = 0; j < per_kv; ++j) {
+    const int64_t head = (b * a.kv_heads + h) * per_kv + j;
+    float best = -3.0e38f;
+    for (int64_t s = 0; s < spans; ++s) {
+      const int64_t p = ((b * a.kv_heads + h) * spans + s) * per_kv + j;
+      if (a.part_sum[p] > 0.0f) best = std::max(best, a.part_max[p]);
+    }
+    float total = 0.0f;
+    float* out = a.out + head * rv;
+    for (int64_t x = 0; x < rv; ++x) out[x] = 0.0f;
+    for (int64_t s = 0; s < spans; ++s) {
+      const int64_t p = ((b * a.kv_heads + h) * spans + s) * per_kv + j;
+      if (a.part_sum[p] <= 0.0f) continue;
+      const float weight = expf(a.part_max[p] - best);
+      total += a.part_sum[p] * weight;
+      const float* acc = a.part_acc + p * rv;
+      for (int64_t x = 0; x < rv; ++x) out[x] += weight * acc[x];
+    }
+    if (total > 0.0f)
+      for (int64_t x = 0; x < rv; ++x) out[x] /= total;
+    a.out_max[head] = best;
+    a.out_sum[head] = total;
+  }
+}
+
+// Tiny attention weights (exp of a very negative score) are denormal floats, and x86 takes a slow microcode path
+// for every product with one: flush them to zero while the kernel runs (per thread; restored on exit).
+struct DenormalsAreZero {
+#if defined(__SSE__)
+  const unsigned int saved = _mm_getcsr();
+  DenormalsAreZero() { _mm_setcsr(saved | 0x8040); }  // FTZ | DAZ
+  ~DenormalsAreZero() { _mm_setcsr(saved); }
+#endif
+};
+
+template <int D, typename T>
+void run(const Args& a, int threads) {
+  const int64_t spans = (a.n + a.span - 1) / a.span;
+  const int64_t items = a.batch * a.kv_heads * spans;
+#pragma omp parallel num_threads(threads)
+  {
+    const DenormalsAreZero denormals_are_zero;
+    std::vector<float> scratch(a.per_kv * a.rv + (kBlock + 1) * a.rk + kBlock * a.rv);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < items; ++item) {
+      // The KV heads of one span run one after another: they read the same cos/sin rows, still in cache.
+      const int64_t h = item % a.kv_heads, s = (item / a.kv_heads) % spans, b = item / (a.kv_heads * spans);
+      span_kernel<D, T>(a, b, h, s, scratch.data());
+    }
+#pragma omp for
+    for (int64_t bh = 0; bh < a.batch * a.kv_heads; ++bh) merge_spans(a, bh / a.kv_heads, bh % a.kv_heads);
+  }
+}
+
+template <typename T>
+int dispatch(const Args& a, int64_t head_dim, int threads) {
+  switch (head_dim) {
+    case 32: run<32, T>(a, threads); return 0;
+    case 64: run<64, T>(a, threads); return 0;
+    case 80: run<80, T>(a, threads); return 0;
+    case 96: run<96, T>(a, threads); return 0;
+    case 128: run<128, T>(a, threads); return 0;
+    case 256: run<256, T>(a, threads); return 0;
+    default: return 1;
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// dtype (of the key and value latents): 0 float32, 1 bfloat16. Returns 0 on success, 1 for a shape it does not handle.
+int hf_svdkv_latent_decode(
+    const void* keys, const void* values, const float* up, const float* bias,
+    const float* rope, const float* query, const uint8_t* valid, float* part_max, float* part_sum, float* part_acc,
+    float* out_max, float* out_sum, float* out,
+    int64_t batch, int64_t n, int64_t kv_heads, int64_t per_kv, int64_t heads_per_key_group,
+    int64_t heads_per_value_group, int64_t rk, int64_t rv, int64_t width, int64_t head_dim, int64_t span,
+    int64_t sk_b, int64_t sk_g, int64_t sk_t, int64_t sv_b, int64_t sv_g, int64_t sv_t, int64_t rope_stride,
+    int64_t valid_stride, int dtype, int threads) {
+  if (per_kv > kMaxPerKv || rv > kMaxRank) return 1;
+  Args a{keys, values, up, bias, rope, query, valid, part_max, part_sum, part_acc, out_max, out_sum, out,
+         batch, n, kv_heads, per_kv, heads_per_key_group, heads_per_value_group, rk, rv, width, span,
+         sk_b, sk_g, sk_t, sv_b, sv_g, sv_t, rope_stride, valid_stride};
+  return dtype == 1 ? dispatch<uint16_t>(a, head_dim, threads) : dispatch<float>(a, head_dim, threads);
+}
+
+}  // extern "C"

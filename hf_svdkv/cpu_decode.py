@@ -1,0 +1,169 @@
+"""The fused CPU kernel for a decoding step (`cpu_decode.cpp`): the CPU's counterpart of `triton_decode`.
+
+On a CPU, the torch path of `latent_attention` makes several passes over a full-size key tensor per step (rebuild,
+convert, rotate, score), each bound by memory bandwidth: slower than SDPA reading a full cache once. The kernel
+rebuilds, rotates and scores keys a few tokens at a time in registers and folds them into an online softmax over the
+value latents, so a step reads only the latents and their cos/sin.
+
+The kernel is plain C++ with OpenMP and no torch headers: the first use on a machine compiles it with the system's
+C++ compiler (about a second) into the cache folder (`$HF_SVDKV_CACHE/kernels`, keyed by source, flags and CPU), later
+processes load it with ctypes. Without a compiler, or with HF_SVDKV_CPU_KERNEL=0, `available()` is False and the
+torch path serves (same function, slower).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+import weakref
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_decode.cpp")
+FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+HEAD_DIMS = (32, 64, 80, 96, 128, 256)  # the kernel's compiled head sizes
+LATENT_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+MAX_VALUE_RANK = 512
+SPAN = 512  # tokens per work item: enough to amortise a span's setup, small enough to share 8k tokens among threads
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+
+
+def _cpu_signature() -> str:
+    """What -march=native compiles for: the CPU model and its feature flags (Linux), else the platform."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _build(compiler: str) -> Path:
+    from .assets import cache_dir
+
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), compiler.encode(), _cpu_signature().encode()]))
+    library = cache_dir() / "kernels" / f"cpu_decode-{key.hexdigest()[:16]}.so"
+    if library.exists():
+        return library
+    library.parent.mkdir(parents=True, exist_ok=True)
+    # Built under a temporary name, then renamed: a concurrent process never loads a half-written library.
+    with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
+        built = Path(tmp) / library.name
+        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], check=True, capture_output=True, text=True)
+        os.replace(built, library)
+    return library
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    if os.environ.get("HF_SVDKV_CPU_KERNEL", "1") == "0":
+        return None
+    compiler = _compiler()
+    if compiler is None:
+        return None
+    try:
+        library = ctypes.CDLL(str(_build(compiler)))
+    except (OSError, subprocess.CalledProcessError) as error:
+        detail = getattr(error, "stderr", "") or error
+        warnings.warn(f"hf_svdkv: could not build the CPU decode kernel ({detail}); using the torch path", stacklevel=2)
+        return None
+    function = library.hf_svdkv_latent_decode
+    function.restype = ctypes.c_int
+    function.argtypes = [ctypes.c_void_p] * 13 + [ctypes.c_int64] * 19 + [ctypes.c_int, ctypes.c_int]
+    return library
+
+
+def available() -> bool:
+    """The kernel is built (or buildable) and loadable on this machine."""
+    return _library() is not None
+
+
+def supports(layer, head_dim: int, num_heads: int, num_kv_heads: int) -> bool:
+    """Whether the kernel handles this layer's latents: float32 or bfloat16 tensors (not integer codes), a compiled
+    head size, at most 32 query heads per KV head and value rank at most MAX_VALUE_RANK."""
+    keys, values = layer.keys, layer.values
+    return (
+        isinstance(keys, torch.Tensor)
+        and keys.dtype in LATENT_DTYPES
+        and values.dtype == keys.dtype
+        and head_dim in HEAD_DIMS
+        and num_heads // num_kv_heads <= 32
+        and values.shape[-1] <= MAX_VALUE_RANK
+    )
+
+
+def _pointer(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+_KEY_ROWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _key_rows(state) -> torch.Tensor:
+    """The key up projection as the kernel reads it: float32 [key groups, rank, width], each head's RoPE pairs
+    interleaved (`state.key_weight` transposed, in float32 even when the latents are 16-bit)."""
+    rows = _KEY_ROWS.get(state)
+    if rows is None:
+        rows = _KEY_ROWS[state] = state.key_weight.mT.float().contiguous()
+    return rows
+
+
+def decode_latents(
+    query: torch.Tensor, layer, state, rope: torch.Tensor, scaling: float, valid: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of query [batch, heads, d] (one token, after RoPE) over the layer's latent tokens.
+
+    `rope` = `latent_attention.rope_factors` of the layer's positions [batch, >= latent tokens, d/2] complex64;
+    `valid` [batch, latent tokens] uint8 hides tokens (left padding). Returns the output over value latents
+    [batch, heads, value_rank] float32 (normalised) and its natural-log log-sum-exp [batch, heads] (-inf where every
+    token is hidden), as `triton_decode.decode_latents`."""
+    from .latent_attention import _interleave
+
+    batch, num_heads, head_dim = query.shape
+    keys, values = layer.keys, layer.values
+    latent_len, key_rank, value_rank = keys.shape[-2], keys.shape[-1], values.shape[-1]
+    num_kv_heads = state.value_center.shape[0]
+    up = _key_rows(state)
+    key_groups, width = up.shape[0], up.shape[-1]
+    if keys.stride(-1) != 1 or values.stride(-1) != 1:
+        keys, values = keys.contiguous(), values.contiguous()
+    queries = _interleave(query.float() * scaling).contiguous()  # [batch, heads, d]: a KV head's query heads adjacent
+    cos_sin = torch.view_as_real(rope.contiguous())  # [batch, positions, d/2, 2]
+    if valid is not None:
+        valid = valid.to(torch.uint8).contiguous()
+    per_kv = num_heads // num_kv_heads
+    spans = -(-latent_len // SPAN)
+    f32 = {"dtype": torch.float32, "device": query.device}
+    part_max = torch.empty((batch, num_kv_heads, spans, per_kv), **f32)
+    part_sum = torch.empty_like(part_max)
+    part_acc = torch.empty((batch, num_kv_heads, spans, per_kv, value_rank), **f32)
+    out_max = torch.empty((batch, num_heads), **f32)
+    out_sum = torch.empty_like(out_max)
+    out = torch.empty((batch, num_heads, value_rank), **f32)
+    status = _library().hf_svdkv_latent_decode(
+        keys.data_ptr(), values.data_ptr(), up.data_ptr(), _pointer(state.key_bias), cos_sin.data_ptr(), queries.data_ptr(),
+        _pointer(valid), part_max.data_ptr(), part_sum.data_ptr(), part_acc.data_ptr(),
+        out_max.data_ptr(), out_sum.data_ptr(), out.data_ptr(),
+        batch, latent_len, num_kv_heads, per_kv, num_kv_heads // key_groups, num_kv_heads // values.shape[1],
+        key_rank, value_rank, width, head_dim, SPAN,
+        keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
+        cos_sin.stride(0), 0 if valid is None else valid.stride(0),
+        LATENT_DTYPES[keys.dtype], torch.get_num_threads(),
+    )
+    if status:
+        raise ValueError(f"hf_svdkv CPU kernel: unsupported shape (head_dim {head_dim}, {per_kv} query heads per KV head, value rank {value_rank})")
+    lse = out_max + out_sum.log()  # log(0) = -inf where every token is hidden
+    return out, lse

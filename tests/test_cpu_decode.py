@@ -1,0 +1,123 @@
+"""The fused CPU decode kernel (cpu_decode.cpp) computes what the torch latent path computes: same logits within
+float32 tolerance for every geometry, grouping, window, padding and odd rank; close in bfloat16; and the torch path
+takes over where the kernel cannot be built."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import structured_ids, tiny_model
+
+import hf_svdkv.latent_attention as latent_attention
+from hf_svdkv import CompressionConfig, SVDBases, SVDCompressedCache, cpu_decode, patch_model
+
+pytestmark = pytest.mark.skipif(not cpu_decode.available(), reason="no C++ compiler: the CPU kernel cannot be built")
+KERNEL_READY = latent_attention._cpu_kernel_ready
+
+
+def decode(model, ids: torch.Tensor, mask: torch.Tensor | None, kernel: bool, monkeypatch, steps: int = 5) -> torch.Tensor:
+    """Logits of a prefill and `steps` greedy single-token steps, through the kernel or the torch path."""
+    calls = []
+
+    def counted(*args):
+        calls.append(KERNEL_READY(*args))
+        return calls[-1]
+
+    monkeypatch.setattr(latent_attention, "_cpu_kernel_ready", counted if kernel else lambda *args: False)
+    cache = SVDCompressedCache(model)
+    logits = []
+    with torch.inference_mode():
+        out = model(ids, attention_mask=mask, past_key_values=cache)
+        logits.append(out.logits[:, -1:])
+        for _ in range(steps):
+            token = out.logits[:, -1:].argmax(-1)
+            if mask is not None:
+                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            out = model(token, attention_mask=mask, past_key_values=cache)
+            logits.append(out.logits)
+    assert not kernel or (calls and all(calls)), "the kernel was not used"
+    return torch.cat(logits, dim=1).float()
+
+
+@pytest.mark.parametrize(
+    "num_heads,num_kv_heads,head_dim,key_rank,value_rank,group_size",
+    [(4, 4, 32, 12, 10, 1), (6, 2, 64, 24, 16, 1), (6, 2, 64, 40, 24, 2), (4, 2, 32, 9, 7, 1), (8, 2, 32, 32, 32, 2)],
+    ids=["mha", "gqa-d64", "gqa-joint", "odd-ranks", "full-rank-joint"],
+)
+@pytest.mark.parametrize("window", [0, 5])
+def test_kernel_matches_torch_path(monkeypatch, num_heads, num_kv_heads, head_dim, key_rank, value_rank, group_size, window):
+    model = tiny_model("llama", num_heads, num_kv_heads, head_dim)
+    patch_model(model, CompressionConfig(key_rank=key_rank, value_rank=value_rank, group_size=group_size, window=window))
+    # Longer than one span of the kernel, so spans are merged.
+    ids = structured_ids(cpu_decode.SPAN + 90)
+    expected = decode(model, ids, None, kernel=False, monkeypatch=monkeypatch)
+    got = decode(model, ids, None, kernel=True, monkeypatch=monkeypatch)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+def test_left_padding_and_biases_match(monkeypatch):
+    """qwen2's key biases (the key center), left-padded rows hidden by the validity mask, a window."""
+    model = tiny_model("qwen2")
+    patch_model(model, CompressionConfig(key_rank=10, value_rank=9, group_size=2, window=3))
+    ids = structured_ids(40, batch=3)
+    mask = torch.ones_like(ids)
+    mask[0, :25] = 0
+    mask[1, :7] = 0
+    expected = decode(model, ids, mask, kernel=False, monkeypatch=monkeypatch)
+    got = decode(model, ids, mask, kernel=True, monkeypatch=monkeypatch)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+def test_bfloat16_close_to_torch_path(monkeypatch):
+    model = tiny_model("llama", num_heads=6, num_kv_heads=2, head_dim=64, dtype=torch.bfloat16)
+    patch_model(model, CompressionConfig(key_rank=24, value_rank=20))
+    ids = structured_ids(300)
+    expected = decode(model, ids, None, kernel=False, monkeypatch=monkeypatch)
+    got = decode(model, ids, None, kernel=True, monkeypatch=monkeypatch)
+    # Both round latents to bfloat16; the torch path also rounds rebuilt keys to bfloat16, the kernel keeps float32.
+    assert (got - expected).abs().max() < 0.05 * expected.abs().max()
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
+
+
+def test_kernel_handles_each_head_size_it_claims():
+    """decode_latents directly, for every compiled head size, against latent_attention on the same layer."""
+    for head_dim in cpu_decode.HEAD_DIMS:
+        model = tiny_model("llama", num_heads=4, num_kv_heads=2, head_dim=head_dim, num_layers=1)
+        bases = SVDBases.from_model(model, CompressionConfig(key_rank=8, value_rank=8))
+        patch_model(model, bases=bases)
+        cache = SVDCompressedCache(model)
+        with torch.inference_mode():
+            model(structured_ids(70), past_key_values=cache)
+            layer, attention = cache.layers[0], model.model.layers[0].self_attn
+            state = latent_attention._layer_state(attention, layer)
+            rope = latent_attention.rope_factors(model.model.rotary_emb, layer.positions)
+            query = torch.randn(1, 4, 1, head_dim, generator=torch.Generator().manual_seed(head_dim))
+            expected = latent_attention.latent_attention(query, layer, state, rope, scaling=attention.scaling).latent[:, 0]
+            got, lse = cpu_decode.decode_latents(query[:, :, 0], layer, state, rope, attention.scaling)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+        assert torch.isfinite(lse).all()
+
+
+def test_without_a_compiler_the_torch_path_serves(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_SVDKV_CACHE", str(tmp_path))  # nothing built there yet
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    cpu_decode._library.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="could not build the CPU decode kernel"):
+            assert not cpu_decode.available()
+        model = tiny_model("llama")
+        patch_model(model, CompressionConfig(key_rank=8, value_rank=8))
+        decode(model, structured_ids(20), None, kernel=False, monkeypatch=monkeypatch, steps=2)
+    finally:
+        cpu_decode._library.cache_clear()
+
+
+def test_switched_off_by_environment(monkeypatch):
+    monkeypatch.setenv("HF_SVDKV_CPU_KERNEL", "0")
+    cpu_decode._library.cache_clear()
+    try:
+        assert not cpu_decode.available()
+    finally:
+        monkeypatch.delenv("HF_SVDKV_CPU_KERNEL")
+        cpu_decode._library.cache_clear()
+    assert cpu_decode.available()
