@@ -1,13 +1,13 @@
 """Speed and memory of KV caches on one model: prefill time, decode tokens/s, peak memory, KV bytes.
 
 For every context length and batch size, each row (a cache recipe from `eval`: dynamic, SVD configurations,
-transformers' quantized peers) gets a fresh cache, a prefill of random tokens, a few untimed decode steps, then
-`steps` timed single-token steps; decode speed is batch / median step time. With `repeat` rounds, each row keeps its
-best round (on a machine shared with other work, the figure closest to an idle machine's). Peak memory is the process's growth
-during that run: CUDA's max_memory_allocated, or on CPU the peak resident set size (Linux keeps it in
-/proc/self/status as VmHWM and resets it on request; tracemalloc does not see torch's allocations). KV bytes are
-what the cache holds at the end (`memory.cache_nbytes`). Rows run one after another on the same weights, so their
-numbers compare; ratios are to `dynamic`.
+transformers' quantized peers) gets a fresh cache, a prefill of random tokens and a few untimed decode steps; then
+the rows take `steps` timed single-token steps in turn (row A's step, row B's step, ...), so that load on a shared
+machine, which comes and goes over seconds, slows every row alike. Decode speed is batch / median step time. With
+`repeat` rounds, each row keeps its best round. Peak memory is the process's growth during a row's prefill and
+warm-up: CUDA's max_memory_allocated, or on CPU the peak resident set size (Linux keeps it in /proc/self/status as
+VmHWM and resets it on request; tracemalloc does not see torch's allocations). KV bytes are what the cache holds at
+the end (`memory.cache_nbytes`). Ratios are to `dynamic`.
 """
 
 from __future__ import annotations
@@ -106,34 +106,91 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(
-    model: nn.Module, make_cache, ids: torch.Tensor, *, steps: int, warmup: int, prefill_chunk: int = 0
-) -> tuple[float, float, int | None, int]:
-    """(prefill seconds, decode tokens/s, peak memory growth, KV bytes) of one fresh cache on `ids` [batch, context]."""
+@dataclass
+class _LiveRow:
+    """A row's cache between its prefill and the end of the interleaved decoding, and how to patch the model for it."""
+
+    spec: Any
+    patch: Any  # hf_svdkv.patch.PatchState the row runs under, or None (an unpatched model)
+    cache: Any
+    token: torch.Tensor
+    prefill_s: float
+    peak: int | None
+    times: list[float] = field(default_factory=list)
+
+
+def _enter(model: nn.Module, patch: Any) -> None:
+    if patch is not None:
+        from . import patch_model
+
+        patch_model(model, bases=patch.bases, window=patch.window, latent_bits=patch.latent_bits)
+
+
+def _leave(model: nn.Module, patch: Any) -> None:
+    if patch is not None:
+        from . import unpatch_model
+
+        unpatch_model(model)
+
+
+def _step(model: nn.Module, live: _LiveRow) -> float:
+    """One timed decoding step of a row's cache: seconds."""
+    device = live.token.device
+    _sync(device)
+    start = time.perf_counter()
+    out = model(live.token, **cache_kwargs(model, live.cache), use_cache=True)
+    _sync(device)
+    elapsed = time.perf_counter() - start
+    live.token = out.logits[:, -1:].argmax(-1)
+    return elapsed
+
+
+def _prefill(model: nn.Module, spec: Any, ids: torch.Tensor, *, warmup: int, prefill_chunk: int) -> _LiveRow:
+    """Set the row up, prefill a fresh cache and take its untimed warm-up steps; peak memory growth over all that."""
+    from .patch import patch_state
+
     device = ids.device
-    with PeakMemory(device) as peak:
-        cache = make_cache()
-        cache_kwarg = cache_kwargs(model, cache)
-        chunk = prefill_chunk or ids.shape[1]
-        _sync(device)
-        start = time.perf_counter()
-        for begin in range(0, ids.shape[1], chunk):  # only the last logit is needed: skip the LM head elsewhere
-            out = model(ids[:, begin : begin + chunk], **cache_kwarg, use_cache=True, logits_to_keep=1)
-        _sync(device)
-        prefill_s = time.perf_counter() - start
-        token = out.logits[:, -1:].argmax(-1)
-        times = []
-        for step in range(warmup + steps):
+    factory = spec.setup(model)
+    try:
+        patch = patch_state(model)
+        with PeakMemory(device) as peak:
+            cache = factory()
+            chunk = prefill_chunk or ids.shape[1]
             _sync(device)
             start = time.perf_counter()
-            out = model(token, **cache_kwarg, use_cache=True)
-            token = out.logits[:, -1:].argmax(-1)
+            for begin in range(0, ids.shape[1], chunk):  # only the last logit is needed: skip the LM head elsewhere
+                out = model(ids[:, begin : begin + chunk], **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
             _sync(device)
-            if step >= warmup:
-                times.append(time.perf_counter() - start)
-        kv_bytes = cache_nbytes(cache)
-        del cache, out
-    return prefill_s, ids.shape[0] / statistics.median(times), peak.bytes, kv_bytes
+            live = _LiveRow(spec, patch, cache, out.logits[:, -1:].argmax(-1), time.perf_counter() - start, None)
+            del out
+            for _ in range(warmup):
+                _step(model, live)
+    finally:
+        spec.teardown(model)
+    live.peak = peak.bytes
+    return live
+
+
+def measure_interleaved(
+    model: nn.Module, rows: Sequence, ids: torch.Tensor, *, steps: int, warmup: int, prefill_chunk: int = 0
+) -> list[BenchRow]:
+    """Every row on `ids` [batch, context]: prefill (timed, with its peak memory growth), then `steps` decoding
+    steps taken in turn, one row after another, so that load coming and going on the machine hits every row alike
+    (the order rotates each step). Decode speed is batch / median step time; KV bytes are counted at the end."""
+    live = [_prefill(model, spec, ids, warmup=warmup, prefill_chunk=prefill_chunk) for spec in rows]
+    for step in range(steps):
+        shift = step % len(live)
+        for row in live[shift:] + live[:shift]:
+            _enter(model, row.patch)
+            try:
+                row.times.append(_step(model, row))
+            finally:
+                _leave(model, row.patch)
+    batch, context = ids.shape
+    return [
+        BenchRow(row.spec.name, context, batch, row.prefill_s, batch / statistics.median(row.times), row.peak, cache_nbytes(row.cache))
+        for row in live
+    ]
 
 
 def run_rows(
@@ -149,10 +206,10 @@ def run_rows(
     seed: int = 0,
     progress: bool = True,
 ) -> list[BenchRow]:
-    """Every row (an `eval.RowSpec`) at every (context, batch), on the same random prompts.
+    """Every row (an `eval.RowSpec`) at every (context, batch), on the same random prompts (`measure_interleaved`).
 
-    With `repeat` > 1 every row runs that many rounds (rows alternate within a round) and keeps its best: fastest
-    prefill and decode, smallest peak. On a shared machine, load that comes and goes then costs each row alike."""
+    With `repeat` > 1 everything runs that many rounds and every row keeps its best: fastest prefill and decode,
+    smallest peak."""
     generator = torch.Generator().manual_seed(seed)
     vocab = model.config.get_text_config(decoder=True).vocab_size
     prompts = {(c, b): torch.randint(3, vocab, (b, c), generator=generator).to(model.device) for c in contexts for b in batches}
@@ -162,25 +219,20 @@ def run_rows(
             spec.prepare(model, [prefill_chunk or min(contexts), 1])  # the update sizes of one run
         model(prompts[contexts[0], batches[0]][:, :64], use_cache=False, logits_to_keep=1)  # page weights in, init kernels
         for round_ in range(repeat):
-            for spec in rows:
-                factory = spec.setup(model)
-                try:
-                    for (context, batch), ids in prompts.items():
-                        prefill_s, tokens_per_s, peak, kv = measure(model, factory, ids, steps=steps, warmup=warmup,
-                                                                    prefill_chunk=prefill_chunk)
-                        row = BenchRow(spec.name, context, batch, prefill_s, tokens_per_s, peak, kv)
-                        if (key := (spec.name, context, batch)) in best:
-                            kept = best[key]
-                            peaks = [p for p in (kept.peak_mem_bytes, peak) if p is not None]
-                            row = BenchRow(spec.name, context, batch, min(kept.prefill_s, prefill_s),
-                                           max(kept.decode_tokens_per_s, tokens_per_s), min(peaks) if peaks else None, kv)
-                        best[key] = row
-                        if progress:
-                            label = f" (round {round_ + 1}/{repeat})" if repeat > 1 else ""
-                            print(f"  {spec.name:24s} context {context:6d} batch {batch:3d}: prefill {prefill_s:7.2f} s, "
-                                  f"decode {tokens_per_s:8.2f} tok/s{label}", flush=True)
-                finally:
-                    spec.teardown(model)
+            for (context, batch), ids in prompts.items():
+                for row in measure_interleaved(model, rows, ids, steps=steps, warmup=warmup, prefill_chunk=prefill_chunk):
+                    if (key := (row.name, context, batch)) in best:
+                        kept = best[key]
+                        peaks = [p for p in (kept.peak_mem_bytes, row.peak_mem_bytes) if p is not None]
+                        row = BenchRow(row.name, context, batch, min(kept.prefill_s, row.prefill_s),
+                                       max(kept.decode_tokens_per_s, row.decode_tokens_per_s), min(peaks) if peaks else None,
+                                       row.kv_bytes)
+                    best[key] = row
+                    if progress:
+                        label = f" (round {round_ + 1}/{repeat})" if repeat > 1 else ""
+                        print(f"  {row.name:24s} context {context:6d} batch {batch:3d}: prefill {row.prefill_s:7.2f} s, "
+                              f"decode {row.decode_tokens_per_s:8.2f} tok/s{label}", flush=True)
+                gc.collect()
     return list(best.values())
 
 

@@ -89,15 +89,22 @@ class SVDCacheLayer(DynamicLayer):
         self.positions, self._buffers["positions"] = append_along(
             self._buffers.get("positions"), self.positions, positions.to(self.device, torch.int32), dim=-1
         )
-        exact_keys = torch.cat([self.recent_keys, key_states], dim=-2)
-        exact_values = torch.cat([self.recent_values, value_states], dim=-2)
+        if self.recent_keys.shape[-2]:
+            exact_keys = torch.cat([self.recent_keys, key_states], dim=-2)
+            exact_values = torch.cat([self.recent_values, value_states], dim=-2)
+        else:  # no window (or an empty one): the new tokens are the whole exact span
+            exact_keys, exact_values = key_states, value_states
         # The whole exact span is encoded (not only the tokens ageing out): its latents are what `update` rebuilds.
         new_keys, new_values = self._encode(self.projection.key, exact_keys), self._encode(self.projection.value, exact_values)
         aged = max(exact_keys.shape[-2] - self.window, 0)
         self.keys = self._kept("keys", new_keys, aged)
         self.values = self._kept("values", new_values, aged)
         # A slice would keep the whole span's storage alive (a prefill's full-size keys and values): keep a copy.
-        self.recent_keys, self.recent_values = (t[..., aged:, :].clone() if aged else t for t in (exact_keys, exact_values))
+        if aged == exact_keys.shape[-2]:
+            # Fresh empty tensors: an empty slice would still hold the whole span's storage.
+            self.recent_keys, self.recent_values = (t.new_empty((*t.shape[:-2], 0, t.shape[-1])) for t in (exact_keys, exact_values))
+        else:
+            self.recent_keys, self.recent_values = (t[..., aged:, :].clone() if aged else t for t in (exact_keys, exact_values))
         self.exact_tail = exact_keys.shape[-2] if self.window else 0
         return exact_keys, exact_values, new_keys, new_values
 

@@ -70,12 +70,13 @@ struct Args {
   const float* up;                        // [key groups, rk, width] float32, each head's RoPE pairs interleaved
   const float* bias;                      // [key groups, width] (the key center) or null
   const float* rope;                      // [B, n_rope, D/2, 2]: cos, sin of each token's position
-  const float* query;                     // [B, kv heads, per_kv, D], scaled, pairs interleaved
+  const float* query;                     // [B, kv heads, per_kv, D] after RoPE, rotate-half layout, unscaled
   const uint8_t* valid;                   // [B, valid_stride] or null
   float* part_max; float* part_sum; float* part_acc;  // [B, kv heads, spans, per_kv (, rv)]
   float* out_max; float* out_sum; float* out;         // [B, kv heads, per_kv (, rv)]
   int64_t batch, n, kv_heads, per_kv, heads_per_key_group, heads_per_value_group, rk, rv, width, span;
   int64_t sk_b, sk_g, sk_t, sv_b, sv_g, sv_t, rope_stride, valid_stride;
+  float scaling;
 };
 
 // Keys of kUnroll tokens (before RoPE) from their float32 latent rows, added to k (which starts at the center).
@@ -105,9 +106,13 @@ void span_kernel(const Args& a, int64_t b, int64_t h, int64_t s, float* scratch)
   const float* rope = a.rope + b * a.rope_stride;
   const uint8_t* valid = a.valid ? a.valid + b * a.valid_stride : nullptr;
 
+  // Queries scaled and laid out as the keys: RoPE pairs (x_i, x_{i + D/2}) interleaved.
   Vec query[kMaxPerKv][V];
-  for (int64_t j = 0; j < per_kv; ++j)
-    for (int v = 0; v < V; ++v) query[j][v] = load(a.query + ((b * a.kv_heads + h) * per_kv + j) * D + 16 * v);
+  for (int64_t j = 0; j < per_kv; ++j) {
+    const float* q = a.query + ((b * a.kv_heads + h) * per_kv + j) * D;
+    for (int v = 0; v < V; ++v)
+      for (int x = 0; x < 16; ++x) query[j][v][x] = a.scaling * q[(16 * v + x) / 2 + (x % 2) * (D / 2)];
+  }
   Vec center[V];
   for (int v = 0; v < V; ++v) center[v] = bias ? load(bias + 16 * v) : Vec{};
   Vec sign;  // lanes 2i and 2i+1 hold one RoPE pair (x, y): rotated = (x c - y s, x s + y c)
@@ -282,11 +287,11 @@ int hf_svdkv_latent_decode(
     int64_t batch, int64_t n, int64_t kv_heads, int64_t per_kv, int64_t heads_per_key_group,
     int64_t heads_per_value_group, int64_t rk, int64_t rv, int64_t width, int64_t head_dim, int64_t span,
     int64_t sk_b, int64_t sk_g, int64_t sk_t, int64_t sv_b, int64_t sv_g, int64_t sv_t, int64_t rope_stride,
-    int64_t valid_stride, int dtype, int threads) {
+    int64_t valid_stride, float scaling, int dtype, int threads) {
   if (per_kv > kMaxPerKv || rv > kMaxRank) return 1;
   Args a{keys, values, up, bias, rope, query, valid, part_max, part_sum, part_acc, out_max, out_sum, out,
          batch, n, kv_heads, per_kv, heads_per_key_group, heads_per_value_group, rk, rv, width, span,
-         sk_b, sk_g, sk_t, sv_b, sv_g, sv_t, rope_stride, valid_stride};
+         sk_b, sk_g, sk_t, sv_b, sv_g, sv_t, rope_stride, valid_stride, scaling};
   return dtype == 1 ? dispatch<uint16_t>(a, head_dim, threads) : dispatch<float>(a, head_dim, threads);
 }
 

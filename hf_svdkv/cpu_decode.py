@@ -82,7 +82,7 @@ def _library() -> ctypes.CDLL | None:
         return None
     function = library.hf_svdkv_latent_decode
     function.restype = ctypes.c_int
-    function.argtypes = [ctypes.c_void_p] * 13 + [ctypes.c_int64] * 19 + [ctypes.c_int, ctypes.c_int]
+    function.argtypes = [ctypes.c_void_p] * 13 + [ctypes.c_int64] * 19 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
     return library
 
 
@@ -130,8 +130,6 @@ def decode_latents(
     `valid` [batch, latent tokens] uint8 hides tokens (left padding). Returns the output over value latents
     [batch, heads, value_rank] float32 (normalised) and its natural-log log-sum-exp [batch, heads] (-inf where every
     token is hidden), as `triton_decode.decode_latents`."""
-    from .latent_attention import _interleave
-
     batch, num_heads, head_dim = query.shape
     keys, values = layer.keys, layer.values
     latent_len, key_rank, value_rank = keys.shape[-2], keys.shape[-1], values.shape[-1]
@@ -140,19 +138,17 @@ def decode_latents(
     key_groups, width = up.shape[0], up.shape[-1]
     if keys.stride(-1) != 1 or values.stride(-1) != 1:
         keys, values = keys.contiguous(), values.contiguous()
-    queries = _interleave(query.float() * scaling).contiguous()  # [batch, heads, d]: a KV head's query heads adjacent
+    queries = query.float().contiguous()  # [batch, heads, d]: a KV head's query heads adjacent; scaled in the kernel
     cos_sin = torch.view_as_real(rope.contiguous())  # [batch, positions, d/2, 2]
     if valid is not None:
         valid = valid.to(torch.uint8).contiguous()
     per_kv = num_heads // num_kv_heads
     spans = -(-latent_len // SPAN)
-    f32 = {"dtype": torch.float32, "device": query.device}
-    part_max = torch.empty((batch, num_kv_heads, spans, per_kv), **f32)
-    part_sum = torch.empty_like(part_max)
-    part_acc = torch.empty((batch, num_kv_heads, spans, per_kv, value_rank), **f32)
-    out_max = torch.empty((batch, num_heads), **f32)
-    out_sum = torch.empty_like(out_max)
-    out = torch.empty((batch, num_heads, value_rank), **f32)
+    # Every float32 the kernel writes, in one allocation: per span (max, sum, output) per query head, then the merged
+    # output, max and sum.
+    partial = batch * num_heads * spans
+    sizes = [partial, partial, partial * value_rank, batch * num_heads * value_rank, batch * num_heads, batch * num_heads]
+    part_max, part_sum, part_acc, out, out_max, out_sum = torch.empty(sum(sizes), dtype=torch.float32, device=query.device).split(sizes)
     status = _library().hf_svdkv_latent_decode(
         keys.data_ptr(), values.data_ptr(), up.data_ptr(), _pointer(state.key_bias), cos_sin.data_ptr(), queries.data_ptr(),
         _pointer(valid), part_max.data_ptr(), part_sum.data_ptr(), part_acc.data_ptr(),
@@ -161,9 +157,9 @@ def decode_latents(
         key_rank, value_rank, width, head_dim, SPAN,
         keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
         cos_sin.stride(0), 0 if valid is None else valid.stride(0),
-        LATENT_DTYPES[keys.dtype], torch.get_num_threads(),
+        ctypes.c_float(scaling), LATENT_DTYPES[keys.dtype], torch.get_num_threads(),
     )
     if status:
         raise ValueError(f"hf_svdkv CPU kernel: unsupported shape (head_dim {head_dim}, {per_kv} query heads per KV head, value rank {value_rank})")
-    lse = out_max + out_sum.log()  # log(0) = -inf where every token is hidden
-    return out, lse
+    lse = out_max.view(batch, num_heads) + out_sum.view(batch, num_heads).log()  # log(0) = -inf: every token hidden
+    return out.view(batch, num_heads, value_rank), lse
