@@ -6,7 +6,7 @@ rebuilds, rotates and scores keys a few tokens at a time in registers and folds 
 value latents, so a step reads only the latents and their cos/sin.
 
 The kernel is plain C++ with OpenMP and no torch headers: the first use on a machine compiles it with the system's
-C++ compiler (about a second) into the cache folder (`$HF_SVDKV_CACHE/kernels`, keyed by source, flags and CPU), later
+C++ compiler (about 10 s) into the cache folder (`$HF_SVDKV_CACHE/kernels`, keyed by source, flags and CPU), later
 processes load it with ctypes. Without a compiler, or with HF_SVDKV_CPU_KERNEL=0, `available()` is False and the
 torch path serves (same function, slower).
 """
@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("cpu_decode.cpp")
+# -ffast-math: vectorised exp (glibc's libmvec) and reassociated dot products; the kernel never relies on infinities
+# or NaNs (hidden tokens are skipped, not given -inf scores).
 FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 HEAD_DIMS = (32, 64, 80, 96, 128, 256)  # the kernel's compiled head sizes
 LATENT_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
@@ -40,7 +42,7 @@ def _compiler() -> str | None:
 
 
 def _cpu_signature() -> str:
-    """What -march=native compiles for: the CPU model and its feature flags (Linux), else the platform."""
+    """What -march=native compiles for: the CPU's feature flags (Linux), else the platform."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
