@@ -100,11 +100,7 @@ class SVDCacheLayer(DynamicLayer):
         self.keys = self._kept("keys", new_keys, aged)
         self.values = self._kept("values", new_values, aged)
         # A slice would keep the whole span's storage alive (a prefill's full-size keys and values): keep a copy.
-        if aged == exact_keys.shape[-2]:
-            # Fresh empty tensors: an empty slice would still hold the whole span's storage.
-            self.recent_keys, self.recent_values = (t.new_empty((*t.shape[:-2], 0, t.shape[-1])) for t in (exact_keys, exact_values))
-        else:
-            self.recent_keys, self.recent_values = (t[..., aged:, :].clone() if aged else t for t in (exact_keys, exact_values))
+        self.recent_keys, self.recent_values = (t[..., aged:, :].clone() if aged else t for t in (exact_keys, exact_values))
         self.exact_tail = exact_keys.shape[-2] if self.window else 0
         return exact_keys, exact_values, new_keys, new_values
 
