@@ -22,7 +22,6 @@ import shutil
 import subprocess
 import tempfile
 import warnings
-import weakref
 from pathlib import Path
 
 import torch
@@ -34,6 +33,7 @@ FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC", 
 HEAD_DIMS = (32, 64, 80, 96, 128, 256)  # the kernel's compiled head sizes
 LATENT_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 MAX_VALUE_RANK = 512
+MAX_QUERY_HEADS_PER_KV_HEAD = 32
 SPAN = 512  # tokens per work item: enough to amortise a span's setup, small enough to share 8k tokens among threads
 
 
@@ -95,32 +95,20 @@ def available() -> bool:
 
 def supports(layer, head_dim: int, num_heads: int, num_kv_heads: int) -> bool:
     """Whether the kernel handles this layer's latents: float32 or bfloat16 tensors (not integer codes), a compiled
-    head size, at most 32 query heads per KV head and value rank at most MAX_VALUE_RANK."""
+    head size, at most MAX_QUERY_HEADS_PER_KV_HEAD query heads per KV head and value rank at most MAX_VALUE_RANK."""
     keys, values = layer.keys, layer.values
     return (
         isinstance(keys, torch.Tensor)
         and keys.dtype in LATENT_DTYPES
         and values.dtype == keys.dtype
         and head_dim in HEAD_DIMS
-        and num_heads // num_kv_heads <= 32
+        and num_heads // num_kv_heads <= MAX_QUERY_HEADS_PER_KV_HEAD
         and values.shape[-1] <= MAX_VALUE_RANK
     )
 
 
 def _pointer(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
-
-
-_KEY_ROWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _key_rows(state) -> torch.Tensor:
-    """The key up projection as the kernel reads it: float32 [key groups, rank, width], each head's RoPE pairs
-    interleaved (`state.key_weight` transposed, in float32 even when the latents are 16-bit)."""
-    rows = _KEY_ROWS.get(state)
-    if rows is None:
-        rows = _KEY_ROWS[state] = state.key_weight.mT.float().contiguous()
-    return rows
 
 
 def decode_latents(
@@ -136,7 +124,7 @@ def decode_latents(
     keys, values = layer.keys, layer.values
     latent_len, key_rank, value_rank = keys.shape[-2], keys.shape[-1], values.shape[-1]
     num_kv_heads = state.value_center.shape[0]
-    up = _key_rows(state)
+    up = state.key_rows
     key_groups, width = up.shape[0], up.shape[-1]
     if keys.stride(-1) != 1 or values.stride(-1) != 1:
         keys, values = keys.contiguous(), values.contiguous()

@@ -187,7 +187,7 @@ def _column_masks(
     return latent, exact
 
 
-@dataclass(eq=False)  # hashed by identity: cpu_decode memoizes on it
+@dataclass
 class _LayerState:
     """Per cache layer, built once: bases laid out for the chunked kernels and the folded output projection."""
 
@@ -197,6 +197,7 @@ class _LayerState:
     # latents' dtype and [key_groups, heads per group * d] float32, each head interleaved; no bias when the center is 0.
     key_weight: torch.Tensor
     key_bias: torch.Tensor | None
+    key_rows: torch.Tensor  # [key_groups, rank, width] float32, heads interleaved: the rows cpu_decode's kernel reads
     value_center: torch.Tensor  # [kv_heads, head_dim] float32: subtracted from exact values (the bias adds it back)
     out_weight: torch.Tensor  # folded o_proj [hidden, heads * value_rank] in the model dtype
     out_bias: torch.Tensor  # [hidden]
@@ -213,7 +214,7 @@ def _layer_state(module: nn.Module, layer: SVDCacheLayer) -> _LayerState:
     key, value = layer.projection.key, layer.projection.value
     head_dim = layer.head_dim
     groups, rank, width = key.up.shape
-    key_weight = _interleave(key.up.reshape(groups, rank, -1, head_dim)).reshape(groups, rank, width).mT
+    key_rows = _interleave(key.up.reshape(groups, rank, -1, head_dim)).reshape(groups, rank, width)
     key_bias = _interleave(key.center.reshape(groups, -1, head_dim)).reshape(groups, width)
     num_heads = module.config.num_attention_heads
     num_kv_heads = value.num_groups * (value.up.shape[-1] // head_dim)
@@ -223,8 +224,9 @@ def _layer_state(module: nn.Module, layer: SVDCacheLayer) -> _LayerState:
     state = _LayerState(
         projection=layer.projection,
         o_proj_weight=weight,
-        key_weight=key_weight.to(layer.dtype).contiguous(),
+        key_weight=key_rows.mT.to(layer.dtype).contiguous(),
         key_bias=key_bias.float() if key_bias.any() else None,
+        key_rows=key_rows.float().contiguous(),
         value_center=value.center.reshape(num_kv_heads, head_dim).float(),
         out_weight=out_weight.to(weight.dtype),
         out_bias=out_bias.to(weight.dtype),
