@@ -2,7 +2,7 @@
 
 Per tile of BLOCK_T cached tokens, in registers: rebuild each KV head's keys from the key latents (c @ up + center),
 rotate them at their stored positions (cos/sin computed in the kernel from the rotary module's inv_freq and
-attention_scaling), score them against every query head reading that KV head, and fold the tile into an online
+attention_scaling; a tile of consecutive positions by angle addition from its first one), score them against every query head reading that KV head, and fold the tile into an online
 softmax over the *value latents*. Nothing full-size is ever written to memory: per token the kernel reads
 key_rank + value_rank latent numbers and one int32 position, where SDPA over a full cache reads 2 * kv_heads * d.
 
@@ -18,6 +18,7 @@ tensors under TRITON_INTERPRET=1 (slowly), which is how the tests check it.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -43,6 +44,12 @@ def available() -> bool:
 if triton is not None:
 
     @triton.jit
+    def _rotation(positions, inv_freq, rope_scale):
+        """cos and sin [tokens, HALF] of every position's angles, times the rotary module's attention scaling."""
+        angle = positions.to(tl.float32)[:, None] * inv_freq[None, :]
+        return tl.cos(angle) * rope_scale, tl.sin(angle) * rope_scale
+
+    @triton.jit
     def _partial_kernel(
         Q, KL, VL, KW, KB, POS, VALID, INV_FREQ,  # inputs
         M, L, ACC,  # per split: running max (log2 units), sum of exponentials, unnormalised output
@@ -52,6 +59,7 @@ if triton is not None:
         HALF: tl.constexpr, HALF_P: tl.constexpr, RK: tl.constexpr, RKC: tl.constexpr,
         RV: tl.constexpr, RV_P: tl.constexpr, QP: tl.constexpr, BLOCK_T: tl.constexpr,
         HAS_BIAS: tl.constexpr, HAS_VALID: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+        ROPE_BY_TILE: tl.constexpr,
     ):
         split = tl.program_id(0)
         unit_id = tl.program_id(1)
@@ -66,6 +74,15 @@ if triton is not None:
         rv = tl.arange(0, RV_P)
         rv_ok = rv < RV
         rk = tl.arange(0, RKC)
+        offsets = tl.arange(0, BLOCK_T)
+        # Rotations by 0..BLOCK_T-1 steps, once per program: a tile of consecutive positions is then rotated by
+        # angle addition from its first position, HALF sines and cosines per tile instead of BLOCK_T * HALF (which
+        # cost, in special-function throughput, about as much as reading a full-size cache).
+        step_cos, step_sin = _rotation(offsets, inv_freq, rope_scale)
+        q_ptr = Q + batch * sq_b + (head0 * HQ + rows)[:, None] * sq_h + freqs[None, :]
+        q_ok = (rows < U * HQ)[:, None] & freq_ok[None, :]
+        q1_unit = tl.load(q_ptr, mask=q_ok, other=0.0).to(tl.float32) * qk_scale
+        q2_unit = tl.load(q_ptr + HALF, mask=q_ok, other=0.0).to(tl.float32) * qk_scale
 
         m_i = tl.full([QP], -1.0e30, tl.float32)  # finite: a fully masked tile must not make inf - inf
         l_i = tl.zeros([QP], tl.float32)
@@ -73,11 +90,21 @@ if triton is not None:
         start = split * split_len
         end = tl.minimum(start + split_len, latent_len)
         for t0 in range(start, end, BLOCK_T):
-            tokens = t0 + tl.arange(0, BLOCK_T)
+            tokens = t0 + offsets
             token_ok = tokens < end
-            angle = tl.load(POS + batch * sp_b + tokens, mask=token_ok, other=0).to(tl.float32)[:, None] * inv_freq[None, :]
-            cos = tl.cos(angle) * rope_scale
-            sin = tl.sin(angle) * rope_scale
+            positions = tl.load(POS + batch * sp_b + tokens, mask=token_ok, other=0)
+            if ROPE_BY_TILE:
+                first = tl.load(POS + batch * sp_b + t0)
+                if tl.max(tl.abs(tl.where(token_ok, positions - first - offsets, 0)), 0) == 0:
+                    first_angle = first.to(tl.float32) * inv_freq
+                    first_cos = tl.cos(first_angle)[None, :]
+                    first_sin = tl.sin(first_angle)[None, :]
+                    cos = first_cos * step_cos - first_sin * step_sin
+                    sin = first_sin * step_cos + first_cos * step_sin
+                else:  # positions with gaps (left padding, a reordered or cropped cache)
+                    cos, sin = _rotation(positions, inv_freq, rope_scale)
+            else:
+                cos, sin = _rotation(positions, inv_freq, rope_scale)
             scores = tl.zeros([QP, BLOCK_T], tl.float32)
             for u in tl.static_range(U):
                 # Interleaved basis columns of KV head (slot0 + u): x1 of frequency f at 2f, x2 at 2f + 1.
@@ -101,12 +128,10 @@ if triton is not None:
                     key2 += tl.load(KB + key_group * sb_g + col1 + 1, mask=freq_ok, other=0.0).to(tl.float32)[None, :]
                 rot1 = (key1 * cos - key2 * sin).to(DOT)
                 rot2 = (key2 * cos + key1 * sin).to(DOT)
-                # Only the rows of query heads reading this KV head are loaded; the others stay 0 and score nothing.
-                q_rows = (rows // HQ == u) & (rows < U * HQ)
-                q_ptr = Q + batch * sq_b + (head0 * HQ + rows)[:, None] * sq_h + freqs[None, :]
-                q_ok = q_rows[:, None] & freq_ok[None, :]
-                q1 = (tl.load(q_ptr, mask=q_ok, other=0.0).to(tl.float32) * qk_scale).to(DOT)
-                q2 = (tl.load(q_ptr + HALF, mask=q_ok, other=0.0).to(tl.float32) * qk_scale).to(DOT)
+                # Only the rows of query heads reading this KV head take part; the others are 0 and score nothing.
+                q_rows = (rows // HQ == u)[:, None]
+                q1 = tl.where(q_rows, q1_unit, 0.0).to(DOT)
+                q2 = tl.where(q_rows, q2_unit, 0.0).to(DOT)
                 scores += tl.dot(q1, tl.trans(rot1), input_precision=PRECISION)
                 scores += tl.dot(q2, tl.trans(rot2), input_precision=PRECISION)
             valid = token_ok
@@ -164,11 +189,17 @@ def _pow2(n: int, least: int = 16) -> int:
     return max(least, 1 << (max(n, 1) - 1).bit_length())
 
 
-def _num_splits(latent_len: int, units: int, block_t: int, device: torch.device) -> int:
-    """Enough programs to fill the GPU twice over, each with at least one tile of tokens."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def _num_splits(latent_len: int, units: int, block_t: int, device: torch.device, programs_per_sm: int) -> int:
+    """`programs_per_sm` programs per multiprocessor (several, so that some wait on memory while others compute), each
+    with at least one tile of tokens."""
+    sms = _multiprocessors(device)
     tiles = triton.cdiv(latent_len, block_t)
-    return max(1, min(tiles, triton.cdiv(2 * sms, units), 1024))
+    return max(1, min(tiles, triton.cdiv(programs_per_sm * sms, units), 1024))
 
 
 def decode_latents(
@@ -181,11 +212,14 @@ def decode_latents(
     valid: torch.Tensor | None = None,
     block_t: int = 64,
     num_warps: int = 4,
+    programs_per_sm: int = 4,
+    rope_by_tile: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of query [batch, heads, d] (one token, after RoPE) over the layer's stored latent tokens.
 
     Returns the output over value latents [batch, heads, value_rank] (float32, normalised) and its natural-log
-    log-sum-exp [batch, heads] (-inf where `valid` [batch, latent_len] hides every token)."""
+    log-sum-exp [batch, heads] (-inf where `valid` [batch, latent_len] hides every token). The tuning arguments
+    exist for scripts/gpu_check.py, which times them; `rope_by_tile=False` computes every token's angles directly."""
     batch, num_heads, head_dim = query.shape
     keys, values = layer.keys, layer.values
     latent_len, key_rank, value_rank = keys.shape[-2], keys.shape[-1], values.shape[-1]
@@ -196,7 +230,7 @@ def decode_latents(
     unit = math.gcd(heads_per_key_group, heads_per_value_group)  # KV heads sharing one key and one value group
     num_units = num_kv_heads // unit
     qp, rv_p = _pow2(unit * per_kv), _pow2(value_rank)
-    splits = _num_splits(latent_len, batch * num_units, block_t, query.device)
+    splits = _num_splits(latent_len, batch * num_units, block_t, query.device, programs_per_sm)
     split_len = triton.cdiv(triton.cdiv(latent_len, splits), block_t) * block_t
     splits = triton.cdiv(latent_len, split_len)
 
@@ -222,7 +256,7 @@ def decode_latents(
         HALF=head_dim // 2, HALF_P=_pow2(head_dim // 2), RK=key_rank, RKC=min(32, _pow2(key_rank)),
         RV=value_rank, RV_P=rv_p, QP=qp, BLOCK_T=block_t,
         HAS_BIAS=state.key_bias is not None, HAS_VALID=valid is not None,
-        DOT=dot_dtype, PRECISION="ieee" if dot_dtype == tl.float32 else None,
+        DOT=dot_dtype, PRECISION="ieee" if dot_dtype == tl.float32 else None, ROPE_BY_TILE=rope_by_tile,
         num_warps=num_warps,
     )
     out = torch.empty((batch, num_heads, value_rank), **f32)

@@ -1,16 +1,17 @@
 """One self-contained GPU check of hf_svdkv's decode paths: correctness, then timing. Writes gpu_check.json and
 gpu_check.md to --out.
 
-    python scripts/gpu_check.py --out $OUT          # about 4 minutes on an H100; no model download, no network
+    python scripts/gpu_check.py --out $OUT          # about 6 minutes on an H100; no model download, no network
     TRITON_INTERPRET=1 python scripts/gpu_check.py --dry-run --out /tmp/gc   # the same code on CPU, tiny sizes
 
 (a) correctness on CUDA: a tiny random Llama (GQA) at full rank, patched (latent path as wired, Triton on decode)
     and with the latent path switched off, vs DynamicCache (float32, bf16, fp16), left-padded batch;
 (b) the Triton kernel vs the torch latent path vs the reference path (rebuild everything, RoPE, SDPA) on one layer of
     the default model's geometry (9 query heads, 3 KV heads, head_dim 64), float32/bf16/fp16, batch 1 and 8;
-(c) timing (CUDA events, warm-up, median) of one decode attention step at 32k and 8k tokens, batch 1 and 8: SDPA over
-    a full bf16 cache vs the Triton kernel, the torch latent path and the reference path, for a 2x cache (per-head
-    32/32, joint 96/96);
+(c) timing (CUDA events, warm-up, median; and CUDA-graph replay) of one decode attention step at 32k and 8k tokens,
+    batch 1 and 8: SDPA over a full bf16 cache vs the Triton kernel (several launch settings), the torch latent path
+    and the reference path, for a 2x cache: the default geometry (per-head 32/32, joint 96/96) and a Llama-3-8B-like
+    layer (32 query heads, 8 KV heads x 128; per-head 64/64);
 (d) end to end, if time is left: decode tokens/s of a random-weight model of the default model's size (30 layers)
     with DynamicCache vs the 2x SVD cache at 32k tokens, batch 1 and 8 (hf_svdkv.bench.measure).
 Every section runs under its own try/except: a failure is recorded and the rest still runs; the files are rewritten
@@ -45,13 +46,28 @@ from hf_svdkv.attention import apply_rope  # noqa: E402
 RESULTS: dict = {"sections": {}, "errors": {}}
 SECTIONS: list = []
 # --dry-run: the same code on CPU (kernels in Triton's interpreter), tiny sizes, to catch script bugs without a GPU.
-# Timing cases still pending after budget_s seconds are skipped (and listed under errors), to stay within 3 minutes.
+# Timing cases still pending after budget_s seconds are skipped (and listed under errors), to stay within 6 minutes.
 RUN = {"device": "cuda", "contexts": (32768, 8192), "batches": (1, 8), "check_context": 5000, "check_batches": (1, 8),
        "model_tokens": 300, "e2e_contexts": (32768,), "e2e_layers": 30, "e2e_steps": 16, "max_iters": 1000,
-       "budget_s": 150.0, "e2e_budget_s": 240.0, "start": time.perf_counter()}
+       "budget_s": 270.0, "e2e_budget_s": 330.0, "start": time.perf_counter()}
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 GEOMETRY = {"num_heads": 9, "num_kv_heads": 3, "head_dim": 64}  # SmolLM2-135M's attention
 CONFIGS = {"per-head 32/32": CompressionConfig(key_rank=32, value_rank=32), "joint 96/96": CompressionConfig(key_rank=32, value_rank=32, group_size=3)}
+# Timing also runs on a Llama-3-8B-like layer, where the cache read is 5x larger per token than the default model's.
+TIMED = {
+    "smollm2-135m 9q/3kv x64": (GEOMETRY, CONFIGS),
+    "llama3-8b-like 32q/8kv x128": ({"num_heads": 32, "num_kv_heads": 8, "head_dim": 128},
+                                    {"per-head 64/64": CompressionConfig(key_rank=64, value_rank=64)}),
+}
+# Kernel launch settings timed against each other (decode_latents' defaults are the "default" row).
+KERNEL_VARIANTS = {
+    "T64 w4 2/SM direct rope": dict(programs_per_sm=2, rope_by_tile=False),  # session 2's kernel, q loads hoisted
+    "T64 w4 4/SM (default)": {},
+    "T64 w4 2/SM": dict(programs_per_sm=2),
+    "T64 w4 8/SM": dict(programs_per_sm=8),
+    "T32 w4 4/SM": dict(block_t=32),
+    "T128 w8 4/SM": dict(block_t=128, num_warps=8),
+}
 
 
 def section(name: str):
@@ -84,13 +100,14 @@ def write_json() -> None:
     (out / "gpu_check.md").write_text(markdown())
 
 
-def tiny_llama(dtype: torch.dtype, layers: int = 2, hidden_per_head: int = 64, vocab: int = 256, intermediate: int = 1024):
+def tiny_llama(dtype: torch.dtype, layers: int = 2, hidden_per_head: int = 64, vocab: int = 256, intermediate: int = 1024,
+               geometry: dict = GEOMETRY):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=vocab, hidden_size=GEOMETRY["num_heads"] * hidden_per_head, intermediate_size=intermediate,
-        num_hidden_layers=layers, num_attention_heads=GEOMETRY["num_heads"],
-        num_key_value_heads=GEOMETRY["num_kv_heads"], head_dim=GEOMETRY["head_dim"], max_position_embeddings=65536,
+        vocab_size=vocab, hidden_size=geometry["num_heads"] * hidden_per_head, intermediate_size=intermediate,
+        num_hidden_layers=layers, num_attention_heads=geometry["num_heads"],
+        num_key_value_heads=geometry["num_kv_heads"], head_dim=geometry["head_dim"], max_position_embeddings=65536,
         initializer_range=0.08, tie_word_embeddings=False, pad_token_id=0, rope_theta=100000.0,
     )
     config._attn_implementation = "sdpa"
@@ -149,19 +166,20 @@ def check_model() -> dict:
     return rows
 
 
-def filled_layer(config: CompressionConfig, dtype: torch.dtype, batch: int, context: int, pad: int = 0):
-    """A 1-layer model of the default geometry, patched with `config`, its cache layer holding `context` random tokens."""
-    model = tiny_llama(dtype, layers=1)
+def filled_layer(config: CompressionConfig, dtype: torch.dtype, batch: int, context: int, pad: int = 0,
+                 geometry: dict = GEOMETRY):
+    """A 1-layer model of `geometry`, patched with `config`, its cache layer holding `context` random tokens."""
+    model = tiny_llama(dtype, layers=1, geometry=geometry)
     patch_model(model, config)
     cache = SVDCompressedCache(model)
     layer, attention = cache.layers[0], model.model.layers[0].self_attn
     generator = torch.Generator(RUN["device"]).manual_seed(1)
-    shape = (batch, GEOMETRY["num_kv_heads"], context, GEOMETRY["head_dim"])
+    shape = (batch, geometry["num_kv_heads"], context, geometry["head_dim"])
     keys = torch.randn(shape, device=RUN["device"], generator=generator).to(dtype)
     values = torch.randn(shape, device=RUN["device"], generator=generator).to(dtype)
     positions = (torch.arange(context, device=RUN["device"])[None] - torch.tensor([[pad]] + [[0]] * (batch - 1), device=RUN["device"])).clamp_min(0)
     layer.append(keys, values, positions.to(torch.int32))
-    query = torch.randn(batch, GEOMETRY["num_heads"], 1, GEOMETRY["head_dim"], device=RUN["device"], generator=generator).to(dtype)
+    query = torch.randn(batch, geometry["num_heads"], 1, geometry["head_dim"], device=RUN["device"], generator=generator).to(dtype)
     mask = None
     if pad:
         mask = torch.ones(batch, 1, 1, context, dtype=torch.bool, device=RUN["device"])
@@ -180,19 +198,12 @@ def reference_step(attention, layer, query, mask, rotary):
     return attention.o_proj(out.transpose(1, 2).reshape(query.shape[0], 1, -1))
 
 
-def latent_step(attention, layer, query, mask, rotary, use_triton: bool, block_t: int = 64, num_warps: int = 4):
+def latent_step(attention, layer, query, mask, rotary, use_triton: bool):
     state = la._layer_state(attention, layer)
     if use_triton:
         from hf_svdkv import triton_decode
 
-        if (block_t, num_warps) == (64, 4):
-            out = triton_decode.triton_latent_attention(query, layer, state, rotary, scaling=attention.scaling, attention_mask=mask)
-        else:
-            inv_freq = rotary.inv_freq.float()
-            valid = None if mask is None else mask[:, 0, 0].to(torch.uint8)
-            latent, _ = triton_decode.decode_latents(query[:, :, 0], layer, state, inv_freq, rotary.attention_scaling,
-                                                     attention.scaling, valid, block_t, num_warps)
-            out = la.LatentAttentionOutput(latent[:, None])
+        out = triton_decode.triton_latent_attention(query, layer, state, rotary, scaling=attention.scaling, attention_mask=mask)
     else:
         rope = la.rope_factors(rotary, layer.positions)
         out = la.latent_attention(query, layer, state, rope, scaling=attention.scaling, attention_mask=mask)
@@ -271,9 +282,9 @@ def graph_time(fn, iters: int = 30) -> float | None:
         return None
 
 
-def time_sdpa(context: int, batch: int) -> list[dict]:
+def time_sdpa(context: int, batch: int, geometry: dict) -> list[dict]:
     """SDPA over a full bf16 cache, both ways transformers calls it for one query token."""
-    heads, kv_heads, head_dim = GEOMETRY["num_heads"], GEOMETRY["num_kv_heads"], GEOMETRY["head_dim"]
+    heads, kv_heads, head_dim = geometry["num_heads"], geometry["num_kv_heads"], geometry["head_dim"]
     query = torch.randn(batch, heads, 1, head_dim, device=RUN["device"], dtype=torch.bfloat16)
     keys = torch.randn(batch, kv_heads, context, head_dim, device=RUN["device"], dtype=torch.bfloat16)
     values = torch.randn_like(keys)
@@ -286,21 +297,21 @@ def time_sdpa(context: int, batch: int) -> list[dict]:
              "graph_ms": graph_time(fn)} for name, fn in calls.items()]
 
 
-def time_latent(context: int, batch: int, config_name: str, sdpa_ms: float, sdpa_graph_ms: float | None) -> list[dict]:
-    """The Triton kernel (a few tile shapes), then whole steps with o_proj: Triton, torch latent path, reference."""
+def time_latent(context: int, batch: int, geometry: dict, config: CompressionConfig, base: dict, sdpa_ms: float,
+                sdpa_graph_ms: float | None) -> list[dict]:
+    """The Triton kernel (each of KERNEL_VARIANTS), then whole steps with o_proj: Triton, torch latent path, reference."""
     from hf_svdkv import triton_decode
 
-    model, attention, layer, query, _, _ = filled_layer(CONFIGS[config_name], torch.bfloat16, batch, context)
+    model, attention, layer, query, _, _ = filled_layer(config, torch.bfloat16, batch, context, geometry=geometry)
     rotary = model.model.rotary_emb
     state = la._layer_state(attention, layer)
     inv_freq = rotary.inv_freq.float()
-    base = {"context": context, "batch": batch, "config": config_name}
     rows = []
-    for block_t, warps in ((64, 4), (32, 4), (128, 4)):
+    for variant, settings in KERNEL_VARIANTS.items():
         kernel = partial(triton_decode.decode_latents, query[:, :, 0], layer, state, inv_freq, 1.0, attention.scaling,
-                         None, block_t, warps)
+                         None, **settings)
         ms, graph_ms = cuda_time(kernel), graph_time(kernel)
-        rows.append({**base, "path": f"triton kernel T{block_t} w{warps}", "ms": ms, "graph_ms": graph_ms,
+        rows.append({**base, "path": f"triton kernel {variant}", "ms": ms, "graph_ms": graph_ms,
                      "speedup_vs_sdpa": sdpa_ms / ms,
                      "graph_speedup_vs_sdpa": sdpa_graph_ms / graph_ms if sdpa_graph_ms and graph_ms else None})
     steps = {
@@ -312,6 +323,7 @@ def time_latent(context: int, batch: int, config_name: str, sdpa_ms: float, sdpa
         for name, fn in steps.items():
             ms = cuda_time(fn, warmup=2, iters=10 if "reference" in name else 20)
             rows.append({**base, "path": name, "ms": ms, "graph_ms": None, "speedup_vs_sdpa": sdpa_ms / ms})
+    del model, layer
     return rows
 
 
@@ -320,16 +332,20 @@ def timing() -> list[dict]:
     rows = []
     for context in RUN["contexts"]:  # the goal's 32k first, in case the time budget runs out
         for batch in RUN["batches"]:
-            if time.perf_counter() - RUN["start"] > RUN["budget_s"]:
-                RESULTS["errors"][f"timing {context}x{batch}"] = "skipped: the script's time budget is spent"
-                continue
-            sdpa = time_sdpa(context, batch)
-            rows += sdpa
-            best = min(r["ms"] for r in sdpa)
-            best_graph = min((r["graph_ms"] for r in sdpa if r["graph_ms"] is not None), default=None)
-            for config_name in CONFIGS:
-                rows += time_latent(context, batch, config_name, best, best_graph)
-            print(f"   context {context} batch {batch} done", flush=True)
+            for geometry_name, (geometry, configs) in TIMED.items():
+                if time.perf_counter() - RUN["start"] > RUN["budget_s"]:
+                    RESULTS["errors"][f"timing {context}x{batch} {geometry_name}"] = "skipped: the script's time budget is spent"
+                    continue
+                sdpa = [{**row, "geometry": geometry_name} for row in time_sdpa(context, batch, geometry)]
+                rows += sdpa
+                best = min(r["ms"] for r in sdpa)
+                best_graph = min((r["graph_ms"] for r in sdpa if r["graph_ms"] is not None), default=None)
+                for config_name, config in configs.items():
+                    base = {"context": context, "batch": batch, "geometry": geometry_name, "config": config_name}
+                    rows += time_latent(context, batch, geometry, config, base, best, best_graph)
+                print(f"   context {context} batch {batch} {geometry_name} done", flush=True)
+                if RUN["device"] == "cuda":
+                    torch.cuda.empty_cache()
     return rows
 
 
@@ -381,9 +397,9 @@ def markdown() -> str:
     rows = RESULTS["sections"].get("timing") or []
     if rows:
         lines += ["## Timing of one decode attention step (bf16; ms, median of CUDA events; graph = CUDA-graph replay)", "",
-                  "| context | batch | config | path | ms (events) | ms (graph) | x SDPA (best, events) | x SDPA (graph) |",
-                  "|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['context']} | {r['batch']} | {r['config']} | {r['path']} | {_fmt(r['ms'], '.4f')} | "
+                  "| context | batch | geometry | config | path | ms (events) | ms (graph) | x SDPA (best, events) | x SDPA (graph) |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['context']} | {r['batch']} | {r.get('geometry', '-')} | {r['config']} | {r['path']} | {_fmt(r['ms'], '.4f')} | "
                   f"{_fmt(r.get('graph_ms'), '.4f')} | {_fmt(r.get('speedup_vs_sdpa'), '.2f')} | "
                   f"{_fmt(r.get('graph_speedup_vs_sdpa'), '.2f')} |" for r in rows]
         lines.append("")

@@ -102,3 +102,26 @@ def test_kernel_bf16_and_many_splits():
                                             attention.scaling, valid, block_t=16)
     torch.testing.assert_close(out, expected.latent[:, 0], atol=2e-2, rtol=2e-2)  # bf16 keys and probabilities
     assert torch.isfinite(lse).all()
+
+
+@kernel_test
+@pytest.mark.parametrize("rope_by_tile", [True, False], ids=["angle-addition", "direct"])
+def test_kernel_rotation_with_and_without_gaps(rope_by_tile):
+    """Tiles of consecutive positions are rotated by angle addition from their first position, tiles with a gap token
+    by token; both must match the torch path, on many tiles and far positions."""
+    from hf_svdkv import triton_decode
+
+    model = tiny_model("llama", num_heads=4, num_kv_heads=2, head_dim=32)
+    patch_model(model, CompressionConfig(key_rank=12, value_rank=10))
+    attention, layer, query, _, mask = filled_layer(model, batch=2, prompt_len=70, pad=9)
+    layer.positions[:] += 3000  # far positions: angle errors would show
+    layer.positions[1, 37:] += 5  # a gap inside row 1's third tile of 16, as custom position ids make
+    state = _layer_state(attention, layer)
+    rotary = model.model.rotary_emb
+    expected = latent_attention(query, layer, state, rope_factors(rotary, layer.positions), scaling=attention.scaling,
+                                attention_mask=mask)
+    valid = mask[:, 0, 0, : layer.keys.shape[-2]].to(torch.uint8)
+    out, lse = triton_decode.decode_latents(query[:, :, 0], layer, state, rotary.inv_freq.float(), rotary.attention_scaling,
+                                            attention.scaling, valid, block_t=16, rope_by_tile=rope_by_tile)
+    torch.testing.assert_close(out, expected.latent[:, 0], atol=1e-5, rtol=1e-4)
+    assert torch.isfinite(lse).all()
