@@ -9,6 +9,11 @@
 //
 // Work is split over (batch row, span of tokens, KV head) for OpenMP; each span writes a partial (max, sum,
 // unnormalised output) per query head, and a second loop merges the spans (flash-decoding).
+//
+// On CPUs with AMX (Intel Sapphire Rapids and later) bfloat16 latents are rebuilt by the tile unit instead: a block's
+// latents times the up projection split in two bfloat16 parts (hi + lo, together float32 to 2^-17), accumulated in
+// float32, so the keys agree with the vector path to float32 rounding while the rebuild's multiply-adds, most of
+// the vector path's work, cost next to nothing.
 
 #include <math.h>
 #include <stdint.h>
@@ -21,12 +26,20 @@
 #include <immintrin.h>
 #endif
 
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
+#define HF_SVDKV_TILES 1
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 namespace {
 
 constexpr int kBlock = 32;     // tokens scored before one online-softmax update
 constexpr int kUnroll = 4;     // tokens rebuilt together
 constexpr int kMaxPerKv = 32;  // query heads per KV head (GQA ratio) this kernel handles
 constexpr int kMaxRank = 512;  // value rank this kernel handles
+constexpr int kTileRank = 32;  // latent dimensions per tile step: one 64-byte tile row of bfloat16
+constexpr int kTileSize = 512;  // bfloat16 numbers in one up-projection tile: 16 rows of 16 (rank pair, column) cells
 
 // 16 floats: one AVX-512 register (a GCC/Clang vector extension; other ISAs split it).
 typedef float Vec __attribute__((vector_size(64)));
@@ -57,6 +70,21 @@ inline float hsum(Vec v) {
 #endif
 }
 
+// The four sums of four vectors' lanes, into out[0..3]: one reduction tree for all four instead of four.
+inline void hsum4(const Vec d[4], float* out) {
+  // Pairs of vectors interleaved and added: every 4-lane group then holds partial sums of d0, d1, d2, d3 in turn.
+  const Vec a = __builtin_shufflevector(d[0], d[1], 0, 16, 1, 17, 4, 20, 5, 21, 8, 24, 9, 25, 12, 28, 13, 29) +
+                __builtin_shufflevector(d[0], d[1], 2, 18, 3, 19, 6, 22, 7, 23, 10, 26, 11, 27, 14, 30, 15, 31);
+  const Vec b = __builtin_shufflevector(d[2], d[3], 0, 16, 1, 17, 4, 20, 5, 21, 8, 24, 9, 25, 12, 28, 13, 29) +
+                __builtin_shufflevector(d[2], d[3], 2, 18, 3, 19, 6, 22, 7, 23, 10, 26, 11, 27, 14, 30, 15, 31);
+  // a: (d0, d1, d0, d1) per 4-lane group; b: (d2, d3, d2, d3). Combine into (d0, d1, d2, d3) per group.
+  Vec c = __builtin_shufflevector(a, b, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29) +
+          __builtin_shufflevector(a, b, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+  c += __builtin_shufflevector(c, c, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+  c += __builtin_shufflevector(c, c, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+  for (int i = 0; i < 4; ++i) out[i] = c[i];
+}
+
 // A latent row as float32, into `out` (n values).
 template <typename T>
 inline void row_to_float(const T* row, int64_t n, float* out) {
@@ -68,13 +96,14 @@ inline void row_to_float(const T* row, int64_t n, float* out) {
 struct Args {
   const void* keys; const void* values;  // latents [B, key groups, n, rk] / [B, value groups, n, rv]
   const float* up;                        // [key groups, rk, width] float32, each head's RoPE pairs interleaved
+  const uint16_t* up_tiles;               // AMX only: [key groups, rank_pad / 32, width / 16, hi|lo, 16, 16, 2]
   const float* bias;                      // [key groups, width] (the key center) or null
   const float* rope;                      // [B, n_rope, D/2, 2]: cos, sin of each token's position
   const float* query;                     // [B, kv heads, per_kv, D] after RoPE, rotate-half layout, unscaled
   const uint8_t* valid;                   // [B, valid_stride] or null
   float* part_max; float* part_sum; float* part_acc;  // [B, kv heads, spans, per_kv (, rv)]
   float* out_max; float* out_sum; float* out;         // [B, kv heads, per_kv (, rv)]
-  int64_t batch, n, kv_heads, per_kv, heads_per_key_group, heads_per_value_group, rk, rv, width, span;
+  int64_t batch, n, kv_heads, per_kv, heads_per_key_group, heads_per_value_group, rk, rv, width, span, rank_pad;
   int64_t sk_b, sk_g, sk_t, sv_b, sv_g, sv_t, rope_stride, valid_stride;
   float scaling;
 };
@@ -93,7 +122,67 @@ inline void rebuild(const float* const rows[kUnroll], const float* up, int64_t r
   }
 }
 
-template <int D, typename T>
+#if HF_SVDKV_TILES
+struct TileConfig {
+  uint8_t palette, start_row, reserved[14];
+  uint16_t bytes_per_row[16];
+  uint8_t rows[16];
+};
+
+// Every tile 16 rows of 64 bytes: 0-3 accumulate keys (16 tokens x 16 columns, float32), 4 holds latents (16 tokens x
+// 32 ranks), 5-7 up-projection tiles (16 rank pairs x 16 columns x 2), taken in turn so that a load need not wait
+// for the product still reading the previous one.
+void load_tile_config() {
+  TileConfig config{};
+  config.palette = 1;
+  for (int t = 0; t < 8; ++t) {
+    config.rows[t] = 16;
+    config.bytes_per_row[t] = 64;
+  }
+  _tile_loadconfig(&config);
+}
+
+// up-projection tiles (hi into tile HI, then lo into tile LO) times the latents in tile 4, into accumulator C.
+#define HF_SVDKV_TILE_PRODUCT(C, HI, LO, TILES) \
+  do {                                          \
+    _tile_loadd(HI, (TILES), 64);               \
+    _tile_dpbf16ps(C, 4, HI);                   \
+    _tile_loadd(LO, (TILES) + kTileSize, 64);   \
+    _tile_dpbf16ps(C, 4, LO);                   \
+  } while (0)
+
+// Keys (before RoPE, without the center) of a block's tokens into keys [kBlock][D]: latents [kBlock][rank_pad]
+// bfloat16 (zero padded) times the up-projection tiles of the head's D / 16 column tiles from col_tile0.
+template <int D>
+void rebuild_tiles(const uint16_t* latents, int64_t rank_pad, const uint16_t* up_tiles, int64_t col_tile0,
+                   int64_t width_tiles, float* keys) {
+  constexpr int C = D / 16;
+  for (int half = 0; half < kBlock; half += 16) {
+    for (int c0 = 0; c0 < C; c0 += 4) {
+      const int n = std::min(4, C - c0);
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int64_t k = 0; k < rank_pad / kTileRank; ++k) {
+        _tile_loadd(4, latents + half * rank_pad + k * kTileRank, rank_pad * 2);
+        const uint16_t* tiles = up_tiles + (k * width_tiles + col_tile0 + c0) * 2 * kTileSize;
+        HF_SVDKV_TILE_PRODUCT(0, 5, 6, tiles);
+        if (n > 1) HF_SVDKV_TILE_PRODUCT(1, 7, 5, tiles + 2 * kTileSize);
+        if (n > 2) HF_SVDKV_TILE_PRODUCT(2, 6, 7, tiles + 4 * kTileSize);
+        if (n > 3) HF_SVDKV_TILE_PRODUCT(3, 5, 6, tiles + 6 * kTileSize);
+      }
+      float* out = keys + half * D + c0 * 16;
+      _tile_stored(0, out, D * 4);
+      if (n > 1) _tile_stored(1, out + 16, D * 4);
+      if (n > 2) _tile_stored(2, out + 32, D * 4);
+      if (n > 3) _tile_stored(3, out + 48, D * 4);
+    }
+  }
+}
+#endif
+
+template <int D, typename T, bool Tiles>
 void span_kernel(const Args& a, int64_t b, int64_t h, int64_t s, float* scratch) {
   constexpr int V = D / 16;
   const int64_t per_kv = a.per_kv, rk = a.rk, rv = a.rv;
@@ -124,6 +213,9 @@ void span_kernel(const Args& a, int64_t b, int64_t h, int64_t s, float* scratch)
   float* rows = acc + per_kv * rv;      // [kBlock][rk]: the block's key latents as float32
   float* zero_row = rows + kBlock * rk;  // [rk]: stands for the tokens past the end of the span
   float* value_rows = zero_row + rk;     // [kBlock][rv]: the block's value latents as float32
+  float* tile_keys = value_rows + kBlock * rv;  // Tiles: [kBlock][D] rebuilt keys
+  uint16_t* tile_latents = reinterpret_cast<uint16_t*>(tile_keys + kBlock * D);  // Tiles: [kBlock][rank_pad], 0-padded
+  if (Tiles) memset(tile_latents, 0, kBlock * a.rank_pad * sizeof(uint16_t));
   for (int64_t x = 0; x < per_kv * rv; ++x) acc[x] = 0.0f;
   for (int64_t x = 0; x < rk; ++x) zero_row[x] = 0.0f;
   alignas(64) float scores[kMaxPerKv][kBlock];
@@ -132,7 +224,15 @@ void span_kernel(const Args& a, int64_t b, int64_t h, int64_t s, float* scratch)
   const int64_t begin = s * a.span, end = std::min(a.n, begin + a.span);
   for (int64_t t0 = begin; t0 < end; t0 += kBlock) {
     const int64_t count = std::min<int64_t>(kBlock, end - t0);
-    if (sizeof(T) != sizeof(float))
+#if HF_SVDKV_TILES
+    if (Tiles) {
+      for (int64_t t = 0; t < count; ++t) memcpy(tile_latents + t * a.rank_pad, keys + (t0 + t) * a.sk_t, rk * sizeof(T));
+      for (int64_t t = count; t < kBlock; ++t) memset(tile_latents + t * a.rank_pad, 0, rk * sizeof(T));
+      const int64_t group_tiles = (a.rank_pad / kTileRank) * (a.width / 16) * 2 * kTileSize;
+      rebuild_tiles<D>(tile_latents, a.rank_pad, a.up_tiles + key_group * group_tiles, column / 16, a.width / 16, tile_keys);
+    }
+#endif
+    if (!Tiles && sizeof(T) != sizeof(float))
       for (int64_t t = 0; t < count; ++t) row_to_float(keys + (t0 + t) * a.sk_t, rk, rows + t * rk);
     for (int64_t u = 0; u < count; u += kUnroll) {
       const float* latent_rows[kUnroll];
@@ -142,23 +242,30 @@ void span_kernel(const Args& a, int64_t b, int64_t h, int64_t s, float* scratch)
                                                       : rows + (u + i) * rk;
       Vec k[kUnroll][V];
       for (int i = 0; i < kUnroll; ++i)
-        for (int v = 0; v < V; ++v) k[i][v] = center[v];
-      rebuild<D>(latent_rows, up, rk, a.width, k);
-      for (int i = 0; i < kUnroll && u + i < count; ++i) {
+        for (int v = 0; v < V; ++v) k[i][v] = Tiles ? center[v] + load(tile_keys + (u + i) * D + 16 * v) : center[v];
+      if (!Tiles) rebuild<D>(latent_rows, up, rk, a.width, k);
+      Vec rotated[kUnroll][V];
+      for (int i = 0; i < kUnroll; ++i) {
+        if (u + i >= count) {  // past the block: no cos/sin to read; its scores are never used
+          for (int v = 0; v < V; ++v) rotated[i][v] = Vec{};
+          continue;
+        }
         const float* cos_sin = rope + (t0 + u + i) * D;
-        Vec rotated[V];
         for (int v = 0; v < V; ++v) {
           const Vec pair = load(cos_sin + 16 * v);
           const Vec cos = __builtin_shufflevector(pair, pair, 0, 0, 2, 2, 4, 4, 6, 6, 8, 8, 10, 10, 12, 12, 14, 14);
           const Vec sin = __builtin_shufflevector(pair, pair, 1, 1, 3, 3, 5, 5, 7, 7, 9, 9, 11, 11, 13, 13, 15, 15);
           const Vec swapped = __builtin_shufflevector(k[i][v], k[i][v], 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
-          rotated[v] = k[i][v] * cos + swapped * sin * sign;
+          rotated[i][v] = k[i][v] * cos + swapped * sin * sign;
         }
-        for (int64_t j = 0; j < per_kv; ++j) {
-          Vec dot = query[j][0] * rotated[0];
-          for (int v = 1; v < V; ++v) dot += query[j][v] * rotated[v];
-          scores[j][u + i] = hsum(dot);
+      }
+      for (int64_t j = 0; j < per_kv; ++j) {
+        Vec dots[kUnroll];
+        for (int i = 0; i < kUnroll; ++i) {
+          dots[i] = query[j][0] * rotated[i][0];
+          for (int v = 1; v < V; ++v) dots[i] += query[j][v] * rotated[i][v];
         }
+        hsum4(dots, scores[j] + u);
       }
     }
 
@@ -243,34 +350,41 @@ struct DenormalsAreZero {
 #endif
 };
 
-template <int D, typename T>
+template <int D, typename T, bool Tiles>
 void run(const Args& a, int threads) {
   const int64_t spans = (a.n + a.span - 1) / a.span;
   const int64_t items = a.batch * a.kv_heads * spans;
 #pragma omp parallel num_threads(threads)
   {
     const DenormalsAreZero denormals_are_zero;
-    std::vector<float> scratch(a.per_kv * a.rv + (kBlock + 1) * a.rk + kBlock * a.rv);
+#if HF_SVDKV_TILES
+    if (Tiles) load_tile_config();  // per thread
+#endif
+    std::vector<float> scratch(a.per_kv * a.rv + (kBlock + 1) * a.rk + kBlock * a.rv +
+                               (Tiles ? kBlock * D + kBlock * a.rank_pad / 2 : 0));
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < items; ++item) {
       // The KV heads of one span run one after another: they read the same cos/sin rows, still in cache.
       const int64_t h = item % a.kv_heads, s = (item / a.kv_heads) % spans, b = item / (a.kv_heads * spans);
-      span_kernel<D, T>(a, b, h, s, scratch.data());
+      span_kernel<D, T, Tiles>(a, b, h, s, scratch.data());
     }
+#if HF_SVDKV_TILES
+    if (Tiles) _tile_release();
+#endif
 #pragma omp for
     for (int64_t bh = 0; bh < a.batch * a.kv_heads; ++bh) merge_spans(a, bh / a.kv_heads, bh % a.kv_heads);
   }
 }
 
-template <typename T>
+template <typename T, bool Tiles>
 int dispatch(const Args& a, int64_t head_dim, int threads) {
   switch (head_dim) {
-    case 32: run<32, T>(a, threads); return 0;
-    case 64: run<64, T>(a, threads); return 0;
-    case 80: run<80, T>(a, threads); return 0;
-    case 96: run<96, T>(a, threads); return 0;
-    case 128: run<128, T>(a, threads); return 0;
-    case 256: run<256, T>(a, threads); return 0;
+    case 32: run<32, T, Tiles>(a, threads); return 0;
+    case 64: run<64, T, Tiles>(a, threads); return 0;
+    case 80: run<80, T, Tiles>(a, threads); return 0;
+    case 96: run<96, T, Tiles>(a, threads); return 0;
+    case 128: run<128, T, Tiles>(a, threads); return 0;
+    case 256: run<256, T, Tiles>(a, threads); return 0;
     default: return 1;
   }
 }
@@ -279,20 +393,37 @@ int dispatch(const Args& a, int64_t head_dim, int threads) {
 
 extern "C" {
 
-// dtype (of the key and value latents): 0 float32, 1 bfloat16. Returns 0 on success, 1 for a shape it does not handle.
+// Whether bfloat16 latents can be rebuilt with AMX tiles: compiled for a CPU with AMX, and the OS lets this process
+// use the tile registers (Linux asks for them once, with arch_prctl). 1 yes, 0 no.
+int hf_svdkv_tiles_available() {
+#if HF_SVDKV_TILES
+  constexpr long kRequestPermission = 0x1023, kTileData = 18;  // ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
+  return syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0 ? 1 : 0;
+#else
+  return 0;
+#endif
+}
+
+// dtype (of the key and value latents): 0 float32, 1 bfloat16. up_tiles: null, or (bfloat16 latents, after
+// hf_svdkv_tiles_available() said 1) the up projection as AMX tiles over rank_pad ranks.
+// Returns 0 on success, 1 for a shape it does not handle.
 int hf_svdkv_latent_decode(
-    const void* keys, const void* values, const float* up, const float* bias,
+    const void* keys, const void* values, const float* up, const uint16_t* up_tiles, const float* bias,
     const float* rope, const float* query, const uint8_t* valid, float* part_max, float* part_sum, float* part_acc,
     float* out_max, float* out_sum, float* out,
     int64_t batch, int64_t n, int64_t kv_heads, int64_t per_kv, int64_t heads_per_key_group,
     int64_t heads_per_value_group, int64_t rk, int64_t rv, int64_t width, int64_t head_dim, int64_t span,
-    int64_t sk_b, int64_t sk_g, int64_t sk_t, int64_t sv_b, int64_t sv_g, int64_t sv_t, int64_t rope_stride,
+    int64_t rank_pad, int64_t sk_b, int64_t sk_g, int64_t sk_t, int64_t sv_b, int64_t sv_g, int64_t sv_t, int64_t rope_stride,
     int64_t valid_stride, float scaling, int dtype, int threads) {
   if (per_kv > kMaxPerKv || rv > kMaxRank) return 1;
-  Args a{keys, values, up, bias, rope, query, valid, part_max, part_sum, part_acc, out_max, out_sum, out,
-         batch, n, kv_heads, per_kv, heads_per_key_group, heads_per_value_group, rk, rv, width, span,
+  Args a{keys, values, up, up_tiles, bias, rope, query, valid, part_max, part_sum, part_acc, out_max, out_sum, out,
+         batch, n, kv_heads, per_kv, heads_per_key_group, heads_per_value_group, rk, rv, width, span, rank_pad,
          sk_b, sk_g, sk_t, sv_b, sv_g, sv_t, rope_stride, valid_stride, scaling};
-  return dtype == 1 ? dispatch<uint16_t>(a, head_dim, threads) : dispatch<float>(a, head_dim, threads);
+  if (dtype != 1) return dispatch<float, false>(a, head_dim, threads);
+#if HF_SVDKV_TILES
+  if (up_tiles) return dispatch<uint16_t, true>(a, head_dim, threads);
+#endif
+  return dispatch<uint16_t, false>(a, head_dim, threads);
 }
 
 }  // extern "C"

@@ -9,6 +9,10 @@ The kernel is plain C++ with OpenMP and no torch headers: the first use on a mac
 C++ compiler (about 10 s) into the cache folder (`$HF_SVDKV_CACHE/kernels`, keyed by source, flags and CPU), later
 processes load it with ctypes. Without a compiler, or with HF_SVDKV_CPU_KERNEL=0, `available()` is False and the
 torch path serves (same function, slower).
+
+On CPUs with AMX tiles (Intel Sapphire Rapids and later, Linux) bfloat16 latents are rebuilt by the tile unit, from
+the up projection split into two bfloat16 parts (`up_tiles`): the same keys to float32 rounding, at a fraction of
+the cost. HF_SVDKV_CPU_TILES=0 keeps the vector rebuild.
 """
 
 from __future__ import annotations
@@ -84,13 +88,41 @@ def _library() -> ctypes.CDLL | None:
         return None
     function = library.hf_svdkv_latent_decode
     function.restype = ctypes.c_int
-    function.argtypes = [ctypes.c_void_p] * 13 + [ctypes.c_int64] * 19 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
+    function.argtypes = [ctypes.c_void_p] * 14 + [ctypes.c_int64] * 20 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
+    library.hf_svdkv_tiles_available.restype = ctypes.c_int
     return library
 
 
 def available() -> bool:
     """The kernel is built (or buildable) and loadable on this machine."""
     return _library() is not None
+
+
+@functools.cache
+def tiles_available() -> bool:
+    """bfloat16 latents are rebuilt with AMX tiles: the kernel was built for a CPU that has them, the OS grants
+    this process their registers, and HF_SVDKV_CPU_TILES is not 0."""
+    if os.environ.get("HF_SVDKV_CPU_TILES", "1") == "0" or not available():
+        return False
+    return bool(_library().hf_svdkv_tiles_available())
+
+
+TILE_RANK = 32  # latent dimensions per tile step (one 64-byte row of bfloat16)
+
+
+def up_tiles(key_rows: torch.Tensor) -> torch.Tensor:
+    """The up projection [key groups, rank, width] float32 as the kernel's AMX tiles: ranks zero-padded to a multiple
+    of TILE_RANK, split into hi = bf16(up) and lo = bf16(up - hi), each tile 16 rank pairs x 16 columns x 2 (AMX's
+    pair-interleaved layout): [groups, rank_pad / 32, width / 16, hi|lo, 16, 16, 2] bfloat16."""
+    groups, rank, width = key_rows.shape
+    rank_pad = -(-rank // TILE_RANK) * TILE_RANK
+    padded = key_rows.new_zeros((groups, rank_pad, width))
+    padded[:, :rank] = key_rows
+    hi = padded.bfloat16()
+    lo = (padded - hi.float()).bfloat16()
+    # [g, rank step, pair, pair member, hi|lo, column tile, column] -> [g, step, column tile, hi|lo, pair, column, member]
+    parts = torch.stack([hi, lo], dim=2).view(groups, rank_pad // TILE_RANK, TILE_RANK // 2, 2, 2, width // 16, 16)
+    return parts.permute(0, 1, 5, 4, 2, 6, 3).contiguous()
 
 
 def supports(layer, head_dim: int, num_heads: int, num_kv_heads: int) -> bool:
@@ -112,20 +144,31 @@ def _pointer(t: torch.Tensor | None) -> int | None:
 
 
 def decode_latents(
-    query: torch.Tensor, layer, state, rope: torch.Tensor, scaling: float, valid: torch.Tensor | None = None
+    query: torch.Tensor,
+    layer,
+    state,
+    rope: torch.Tensor,
+    scaling: float,
+    valid: torch.Tensor | None = None,
+    tiles: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of query [batch, heads, d] (one token, after RoPE) over the layer's latent tokens.
 
     `rope` = `latent_attention.rope_factors` of the layer's positions [batch, >= latent tokens, d/2] complex64;
     `valid` [batch, latent tokens] uint8 hides tokens (left padding). Returns the output over value latents
     [batch, heads, value_rank] float32 (normalised) and its natural-log log-sum-exp [batch, heads] (-inf where every
-    token is hidden), as `triton_decode.decode_latents`."""
+    token is hidden), as `triton_decode.decode_latents`. `tiles`: rebuild bfloat16 latents with AMX (default: where
+    `tiles_available()`)."""
     batch, num_heads, head_dim = query.shape
     keys, values = layer.keys, layer.values
     latent_len, key_rank, value_rank = keys.shape[-2], keys.shape[-1], values.shape[-1]
     num_kv_heads = state.value_center.shape[0]
     up = state.key_rows
     key_groups, width = up.shape[0], up.shape[-1]
+    use_tiles = keys.dtype == torch.bfloat16 and (tiles_available() if tiles is None else tiles)
+    if use_tiles and not tiles_available():
+        raise RuntimeError("hf_svdkv CPU kernel: AMX tiles are not available on this machine (see tiles_available())")
+    tile_tensor = state.key_tiles if use_tiles else None
     if keys.stride(-1) != 1 or values.stride(-1) != 1:
         keys, values = keys.contiguous(), values.contiguous()
     queries = query.float().contiguous()  # [batch, heads, d]: a KV head's query heads adjacent; scaled in the kernel
@@ -140,11 +183,12 @@ def decode_latents(
     sizes = [partial, partial, partial * value_rank, batch * num_heads * value_rank, batch * num_heads, batch * num_heads]
     part_max, part_sum, part_acc, out, out_max, out_sum = torch.empty(sum(sizes), dtype=torch.float32, device=query.device).split(sizes)
     status = _library().hf_svdkv_latent_decode(
-        keys.data_ptr(), values.data_ptr(), up.data_ptr(), _pointer(state.key_bias), cos_sin.data_ptr(), queries.data_ptr(),
+        keys.data_ptr(), values.data_ptr(), up.data_ptr(), _pointer(tile_tensor), _pointer(state.key_bias), cos_sin.data_ptr(),
+        queries.data_ptr(),
         _pointer(valid), part_max.data_ptr(), part_sum.data_ptr(), part_acc.data_ptr(),
         out_max.data_ptr(), out_sum.data_ptr(), out.data_ptr(),
         batch, latent_len, num_kv_heads, per_kv, num_kv_heads // key_groups, num_kv_heads // values.shape[1],
-        key_rank, value_rank, width, head_dim, SPAN,
+        key_rank, value_rank, width, head_dim, SPAN, -(-key_rank // TILE_RANK) * TILE_RANK,
         keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
         cos_sin.stride(0), 0 if valid is None else valid.stride(0),
         ctypes.c_float(scaling), LATENT_DTYPES[keys.dtype], torch.get_num_threads(),

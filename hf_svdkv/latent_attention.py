@@ -198,6 +198,7 @@ class _LayerState:
     key_weight: torch.Tensor
     key_bias: torch.Tensor | None
     key_rows: torch.Tensor  # [key_groups, rank, width] float32, heads interleaved: the rows cpu_decode's kernel reads
+    key_tiles: torch.Tensor | None  # key_rows as cpu_decode's AMX tiles (bfloat16 latents on CPU), else None
     value_center: torch.Tensor  # [kv_heads, head_dim] float32: subtracted from exact values (the bias adds it back)
     out_weight: torch.Tensor  # folded o_proj [hidden, heads * value_rank] in the model dtype
     out_bias: torch.Tensor  # [hidden]
@@ -227,12 +228,21 @@ def _layer_state(module: nn.Module, layer: SVDCacheLayer) -> _LayerState:
         key_weight=key_rows.mT.to(layer.dtype).contiguous(),
         key_bias=key_bias.float() if key_bias.any() else None,
         key_rows=key_rows.float().contiguous(),
+        key_tiles=_cpu_key_tiles(key_rows, layer),
         value_center=value.center.reshape(num_kv_heads, head_dim).float(),
         out_weight=out_weight.to(weight.dtype),
         out_bias=out_bias.to(weight.dtype),
     )
     _STATES[layer] = state
     return state
+
+
+def _cpu_key_tiles(key_rows: torch.Tensor, layer: SVDCacheLayer) -> torch.Tensor | None:
+    if layer.device.type != "cpu" or layer.dtype != torch.bfloat16:
+        return None
+    from .cpu_decode import up_tiles
+
+    return up_tiles(key_rows.float())
 
 
 def latent_attention(

@@ -98,6 +98,43 @@ def test_kernel_handles_each_head_size_it_claims():
         assert torch.isfinite(lse).all()
 
 
+def test_up_tiles_layout():
+    """Tile (group, step, column tile, part, pair, column, member) holds part of up[group, 32 step + 2 pair + member,
+    16 column tile + column]; hi + lo is the float32 row to bfloat16-pair precision; padded ranks are zero."""
+    up = torch.randn(2, 40, 48, generator=torch.Generator().manual_seed(0))
+    tiles = cpu_decode.up_tiles(up)
+    assert tiles.shape == (2, 2, 3, 2, 16, 16, 2) and tiles.dtype == torch.bfloat16
+    rebuilt = (tiles[:, :, :, 0].float() + tiles[:, :, :, 1].float()).permute(0, 1, 3, 5, 2, 4).reshape(2, 64, 48)
+    torch.testing.assert_close(rebuilt[:, :40], up, atol=0, rtol=2**-15)
+    assert not rebuilt[:, 40:].any()
+
+
+@pytest.mark.skipif(not cpu_decode.tiles_available(), reason="this CPU (or OS) has no AMX tiles")
+@pytest.mark.parametrize(
+    "num_heads,num_kv_heads,head_dim,key_rank,group_size",
+    [(4, 2, 64, 32, 1), (6, 2, 64, 24, 1), (6, 3, 32, 15, 3), (4, 2, 80, 35, 2), (4, 4, 128, 9, 1), (4, 2, 256, 64, 1)],
+    ids=["one-step", "padded", "joint-odd", "d80-joint-3-steps", "d128-odd", "d256"],
+)
+def test_amx_tiles_match_vector_rebuild(num_heads, num_kv_heads, head_dim, key_rank, group_size):
+    """bfloat16 latents rebuilt by AMX tiles (hi + lo bfloat16 parts of the up projection) give the vector path's
+    float32 answer to float32 rounding, over several blocks, spans and column tiles of a group."""
+    model = tiny_model("llama", num_heads, num_kv_heads, head_dim, num_layers=1, dtype=torch.bfloat16)
+    patch_model(model, CompressionConfig(key_rank=key_rank, value_rank=16, group_size=group_size))
+    cache = SVDCompressedCache(model)
+    with torch.inference_mode():
+        model(structured_ids(cpu_decode.SPAN + 77, batch=2), past_key_values=cache)
+        layer, attention = cache.layers[0], model.model.layers[0].self_attn
+        state = latent_attention._layer_state(attention, layer)
+        rope = latent_attention.rope_factors(model.model.rotary_emb, layer.positions)
+        query = torch.randn(2, num_heads, head_dim, generator=torch.Generator().manual_seed(head_dim))
+        valid = torch.ones(2, layer.keys.shape[-2], dtype=torch.uint8)
+        valid[1, :13] = 0
+        vector, vector_lse = cpu_decode.decode_latents(query, layer, state, rope, attention.scaling, valid, tiles=False)
+        tiles, tiles_lse = cpu_decode.decode_latents(query, layer, state, rope, attention.scaling, valid, tiles=True)
+    torch.testing.assert_close(tiles, vector, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(tiles_lse, vector_lse, atol=2e-5, rtol=2e-5)
+
+
 def test_without_a_compiler_the_torch_path_serves(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_SVDKV_CACHE", str(tmp_path))  # nothing built there yet
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
