@@ -151,11 +151,12 @@ void load_tile_config() {
     _tile_dpbf16ps(C, 4, LO);                   \
   } while (0)
 
-// Keys (before RoPE, without the center) of a block's tokens into keys [kBlock][D]: latents [kBlock][rank_pad]
-// bfloat16 (zero padded) times the up-projection tiles of the head's D / 16 column tiles from col_tile0.
+// Keys (before RoPE, without the center) of a block's tokens into keys [kBlock][D]: latents (kBlock rows of
+// rank_pad bfloat16, `stride` numbers apart) times the up-projection tiles of the head's D / 16 column tiles from
+// col_tile0.
 template <int D>
-void rebuild_tiles(const uint16_t* latents, int64_t rank_pad, const uint16_t* up_tiles, int64_t col_tile0,
-                   int64_t width_tiles, float* keys) {
+void rebuild_tiles(const uint16_t* latents, int64_t stride, int64_t rank_pad, const uint16_t* up_tiles,
+                   int64_t col_tile0, int64_t width_tiles, float* keys) {
   constexpr int C = D / 16;
   for (int half = 0; half < kBlock; half += 16) {
     for (int c0 = 0; c0 < C; c0 += 4) {
@@ -165,7 +166,7 @@ void rebuild_tiles(const uint16_t* latents, int64_t rank_pad, const uint16_t* up
       _tile_zero(2);
       _tile_zero(3);
       for (int64_t k = 0; k < rank_pad / kTileRank; ++k) {
-        _tile_loadd(4, latents + half * rank_pad + k * kTileRank, rank_pad * 2);
+        _tile_loadd(4, latents + half * stride + k * kTileRank, stride * 2);
         const uint16_t* tiles = up_tiles + (k * width_tiles + col_tile0 + c0) * 2 * kTileSize;
         HF_SVDKV_TILE_PRODUCT(0, 5, 6, tiles);
         if (n > 1) HF_SVDKV_TILE_PRODUCT(1, 7, 5, tiles + 2 * kTileSize);
@@ -226,10 +227,18 @@ void span_kernel(const Args& a, int64_t b, int64_t h, int64_t s, float* scratch)
     const int64_t count = std::min<int64_t>(kBlock, end - t0);
 #if HF_SVDKV_TILES
     if (Tiles) {
-      for (int64_t t = 0; t < count; ++t) memcpy(tile_latents + t * a.rank_pad, keys + (t0 + t) * a.sk_t, rk * sizeof(T));
-      for (int64_t t = count; t < kBlock; ++t) memset(tile_latents + t * a.rank_pad, 0, rk * sizeof(T));
+      // Whole blocks of whole tile steps are read in place; a partial block or rank goes through a zero-padded copy
+      // (a tile load reading freshly stored data waits for the stores, so the copy is the exception).
+      const uint16_t* block = reinterpret_cast<const uint16_t*>(keys + t0 * a.sk_t);
+      int64_t stride = a.sk_t;
+      if (count < kBlock || rk != a.rank_pad) {
+        for (int64_t t = 0; t < count; ++t) memcpy(tile_latents + t * a.rank_pad, keys + (t0 + t) * a.sk_t, rk * sizeof(T));
+        for (int64_t t = count; t < kBlock; ++t) memset(tile_latents + t * a.rank_pad, 0, rk * sizeof(T));
+        block = tile_latents;
+        stride = a.rank_pad;
+      }
       const int64_t group_tiles = (a.rank_pad / kTileRank) * (a.width / 16) * 2 * kTileSize;
-      rebuild_tiles<D>(tile_latents, a.rank_pad, a.up_tiles + key_group * group_tiles, column / 16, a.width / 16, tile_keys);
+      rebuild_tiles<D>(block, stride, a.rank_pad, a.up_tiles + key_group * group_tiles, column / 16, a.width / 16, tile_keys);
     }
 #endif
     if (!Tiles && sizeof(T) != sizeof(float))
