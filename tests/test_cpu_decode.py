@@ -158,3 +158,13 @@ def test_switched_off_by_environment(monkeypatch):
         monkeypatch.delenv("HF_SVDKV_CPU_KERNEL")
         cpu_decode._library.cache_clear()
     assert cpu_decode.available()
+
+
+def test_tiles_switched_off_by_environment(monkeypatch):
+    monkeypatch.setenv("HF_SVDKV_CPU_TILES", "0")
+    cpu_decode.tiles_available.cache_clear()
+    try:
+        assert not cpu_decode.tiles_available()
+    finally:
+        monkeypatch.delenv("HF_SVDKV_CPU_TILES")
+        cpu_decode.tiles_available.cache_clear()
