@@ -12,8 +12,8 @@
 //
 // On CPUs with AMX (Intel Sapphire Rapids and later) bfloat16 latents are rebuilt by the tile unit instead: a block's
 // latents times the up projection split in two bfloat16 parts (hi + lo, together float32 to 2^-17), accumulated in
-// float32, so the keys agree with the vector path to float32 rounding while the rebuild's multiply-adds, most of
-// the vector path's work, cost next to nothing.
+// float32, so the keys agree with the vector path to float32 rounding while the rebuild's multiply-adds leave the
+// vector units (about 1.3x faster per step on the default model's geometry).
 
 #include <math.h>
 #include <stdint.h>
@@ -227,8 +227,7 @@ void span_kernel(const Args& a, int64_t b, int64_t h, int64_t s, float* scratch)
     const int64_t count = std::min<int64_t>(kBlock, end - t0);
 #if HF_SVDKV_TILES
     if (Tiles) {
-      // Whole blocks of whole tile steps are read in place; a partial block or rank goes through a zero-padded copy
-      // (a tile load reading freshly stored data waits for the stores, so the copy is the exception).
+      // Whole blocks of whole tile steps are read in place; a partial block or rank goes through a zero-padded copy.
       const uint16_t* block = reinterpret_cast<const uint16_t*>(keys + t0 * a.sk_t);
       int64_t stride = a.sk_t;
       if (count < kBlock || rk != a.rank_pad) {

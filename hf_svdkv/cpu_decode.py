@@ -11,8 +11,8 @@ processes load it with ctypes. Without a compiler, or with HF_SVDKV_CPU_KERNEL=0
 torch path serves (same function, slower).
 
 On CPUs with AMX tiles (Intel Sapphire Rapids and later, Linux) bfloat16 latents are rebuilt by the tile unit, from
-the up projection split into two bfloat16 parts (`up_tiles`): the same keys to float32 rounding, at a fraction of
-the cost. HF_SVDKV_CPU_TILES=0 keeps the vector rebuild.
+the up projection split into two bfloat16 parts (`up_tiles`): the same keys to float32 rounding, and the kernel
+about 1.3x faster on the default model. HF_SVDKV_CPU_TILES=0 keeps the vector rebuild.
 """
 
 from __future__ import annotations
