@@ -221,6 +221,10 @@ def run_rows(
         for round_ in range(repeat):
             for (context, batch), ids in prompts.items():
                 for row in measure_interleaved(model, rows, ids, steps=steps, warmup=warmup, prefill_chunk=prefill_chunk):
+                    if progress:  # this round's own figures; the table keeps each row's best round
+                        label = f" (round {round_ + 1}/{repeat})" if repeat > 1 else ""
+                        print(f"  {row.name:24s} context {context:6d} batch {batch:3d}: prefill {row.prefill_s:7.2f} s, "
+                              f"decode {row.decode_tokens_per_s:8.2f} tok/s{label}", flush=True)
                     if (key := (row.name, context, batch)) in best:
                         kept = best[key]
                         peaks = [p for p in (kept.peak_mem_bytes, row.peak_mem_bytes) if p is not None]
@@ -228,10 +232,6 @@ def run_rows(
                                        max(kept.decode_tokens_per_s, row.decode_tokens_per_s), min(peaks) if peaks else None,
                                        row.kv_bytes)
                     best[key] = row
-                    if progress:
-                        label = f" (round {round_ + 1}/{repeat})" if repeat > 1 else ""
-                        print(f"  {row.name:24s} context {context:6d} batch {batch:3d}: prefill {row.prefill_s:7.2f} s, "
-                              f"decode {row.decode_tokens_per_s:8.2f} tok/s{label}", flush=True)
                 gc.collect()
     return list(best.values())
 
