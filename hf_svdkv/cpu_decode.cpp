@@ -243,15 +243,20 @@ void span_kernel(const Args& a, int64_t b, int64_t h, int64_t s, float* scratch)
     if (!Tiles && sizeof(T) != sizeof(float))
       for (int64_t t = 0; t < count; ++t) row_to_float(keys + (t0 + t) * a.sk_t, rk, rows + t * rk);
     for (int64_t u = 0; u < count; u += kUnroll) {
-      const float* latent_rows[kUnroll];
-      for (int i = 0; i < kUnroll; ++i)
-        latent_rows[i] = u + i >= count          ? zero_row
-                         : sizeof(T) == sizeof(float) ? reinterpret_cast<const float*>(keys + (t0 + u + i) * a.sk_t)
-                                                      : rows + (u + i) * rk;
       Vec k[kUnroll][V];
-      for (int i = 0; i < kUnroll; ++i)
-        for (int v = 0; v < V; ++v) k[i][v] = Tiles ? center[v] + load(tile_keys + (u + i) * D + 16 * v) : center[v];
-      if (!Tiles) rebuild<D>(latent_rows, up, rk, a.width, k);
+      if (Tiles) {
+        for (int i = 0; i < kUnroll; ++i)
+          for (int v = 0; v < V; ++v) k[i][v] = center[v] + load(tile_keys + (u + i) * D + 16 * v);
+      } else {
+        const float* latent_rows[kUnroll];
+        for (int i = 0; i < kUnroll; ++i)
+          latent_rows[i] = u + i >= count          ? zero_row
+                           : sizeof(T) == sizeof(float) ? reinterpret_cast<const float*>(keys + (t0 + u + i) * a.sk_t)
+                                                        : rows + (u + i) * rk;
+        for (int i = 0; i < kUnroll; ++i)
+          for (int v = 0; v < V; ++v) k[i][v] = center[v];
+        rebuild<D>(latent_rows, up, rk, a.width, k);
+      }
       Vec rotated[kUnroll][V];
       for (int i = 0; i < kUnroll; ++i) {
         if (u + i >= count) {  // past the block: no cos/sin to read; its scores are never used

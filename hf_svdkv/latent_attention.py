@@ -216,6 +216,7 @@ def _layer_state(module: nn.Module, layer: SVDCacheLayer) -> _LayerState:
     head_dim = layer.head_dim
     groups, rank, width = key.up.shape
     key_rows = _interleave(key.up.reshape(groups, rank, -1, head_dim)).reshape(groups, rank, width)
+    key_rows_f32 = key_rows.float().contiguous()
     key_bias = _interleave(key.center.reshape(groups, -1, head_dim)).reshape(groups, width)
     num_heads = module.config.num_attention_heads
     num_kv_heads = value.num_groups * (value.up.shape[-1] // head_dim)
@@ -227,8 +228,8 @@ def _layer_state(module: nn.Module, layer: SVDCacheLayer) -> _LayerState:
         o_proj_weight=weight,
         key_weight=key_rows.mT.to(layer.dtype).contiguous(),
         key_bias=key_bias.float() if key_bias.any() else None,
-        key_rows=key_rows.float().contiguous(),
-        key_tiles=_cpu_key_tiles(key_rows, layer),
+        key_rows=key_rows_f32,
+        key_tiles=_cpu_key_tiles(key_rows_f32, layer),
         value_center=value.center.reshape(num_kv_heads, head_dim).float(),
         out_weight=out_weight.to(weight.dtype),
         out_bias=out_bias.to(weight.dtype),
@@ -242,7 +243,7 @@ def _cpu_key_tiles(key_rows: torch.Tensor, layer: SVDCacheLayer) -> torch.Tensor
         return None
     from .cpu_decode import up_tiles
 
-    return up_tiles(key_rows.float())
+    return up_tiles(key_rows)
 
 
 def latent_attention(
