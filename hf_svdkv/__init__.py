@@ -1,9 +1,11 @@
 """Low-rank (SVD) KV-cache compression for Hugging Face transformers."""
 
+from . import log
 from .architectures import SUPPORTED_MODEL_TYPES, UnsupportedModelError
 from .bases import BasesMismatchError, BasisAlgorithm, SVDBases
 from .cache import SVDCacheLayer, SVDCompressedCache
-from .config import CompressionConfig
+from .compression_config import CompressionConfig
+from .fit import fit_bases
 from .loading import ModelConfig
 from .patch import is_patched, patch_model, unpatch_model
 from .projection import LayerBases, Projection
@@ -27,6 +29,8 @@ from .seed import (
 from .version import __version__
 from .weight_svd import WeightSVD
 
+log.configure()
+
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
     "BasesMismatchError",
@@ -40,6 +44,7 @@ __all__ = [
     "UnsupportedModelError",
     "WeightSVD",
     "__version__",
+    "fit_bases",
     "is_patched",
     "patch_model",
     "unpatch_model",

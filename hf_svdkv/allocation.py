@@ -21,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .architectures import attention_modules, decoder_model, model_geometry
-from .config import CompressionConfig
+from .compression_config import CompressionConfig
 from .projection import LayerBases, Projection
 from .weight_svd import grouped_weight, single_threaded
 
@@ -235,7 +235,7 @@ def weight_spectrum_ranks(
     geometry = model_geometry(model)
     config.resolve_ranks(geometry.head_dim, geometry.num_kv_heads)  # checks group_size divides the KV heads
     return allocate_ranks(
-        weight_spectra(model, config.group_size), config.target_ratio, cost=storage_cost(config, sequence_length)
+        weight_spectra(model, config.heads_per_group(geometry.num_kv_heads)), config.target_ratio, cost=storage_cost(config, sequence_length)
     )
 
 

@@ -1,9 +1,12 @@
 """Llama-family attention that stores keys before RoPE in an `SVDCompressedCache` and rotates them back at
 the positions they were written at. Any other cache goes through the module's original forward untouched.
 
-Two paths compute the same function: up to `latent_attention.MAX_QUERY_LEN` new tokens (decoding) attend over the
-latents directly (`latent_attention.py`); longer inputs (prefill) rebuild every key and value at full size, then
-run the model's attention backend (the reference path, below)."""
+A forward into an empty cache (a prompt) attends over its own exact keys and values with the model's attention
+backend and causal mask, as the stock attention does, and stores them compressed: nothing is rebuilt (the cache's
+`exact_prefill`, default). Later forwards (decoding, teacher-forced tokens, later chunks of a chunked prefill) attend
+over the stored tokens as latents, a block at a time (`latent_attention.py`). The reference path below computes the
+same function by rebuilding every key and value at full size and running the model's attention backend; it serves
+what the latent path cannot (training, attention weights, other backends, offloaded weights) and tests."""
 
 from __future__ import annotations
 
@@ -113,33 +116,34 @@ def compressed_attention_forward(
     cos, sin = position_embeddings
     query = apply_rope(query, cos, sin)
     positions = position_ids.expand(batch, -1)
+    layer = past_key_values.layers[module.layer_idx]
+    attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, _eager_attention(module))
+    sliding_window = getattr(module, "sliding_window", getattr(module.config, "sliding_window", None))
+    dropout = 0.0 if not module.training else module.attention_dropout
+    if past_key_values.exact_prefill and not layer.get_seq_length() and not getattr(past_key_values, "offloading", False):
+        # A prompt: its keys and values are in hand, exact. Attend over them as the stock attention would (same
+        # backend, same mask, its causal fast path) and store them compressed without rebuilding anything.
+        layer.append(key, value, positions)
+        key = apply_rope(key, cos, sin)
+        attn_output, attn_weights = attention_interface(module, query, key, value, attention_mask, dropout=dropout,
+                                                        scaling=module.scaling, sliding_window=sliding_window, **kwargs)
+        return module.o_proj(attn_output.reshape(batch, seq, -1).contiguous()), attn_weights
     # The latent path reads o_proj's weight directly: where accelerate offloaded it (a `meta` placeholder outside
     # o_proj's own forward) only the reference path is right.
     offloaded = module.o_proj.weight.device.type == "meta"
     if use_latent_attention(module, past_key_values, seq) and not kwargs.get("output_attentions") and not offloaded:
         # Decoding (a few tokens): attend over the latents directly, no full-size rebuild (latent_attention.py).
-        layer = past_key_values.layers[module.layer_idx]
         output = latent_attention_forward(module, layer, patch.rotary_emb, query, key, value, positions, attention_mask, memo_key=cos)
         return output, None
     key, value = past_key_values.update(key, value, module.layer_idx, positions=positions)
-    layer = past_key_values.layers[module.layer_idx]
     cached_cos, cached_sin = patch.rotary_emb(value, layer.key_positions())
     # Under an accelerate device map the rotary module may run on another device than this layer.
     cached_cos, cached_sin = cached_cos.to(key.device), cached_sin.to(key.device)
     key = apply_rope(key, cached_cos, cached_sin)
     attention_mask = window_mask(attention_mask, seq, layer.get_seq_length(), layer.exact_tail, layer.window, query.dtype, query.device)
 
-    attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, _eager_attention(module))
-    sliding_window = getattr(module, "sliding_window", getattr(module.config, "sliding_window", None))
     attn_output, attn_weights = attention_interface(
-        module,
-        query,
-        key,
-        value,
-        attention_mask,
-        dropout=0.0 if not module.training else module.attention_dropout,
-        scaling=module.scaling,
-        sliding_window=sliding_window,
+        module, query, key, value, attention_mask, dropout=dropout, scaling=module.scaling, sliding_window=sliding_window,
         **kwargs,
     )
     attn_output = attn_output.reshape(batch, seq, -1).contiguous()

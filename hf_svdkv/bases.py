@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .architectures import ModelGeometry, attention_modules, model_geometry
-from .config import CompressionConfig
+from .compression_config import CompressionConfig
 from .projection import LayerBases, Projection
 from .version import __version__
 from .weight_svd import WeightSVD
@@ -90,11 +90,12 @@ class SVDBases:
 
         `layer_ranks` overrides the config's uniform ranks with (key, value) latent dims per group, per layer."""
         geometry = model_geometry(model)
-        group = config.group_size
+        group = config.heads_per_group(geometry.num_kv_heads)
         if algorithm is None and config.method == "calibrated":
             raise ValueError(
-                "method='calibrated' needs calibration text: use SVDBases.calibrate(model, texts, config, tokenizer=...) "
-                "and patch_model(model, bases=...), or method='weights' for data-free bases"
+                "method='calibrated' needs calibration text: use patch_model(model, config, tokenizer=...), "
+                "hf_svdkv.fit_bases(model, config, ...) or SVDBases.calibrate(model, texts, config, tokenizer=...), "
+                "or method='weights' for data-free bases"
             )
         if layer_ranks is None and config.target_ratio is not None and algorithm is None:
             from .allocation import weight_spectrum_ranks
@@ -124,17 +125,18 @@ class SVDBases:
         config: CompressionConfig,
         *,
         tokenizer: Any = None,
-        max_tokens: int | None = 65536,
+        max_tokens: int | None = None,
         sequence_length: int | None = None,
         **options: Any,
     ) -> SVDBases:
         """Calibrated bases: key PCA and output-aware value PCA on `texts` (strings with their `tokenizer`, or a 1-D
-        tensor of token ids), ranks allocated by measured sensitivity when `config.target_ratio` is set.
+        tensor of token ids), ranks allocated for `config.target_ratio` as `config.calibration` says (`fast`: on the
+        spectra; `full`: by measured sensitivity). `patch_model(model, config)` does this by itself, with a cache.
 
-        Uses at most `max_tokens` tokens (None = all). `sequence_length` is the context length a target ratio is
-        quoted at, so that the config's full-precision window is counted. Options go to `calibration.Calibrator`
-        (seq_len, batch_size, progress, value_metric, sink_weight, allocation, probe_tokens)."""
-        from .calibration import calibrate_bases
+        Uses at most `max_tokens` tokens spread over the text (default: as many as `config.calibration` uses).
+        `sequence_length` is the context length a target ratio is quoted at, so that the config's full-precision
+        window is counted. Options go to `calibration.Calibrator` (seq_len, batch_size, progress, value_metric, sink_weight, allocation, probe_tokens)."""
+        from .calibration import CALIBRATION_PRESETS, calibrate_bases, spread_tokens
 
         if isinstance(texts, torch.Tensor):
             token_ids = texts
@@ -147,8 +149,7 @@ class SVDBases:
             token_ids = tokenize_text(tokenizer, text, vocab_size=model.config.get_text_config().vocab_size)
         if token_ids.dim() != 1 or token_ids.numel() == 0:
             raise ValueError(f"calibration needs a non-empty 1-D sequence of token ids, got shape {tuple(token_ids.shape)}")
-        if max_tokens is not None:
-            token_ids = token_ids[:max_tokens]
+        token_ids = spread_tokens(token_ids, max_tokens or CALIBRATION_PRESETS[config.calibration].tokens)
         config = dataclasses.replace(config, method="calibrated")
         return calibrate_bases(model, token_ids, config, sequence_length=sequence_length, **options)
 

@@ -379,7 +379,7 @@ def build_bench_rows(args: argparse.Namespace) -> list:
     """dynamic, then one SVD row per --ranks pair and per --target-ratio, then the quantized peers. SVD rows use
     data-free "weights" bases (target ratios: ranks allocated on the weight spectra): speed does not depend on basis
     quality, and no calibration text is needed."""
-    from .config import CompressionConfig
+    from .compression_config import CompressionConfig
     from .eval import build_rows, parse_ranks
 
     ranks = [] if args.ranks.strip().lower() == "none" else parse_ranks(args.ranks)

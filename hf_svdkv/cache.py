@@ -6,7 +6,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from .bases import SVDBases
-from .config import check_latent_bits, check_window
+from .compression_config import check_latent_bits, check_window
 from .growing import append_along, held_nbytes
 from .projection import LayerBases, Projection
 
@@ -207,6 +207,7 @@ class SVDCompressedCache(Cache):
         bases: SVDBases | None = None,
         window: int | None = None,
         latent_bits: int | None = None,
+        exact_prefill: bool | None = None,
     ):
         from .patch import patch_state
 
@@ -222,11 +223,15 @@ class SVDCompressedCache(Cache):
             window = state.window if state is not None else 0
         if latent_bits is None and state is not None:
             latent_bits = state.latent_bits
+        if exact_prefill is None:
+            exact_prefill = state.exact_prefill if state is not None else True
         check_window(window)
         check_latent_bits(latent_bits)
         self.bases = bases
         self.window = window
         self.latent_bits = latent_bits
+        # A prompt (a forward into the empty cache) attends over its exact keys and values; see CompressionConfig.
+        self.exact_prefill = exact_prefill
         self.checked_against: set[int] = set()
         head_dim = bases.geometry.head_dim
         super().__init__(layers=[self._make_layer(layer, head_dim) for layer in bases.layers])

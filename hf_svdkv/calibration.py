@@ -30,7 +30,7 @@ from .allocation import (
 )
 from .architectures import attention_modules, decoder_model, model_geometry
 from .bases import SVDBases
-from .config import CompressionConfig
+from .compression_config import CompressionConfig
 from .projection import LayerBases, Projection
 from .weight_svd import grouped_weight
 
@@ -41,6 +41,46 @@ ALLOCATIONS = ("sensitivity", "spectrum", "uniform")
 RIDGE = 1e-6
 DEFAULT_SINK_WEIGHT = 0.1
 PROBE_RATIO = 4.0
+
+
+@dataclass(frozen=True)
+class CalibrationPreset:
+    """How much calibration a `CompressionConfig.calibration` name buys.
+
+    tokens: calibration tokens the statistics are gathered on (`spread_tokens` of the text given).
+    allocation: how a target_ratio is spent over layers (see `plan_ranks`).
+    probe_tokens: tokens of the sensitivity probes (allocation "sensitivity" only).
+    min_tokens: fewer calibration tokens than this is an error."""
+
+    tokens: int
+    allocation: str
+    probe_tokens: int = 2048
+    min_tokens: int = 2048
+
+
+# docs/calibration_tradeoff.md (scripts/calibration_tradeoff.py) measures both on the default model: "fast" takes
+# seconds where "full" takes minutes (most of it in 60 sensitivity probes), within a point of ppl of it at 2x and 3x.
+# What makes few tokens enough is taking them from all over the text: 16,384 tokens from one or two articles at the
+# corpus' end cost about 2 more points at 3x than the same number spread over 65,536.
+CALIBRATION_PRESETS = {
+    "fast": CalibrationPreset(tokens=16384, allocation="spectrum"),
+    "full": CalibrationPreset(tokens=65536, allocation="sensitivity", probe_tokens=2048),
+}
+CALIBRATION_CHUNK = 512  # tokens per calibration sequence (collect_statistics' seq_len)
+
+
+def spread_tokens(token_ids: torch.Tensor, count: int, chunk: int = CALIBRATION_CHUNK) -> torch.Tensor:
+    """At most `count` of the 1-D `token_ids`: all of them when they are no more, else `count // chunk` runs of
+    `chunk` tokens spread evenly from the first token to the last, so that a long text's every part (every topic of a
+    corpus) is represented rather than its first few pages."""
+    if token_ids.numel() <= count:
+        return token_ids
+    runs = max(count // chunk, 1)
+    length = count // runs
+    if runs == 1:
+        return token_ids[:length]
+    step = (token_ids.numel() - length) // (runs - 1)
+    return torch.cat([token_ids[i * step : i * step + length] for i in range(runs)])
 
 
 @dataclass
@@ -107,9 +147,14 @@ def _batches(token_ids: torch.Tensor, seq_len: int, batch_size: int) -> list[tor
 
 
 def collect_statistics(
-    model: nn.Module, token_ids: torch.Tensor, seq_len: int = 512, batch_size: int = 4, progress: bool = True
+    model: nn.Module, token_ids: torch.Tensor, seq_len: int = 512, batch_size: int = 4, progress: bool = True,
+    first_tokens: int = 0,
 ) -> list[LayerStatistics]:
-    """Mean and covariance sums of every layer's k_proj/v_proj input over `token_ids` (1-D), in `seq_len` chunks."""
+    """Mean and covariance sums of every layer's k_proj/v_proj input over `token_ids` (1-D), in `seq_len` chunks.
+
+    `first_tokens` more samples of position 0 (the attention sink, see CalibratedPCA) are taken from as many tokens
+    spread over the text, each as a one-token sequence: a token at position 0 sees nothing else, so this is exact, and
+    it costs `first_tokens` tokens of compute where the chunks alone give only one sample per `seq_len` tokens."""
     if token_ids.dim() != 1 or token_ids.numel() == 0:
         raise ValueError(f"token_ids must be a non-empty 1-D tensor of token ids, got shape {tuple(token_ids.shape)}")
     modules = attention_modules(model)
@@ -126,6 +171,9 @@ def collect_statistics(
         with torch.inference_mode():
             for batch in tqdm(_batches(token_ids, seq_len, batch_size), desc="calibration", unit="batch", disable=not progress):
                 decoder(input_ids=batch.to(device), use_cache=False)
+            if first_tokens:
+                step = max(token_ids.numel() // first_tokens, 1)
+                decoder(input_ids=token_ids[::step][:first_tokens, None].to(device), use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
@@ -345,9 +393,10 @@ class Calibrator:
     def measure(self, configs: Sequence[CompressionConfig]) -> None:
         """Run now the sensitivity probes these configs' bases will need (otherwise the first `bases` call does)."""
         if self.allocation == "sensitivity":
+            num_kv_heads = model_geometry(self.model).num_kv_heads
             for config in configs:
                 if config.target_ratio is not None:
-                    self._probe_weights(config.group_size, PROBE_RATIO)
+                    self._probe_weights(config.heads_per_group(num_kv_heads), PROBE_RATIO)
 
     def bases(self, config: CompressionConfig, sequence_length: int | None = None) -> SVDBases:
         """Calibrated bases for `config`: its uniform ranks, or ranks allocated for its target_ratio, counting
@@ -356,10 +405,11 @@ class Calibrator:
         config.resolve_ranks(geometry.head_dim, geometry.num_kv_heads)
         layer_ranks = None
         if config.target_ratio is not None:
+            group = config.heads_per_group(geometry.num_kv_heads)
             weights = None
             if self.allocation == "sensitivity":
-                weights = self._probe_weights(config.group_size, PROBE_RATIO)
-            layer_ranks = plan_ranks(self.model, self.algorithm, self.token_ids, config.group_size, config.target_ratio,
+                weights = self._probe_weights(group, PROBE_RATIO)
+            layer_ranks = plan_ranks(self.model, self.algorithm, self.token_ids, group, config.target_ratio,
                                      self.allocation, cost=storage_cost(config, sequence_length), weights=weights)
         return SVDBases.from_model(self.model, config, algorithm=self.algorithm, layer_ranks=layer_ranks)
 
@@ -374,8 +424,10 @@ def calibrate_bases(
 ) -> SVDBases:
     """Calibrated bases for `model` from the 1-D `token_ids` (use text disjoint from what you evaluate on).
 
-    With `config.target_ratio`, ranks are allocated per layer and between keys and values; otherwise the
-    config's uniform ranks are used. Options: those of `Calibrator`."""
+    With `config.target_ratio`, ranks are allocated per layer and between keys and values as `config.calibration`
+    says; otherwise the config's uniform ranks are used. Options: those of `Calibrator` (they override the preset's)."""
     geometry = model_geometry(model)
     config.resolve_ranks(geometry.head_dim, geometry.num_kv_heads)  # fail on a bad config before calibrating
-    return Calibrator(model, token_ids, **calibrator_options).bases(config, sequence_length)
+    preset = CALIBRATION_PRESETS[config.calibration]
+    options = {"allocation": preset.allocation, "probe_tokens": preset.probe_tokens, **calibrator_options}
+    return Calibrator(model, spread_tokens(token_ids, preset.tokens), **options).bases(config, sequence_length)

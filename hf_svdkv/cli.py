@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import NoReturn
 
 PROG = "hf-svdkv"
+CALIBRATIONS = ("fast", "full")
 USER_ERRORS = (ValueError, FileNotFoundError, OSError)
 DEFAULT_CALIB_TOKENS = 65536
 # Measured on the default model, calibrated joint bases, 3 windows of 1536 + 512 tokens: window 0 / 32 / 64 / 128
@@ -80,7 +81,13 @@ def _add_compression_arguments(p: argparse.ArgumentParser, *, lists: bool) -> No
     p.add_argument("--calib-text", help="calibration text file (default: the last --calib-tokens tokens of the corpus, "
                                         "never scored)")
     p.add_argument("--calib-tokens", type=int, default=DEFAULT_CALIB_TOKENS,
-                   help=f"calibration tokens (default: {DEFAULT_CALIB_TOKENS})")
+                   help=f"tokens at the end of the corpus reserved for calibration, never scored (default: "
+                        f"{DEFAULT_CALIB_TOKENS}); --calibration decides how many of them are used")
+    p.add_argument("--calibration", choices=CALIBRATIONS, default="fast",
+                   help="fast (8,192 tokens, ranks on the spectra: seconds) or full (65,536 tokens and sensitivity probes: "
+                        "minutes); see docs/calibration_tradeoff.md (default: fast)")
+    p.add_argument("--no-bases-cache", action="store_true",
+                   help="fit calibrated bases afresh instead of loading them from the bases cache (nor storing them)")
 
 
 def _split(text: str | None) -> list[str]:
@@ -104,7 +111,7 @@ def _ints_or_none(text: str | None, flag: str, default: list) -> list:
 
 
 def _methods(args: argparse.Namespace, default: str) -> list[str]:
-    from .config import METHODS
+    from .compression_config import METHODS
 
     methods = _split(args.method) or [default]
     for method in methods:
@@ -141,18 +148,42 @@ def _token_ids(args: argparse.Namespace, tokenizer, model, text: str | None = No
     return ids, calib_ids
 
 
-def _calibrator(model, calib_ids, configs: Sequence = ()):
-    """Statistics, then the sensitivity probes `configs` need: all of calibration, timed apart from the rows."""
+def _calibrated_bases(args: argparse.Namespace, model, calib_ids, configs: Sequence, sequence_length: int | None) -> dict:
+    """{id(config): bases} for every calibrated config, from the bases cache or fitted now (one Calibrator per
+    `--calibration` preset, built on the first miss), timed apart from the rows. Calibration takes its tokens spread
+    over --calib-text, else over the corpus' reserved end."""
     import time
 
-    from .calibration import Calibrator
+    from .bases_cache import cache_folder, cached_bases
+    from .calibration import CALIBRATION_PRESETS, Calibrator, spread_tokens
 
     start = time.perf_counter()
-    calibrator = Calibrator(model, calib_ids)
-    calibrator.measure(configs)
-    calibrator.seconds = time.perf_counter() - start
-    print(f"calibration: {calib_ids.numel()} tokens, {calibrator.seconds:.1f} s", file=sys.stderr)
-    return calibrator
+    calibrators, bases, hits, used = {}, {}, 0, {}
+    for config in configs:
+        preset = CALIBRATION_PRESETS[config.calibration]
+        token_ids = spread_tokens(calib_ids, preset.tokens)
+        if token_ids.numel() < preset.min_tokens:
+            raise ValueError(f"calibration text too short: {token_ids.numel():,} tokens, the {config.calibration!r} "
+                             f"calibration needs at least {preset.min_tokens:,}")
+        used[config.calibration] = int(token_ids.numel())
+
+        def fit(config=config, preset=preset, token_ids=token_ids):
+            if config.calibration not in calibrators:
+                calibrators[config.calibration] = Calibrator(model, token_ids, allocation=preset.allocation,
+                                                             probe_tokens=preset.probe_tokens)
+            return calibrators[config.calibration].bases(config, sequence_length=sequence_length)
+
+        bases[id(config)], _, hit = cached_bases(model, config, fit, token_ids=token_ids, sequence_length=sequence_length,
+                                                 bases_cache=not args.no_bases_cache)
+        hits += hit
+    seconds = time.perf_counter() - start
+    folder = cache_folder(not args.no_bases_cache)
+    summary = ", ".join(f"{name} on {tokens:,} tokens" for name, tokens in used.items())
+    print(f"calibration: {summary}, {seconds:.1f} s; {hits} of {len(configs)} rows' bases from the cache "
+          f"({folder if folder is not None else 'cache off'})", file=sys.stderr)
+    args.calibration_record = {"calibration": ", ".join(used), "calibration_tokens": max(used.values()),
+                               "calibration_seconds": round(seconds, 1), "bases_from_cache": hits}
+    return bases
 
 
 # --- eval ---------------------------------------------------------------------------------------------------
@@ -191,7 +222,7 @@ def _add_eval(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _eval_configs(args: argparse.Namespace, num_kv_heads: int) -> list:
-    from .config import CompressionConfig
+    from .compression_config import CompressionConfig
     from .eval import parse_ranks
 
     ratios = _floats(args.target_ratio, "--target-ratio")
@@ -201,12 +232,12 @@ def _eval_configs(args: argparse.Namespace, num_kv_heads: int) -> list:
     if not shapes and not args.bases_dir:
         if args.method or args.window or args.latent_bits:
             raise ValueError("--method, --window and --latent-bits need rows to apply to: --profiles, --ranks or --target-ratio")
-        return [CompressionConfig(**row, group_size=num_kv_heads) for row in DEFAULT_ROWS]
+        return [CompressionConfig(**row, group_size=num_kv_heads, calibration=args.calibration) for row in DEFAULT_ROWS]
     bits = _ints_or_none(args.latent_bits, "--latent-bits", [None])
     return [
         CompressionConfig(**shape, method=method, group_size=_group_size(args.group_size, method, num_kv_heads),
-                          window=window, latent_bits=bit)
-        for shape in shapes for method in _methods(args, "weights") for window in _windows(args.window, method)
+                          window=window, latent_bits=bit, calibration=args.calibration)
+        for shape in shapes for method in _methods(args, "calibrated") for window in _windows(args.window, method)
         for bit in bits
     ]
 
@@ -246,11 +277,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         calib_ids = None
     length = args.context + args.continuation if args.protocol == "continuation" else args.window_len
     calibrated_bases = None
+    args.calibration_record = {"calibration_tokens": 0, "calibration_seconds": None}
     if calibrated:
-        calibrator = _calibrator(model, calib_ids, [c for c in configs if c.method == "calibrated"])
+        fitted = _calibrated_bases(args, model, calib_ids, [c for c in configs if c.method == "calibrated"], length)
 
         def calibrated_bases(model, row_config):
-            return calibrator.bases(row_config, sequence_length=length)
+            return fitted[id(row_config)]
 
     def weight_bases(model, row_config):
         # A target ratio is quoted at the evaluated length, so the window's bytes come out of the latents' budget.
@@ -282,9 +314,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         n_windows=args.windows,
         model_name=config.model_path or DEFAULT_MODEL_NAME,
         dataset_name=Path(args.text_file).name if args.text_file else args.dataset,
-        settings={"dtype": config.dtype, "device": config.device,
-                  "calibration_tokens": int(calib_ids.numel()) if calib_ids is not None else 0,
-                  "calibration_seconds": round(calibrator.seconds, 1) if calibrated else None,
+        settings={"dtype": config.dtype, "device": config.device, **args.calibration_record,
                   "calibration_text": args.calib_text or ("end of the corpus" if calib_ids is not None else None)},
     )
     print_table(result)
@@ -316,30 +346,102 @@ def _add_bases(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_bases)
 
 
-def _cmd_bases(args: argparse.Namespace) -> int:
-    from . import SVDBases
-    from .architectures import model_geometry
-    from .config import CompressionConfig
+def _single_config(args: argparse.Namespace, num_kv_heads: int | None = None):
+    """The one CompressionConfig of single-valued flags (bases, generate): at most one of --profile, --ranks,
+    --target-ratio (none: the default 2x). Without the model's `num_kv_heads` (a check before loading it) the group
+    size is left to the config unless --group-size is a number."""
+    from .compression_config import CompressionConfig
     from .eval import parse_ranks
 
     ratios = _floats(args.target_ratio, "--target-ratio")
     ranks = parse_ranks(args.ranks) if args.ranks else []
-    if len(ratios) + len(ranks) + bool(args.profile) != 1:
-        raise ValueError("give exactly one of --profile, --ranks KEY:VALUE or --target-ratio R")
-    [method] = _methods(args, "calibrated" if args.calib_text else "weights")[:1]
+    if len(ratios) + len(ranks) + bool(args.profile) > 1:
+        raise ValueError("give at most one of --profile, --ranks KEY:VALUE or --target-ratio R (none: 2x)")
+    [method] = _methods(args, "calibrated")[:1]
     [window] = _windows(args.window, method)[:1]
     [bits] = _ints_or_none(args.latent_bits, "--latent-bits", [None])[:1]
-    shape = {"target_ratio": ratios[0]} if ratios else {"key_rank": ranks[0][0], "value_rank": ranks[0][1]} if ranks else {"profile": args.profile}
+    shape = {"target_ratio": ratios[0]} if ratios else {"key_rank": ranks[0][0], "value_rank": ranks[0][1]} if ranks else {"profile": args.profile} if args.profile else {}
+    group = None
+    if args.group_size is not None and (num_kv_heads is not None or args.group_size != "all"):
+        group = _group_size(args.group_size, method, num_kv_heads or 1)
+    return CompressionConfig(**shape, method=method, window=window, latent_bits=bits, calibration=args.calibration,
+                             group_size=group)
+
+
+def _cmd_bases(args: argparse.Namespace) -> int:
+    from .architectures import model_geometry
+    from .fit import fit_bases
+
+    _single_config(args)  # bad flags fail before the model loads
     _, model, tokenizer = _load(args)
-    config = CompressionConfig(**shape, method=method, window=window, latent_bits=bits,
-                               group_size=_group_size(args.group_size, method, model_geometry(model).num_kv_heads))
-    if method == "calibrated":
-        _, calib_ids = _token_ids(args, tokenizer, model)
-        bases = _calibrator(model, calib_ids, [config]).bases(config, sequence_length=args.context_length)
-    else:
-        bases = SVDBases.from_model(model, config)
+    config = _single_config(args, model_geometry(model).num_kv_heads)
+    calibration_text = None
+    if config.method == "calibrated" and (args.calib_text or args.dataset != "wiki"):
+        calibration_text = _token_ids(args, tokenizer, model)[1]
+    bases = fit_bases(model, config, tokenizer=tokenizer, calibration_text=calibration_text,
+                      bases_cache=not args.no_bases_cache, sequence_length=args.context_length)
     path = bases.save_pretrained(args.output)
     print(f"{bases}\nsaved to {path}")
+    return 0
+
+
+# --- generate -----------------------------------------------------------------------------------------------
+def _add_generate(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "generate",
+        help="the same prompt answered with the full cache and with a compressed one, side by side",
+        description="Greedy answers to a prompt from the DynamicCache and from the compressed cache patch_model builds "
+                    "for the config the flags give (default: CompressionConfig(), calibrated bases at 2x), with the KV "
+                    "bytes, prefill time and decode speed of each.",
+    )
+    p.add_argument("prompt", nargs="?", help="the prompt (or --prompt-file)")
+    p.add_argument("--prompt-file", help="read the prompt from this UTF-8 file")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default: 64)")
+    p.add_argument("--chat", choices=("auto", "yes", "no"), default="auto",
+                   help="wrap the prompt in the tokenizer's chat template (default: auto, when it has one)")
+    _add_model_arguments(p)
+    p.add_argument("--profile", choices=("low", "med", "high"), help="ranks from a profile")
+    p.add_argument("--ranks", help="KEY:VALUE ranks per KV head, e.g. 32:32")
+    p.add_argument("--bases-dir", help="use bases saved by `hf-svdkv bases` instead of fitting them")
+    _add_compression_arguments(p, lists=False)
+    p.set_defaults(func=_cmd_generate)
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from . import SVDBases, SVDCompressedCache, patch_model
+    from .architectures import model_geometry
+    from .data import load_text
+    from .eval import row_name
+    from .generate import print_side_by_side, prompt_ids, side_by_side
+
+    if (args.prompt is None) == (args.prompt_file is None):
+        raise ValueError("give a prompt or --prompt-file (one of them)")
+    if args.max_new_tokens <= 0:
+        raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+    prompt = args.prompt if args.prompt is not None else load_text(text_file=args.prompt_file)
+    config = None if args.bases_dir else _single_config(args)
+    bases = SVDBases.from_pretrained(args.bases_dir) if args.bases_dir else None
+    model_config, model, tokenizer = _load(args)
+    if config is not None:
+        config = _single_config(args, model_geometry(model).num_kv_heads)
+    calibration_text = _token_ids(args, tokenizer, model)[1] if config and config.method == "calibrated" and args.calib_text else None
+    chat = {"auto": None, "yes": True, "no": False}[args.chat]
+    ids = prompt_ids(tokenizer, prompt, chat)
+    if model_config.device == "cpu":
+        from .cpu_decode import available
+
+        available()  # builds the CPU decode kernel now (once per machine), not inside the timed decoding
+
+    def make_compressed():
+        if bases is not None:
+            patch_model(model, bases=bases, window=int(args.window or 0), latent_bits=_ints_or_none(args.latent_bits, "--latent-bits", [None])[0])
+        else:
+            patch_model(model, config, tokenizer=tokenizer, calibration_text=calibration_text, bases_cache=not args.no_bases_cache)
+        return SVDCompressedCache(model)
+
+    results = side_by_side(model, tokenizer, ids, make_compressed, args.max_new_tokens)
+    label = f"hf_svdkv {Path(args.bases_dir).name if bases is not None else row_name(config)}"
+    print_side_by_side(results, label)
     return 0
 
 
@@ -370,6 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", parser_class=_Parser)
     _add_eval(subparsers)
     _add_bases(subparsers)
+    _add_generate(subparsers)
     _add_bench(subparsers)
     return parser
 

@@ -218,7 +218,7 @@ def row_name(config: Any) -> str:
         body = config.profile
     else:
         body = f"k{config.key_rank}-v{config.value_rank}"
-    suffix = f"-g{config.group_size}" if config.group_size != 1 else ""
+    suffix = f"-g{config.group_size}" if config.group_size not in (None, 1) else ""
     suffix += f"-w{config.window}" if config.window else ""
     suffix += f"-int{config.latent_bits}" if config.latent_bits else ""
     return f"{prefix}-{body}{suffix}"

@@ -35,9 +35,10 @@ from .projection import Projection
 # whole 8k-token context of the default model at batch 1), while each op is large enough that per-op overhead
 # does not dominate on CPU.
 CHUNK_ELEMENTS = 1 << 21
-# Beyond this many query tokens, the reference path (one rebuild, then a fused SDPA kernel) is faster than scoring
-# every query against rebuilt chunks; the fast path is meant for decoding.
-MAX_QUERY_LEN = 16
+# Query tokens above which the reference path (every key and value rebuilt at full size, then the model's attention
+# backend) serves instead: None = never. The latent path computes the same function a block of tokens at a time, so its
+# memory stays bounded for any length; tests lower this to compare the two.
+MAX_QUERY_LEN: int | None = None
 # rope types whose frequencies depend on the sequence length: the rotary module itself must compute them.
 _DYNAMIC_ROPE = ("dynamic", "longrope")
 # attention backends whose masks (None, 4-D bool or additive float) `_allowed` reads.
@@ -246,6 +247,31 @@ def _cpu_key_tiles(key_rows: torch.Tensor, layer: SVDCacheLayer) -> torch.Tensor
     return up_tiles(key_rows)
 
 
+def _block_mask(
+    mask: torch.Tensor | None, query_len: int, total: int, start: int, end: int, window: int, exact: bool,
+    device: torch.device,
+) -> torch.Tensor | None:
+    """Which of the tokens [start, end) each query reads as latents (`exact` False) or as exact copies (True):
+    [batch or 1, 1, q, end - start] bool, or None when every query reads every one of them. A token is read exactly
+    while it is less than `window` tokens old, as a latent afterwards (as `window_mask`); the model's mask (padding,
+    causality, a sliding window) applies to both. Only this block's slice of anything is built."""
+    allowed = None
+    if mask is not None:
+        offset = mask.shape[-1] - total  # a mask may cover more columns than there are tokens: the last ones count
+        mask = mask[..., offset + start : offset + end]
+        allowed = mask if mask.dtype == torch.bool else mask == 0
+    first_query = total - query_len
+    # Ages range over [first_query - (end - 1), total - 1 - start]: the age rule only bites where that range crosses
+    # the threshold (window for latents, 0 and window for exact copies).
+    oldest, youngest = total - 1 - start, first_query - (end - 1)
+    needs_age = youngest < window if not exact else (youngest < 0 or oldest >= window)
+    if needs_age:
+        age = torch.arange(first_query, total, device=device)[:, None] - torch.arange(start, end, device=device)[None, :]
+        rule = (age >= 0) & (age < window) if exact else age >= window
+        allowed = rule[None, None] if allowed is None else allowed & rule
+    return allowed
+
+
 def latent_attention(
     query: torch.Tensor,
     layer: SVDCacheLayer,
@@ -259,23 +285,50 @@ def latent_attention(
 ) -> LatentAttentionOutput:
     """Attention of `query` [batch, heads, q, head_dim] (after RoPE) over a layer that already holds the new tokens
     (`SVDCacheLayer.append`); `rope` = `rope_factors` of `layer.positions`; `exact` = the exact tail `append`
-    returned. Scores and softmax in float32; two passes: all scores (chunk by chunk), then one softmax."""
+    returned. Flash-style: the latent tokens are taken a block at a time (keys rebuilt and rotated, scored, folded
+    into a running softmax over the value latents), then the exact window, so no layer's keys or values ever exist
+    at full size and no [query x tokens] mask is built. Scores and softmax in float32."""
     batch, num_heads, query_len, head_dim = query.shape
     num_kv_heads = state.value_center.shape[0]
-    chunk_size = chunk_size or max(1, CHUNK_ELEMENTS // (batch * num_kv_heads * head_dim))
     per_kv = num_heads // num_kv_heads
+    rows = per_kv * query_len
+    chunk_size = chunk_size or max(16, CHUNK_ELEMENTS // (batch * num_kv_heads * max(head_dim, rows)))
     total = layer.get_seq_length()
     latent_len = layer.keys.shape[-2]
     exact_len = 0 if exact is None else exact[0].shape[-2]
+    device = query.device
     # [batch, kv_heads, heads per kv head * q, d]: every query head reading a KV head scores its keys in one matmul.
-    queries = _interleave(query.float() * scaling).reshape(batch, num_kv_heads, per_kv * query_len, head_dim)
+    queries = _interleave(query.float() * scaling).reshape(batch, num_kv_heads, rows, head_dim)
 
     dtype = state.key_weight.dtype
     key_groups, width = state.key_weight.shape[:2]
     per_group = width // head_dim  # KV heads sharing one key basis
-    device = query.device
-    scores = queries.new_empty((batch, num_kv_heads, per_kv * query_len, latent_len + exact_len))
-    for start in range(0, latent_len, chunk_size):
+    value_groups = layer.projection.value.num_groups
+    # The running softmax: max and sum per query row, and the output over value latents (rows grouped by value basis).
+    running_max = queries.new_full((batch, num_kv_heads, rows), -math.inf)
+    running_sum = queries.new_zeros((batch, num_kv_heads, rows))
+    latent = queries.new_zeros((batch, value_groups, num_kv_heads // value_groups * rows, layer.projection.value.rank))
+
+    def fold(scores: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
+        """Fold a block's scores [batch, kv_heads, rows, n] into the running max and sum; rescale the latent output;
+        return the block's unnormalised weights."""
+        nonlocal running_max
+        if allowed is not None:
+            # [batch, kv_heads, per_kv, q, n]: masks are per (batch, query token), shared by a KV head's query heads.
+            scores = scores.view(batch, num_kv_heads, per_kv, query_len, -1).masked_fill(~allowed[:, :, None], -math.inf)
+            scores = scores.view(batch, num_kv_heads, rows, -1)
+        new_max = torch.maximum(running_max, scores.amax(-1))
+        # A row that has seen nothing yet keeps max -inf: shift by 0 there, so exp gives 0 rather than NaN.
+        shift = torch.where(new_max == -math.inf, 0.0, new_max)
+        weights = torch.exp(scores - shift[..., None])
+        rescale = torch.exp(running_max - shift)
+        running_sum.mul_(rescale).add_(weights.sum(-1))
+        latent.mul_(rescale.view(batch, value_groups, -1, 1))
+        running_max = new_max
+        return weights
+
+    last_visible = total - 1 - layer.window  # no latent token younger than the window is ever read as a latent
+    for start in range(0, min(latent_len, last_visible + 1), chunk_size):
         end = min(start + chunk_size, latent_len)
         size = end - start
         latents = _latents(layer.keys, start, end, dtype)  # [batch, key_groups, chunk, rank]
@@ -291,43 +344,32 @@ def latent_attention(
             keys += state.key_bias.view(num_kv_heads, 1, head_dim)
         _rotate(keys, rope[:, None, start:end])
         # Every query head reading a KV head, against that head's keys: [batch, kv_heads, heads per kv * q, chunk].
-        if size == scores.shape[-1]:
-            torch.matmul(queries, keys.mT, out=scores)
-        else:
-            scores[..., start:end] = torch.matmul(queries, keys.mT)
-    if exact is not None:
+        scores = torch.matmul(queries, keys.mT)
+        allowed = _block_mask(attention_mask, query_len, total, start, end, layer.window, False, device)
+        weights = fold(scores, allowed)
+        # Rows of a value group: its KV heads' query heads and query tokens.
+        grouped_weights = weights.view(batch, value_groups, -1, size).to(dtype)
+        latent.add_(torch.matmul(grouped_weights, _latents(layer.values, start, end, dtype)).float())
+
+    exact_out = None
+    if exact is not None and exact_len:
         exact_keys = _rotate(_interleave(exact[0].float()), rope[:, None, total - exact_len :])
-        scores[..., latent_len:] = torch.matmul(queries, exact_keys.transpose(-1, -2))
+        scores = torch.matmul(queries, exact_keys.transpose(-1, -2))
+        allowed = _block_mask(attention_mask, query_len, total, total - exact_len, total, layer.window, True, device)
+        weights = fold(scores, allowed)
+        centered = exact[1].float() - state.value_center[:, None, :]
+        exact_out = torch.matmul(weights, centered)  # [batch, kv_heads, per_kv * q, d]
 
-    latent_mask, exact_mask = _column_masks(attention_mask, query_len, total, latent_len, exact_len, layer.window, query.device)
-    if latent_mask is not None or exact_mask is not None:
-        allowed = latent_mask if exact_mask is None else torch.cat([latent_mask, exact_mask], dim=-1)
-        # [batch, kv_heads, per_kv * q, cols] seen as [batch, kv_heads, per_kv, q, cols]; masks are per (batch, q).
-        scores = scores.view(batch, num_kv_heads, per_kv, query_len, -1).masked_fill(~allowed[:, :, None], -math.inf)
-        scores = scores.view(batch, num_kv_heads, per_kv * query_len, -1)
-        # A padding query that sees nothing gets zeros, not NaN: its NaN would reach every row through the values.
-        probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0)
-    else:
-        probs = torch.softmax(scores, dim=-1)
-
-    value_groups = layer.projection.value.num_groups
-    # Rows of a value group: its KV heads' query heads and query tokens (explicit: latent_len may be 0).
-    latent_probs = probs[..., :latent_len].reshape(batch, value_groups, num_heads * query_len // value_groups, latent_len)
-    # Plain latents are read in one matmul; integer codes are dequantized chunk by chunk, to bound the transient.
-    value_chunk = max(latent_len, 1) if isinstance(layer.values, torch.Tensor) else chunk_size
-    latent = None
-    for start in range(0, latent_len, value_chunk):
-        end = min(start + value_chunk, latent_len)
-        part = torch.matmul(latent_probs[..., start:end].to(dtype), _latents(layer.values, start, end, dtype)).float()
-        latent = part if latent is None else latent.add_(part)
-    if latent is None:  # every token still in the window
-        latent = probs.new_zeros((batch, value_groups, latent_probs.shape[2], layer.projection.value.rank))
+    # A padding query that sees nothing gets zeros, not NaN: its NaN would reach every row through the values.
+    norm = torch.where(running_sum > 0, running_sum, 1.0).reciprocal_()
+    latent = latent.mul_(norm.view(batch, value_groups, -1, 1))
     # [batch, value_groups, kv heads per group * per_kv * q, rank] -> [batch, q, heads, rank]
     latent = latent.reshape(batch, num_heads, query_len, -1).transpose(1, 2)
     if exact is None:
         return LatentAttentionOutput(latent)
-    centered = exact[1].float() - state.value_center[:, None, :]
-    exact_out = torch.matmul(probs[..., latent_len:], centered)  # [batch, kv_heads, per_kv * q, d]
+    if exact_out is None:
+        exact_out = queries.new_zeros((batch, num_kv_heads, rows, head_dim))
+    exact_out = exact_out.mul_(norm[..., None])
     return LatentAttentionOutput(latent, exact_out.reshape(batch, num_heads, query_len, head_dim).transpose(1, 2))
 
 
@@ -404,14 +446,14 @@ def _cpu_kernel_ready(query: torch.Tensor, layer: SVDCacheLayer, state: _LayerSt
 
 
 def use_latent_attention(module: nn.Module, cache: SVDCompressedCache, query_len: int) -> bool:
-    """Whether this attention call can take the latent path: inference (no dropout), up to MAX_QUERY_LEN new tokens,
-    an `o_proj` that is a plain linear layer (its weight can be folded), a cache that is not offloaded layer by layer,
+    """Whether this attention call can take the latent path: inference (no dropout), at most MAX_QUERY_LEN new tokens
+    (if set), an `o_proj` that is a plain linear layer (its weight can be folded), a cache that is not offloaded layer by layer,
     and the eager or sdpa backend (whose 4-D masks this path reads; flash attention's masks are 2-D).
     The caller also keeps the reference path when attention weights are requested: this path never forms them."""
     return (
         not module.training
         and getattr(module.config, "_attn_implementation", None) in _MASK_BACKENDS
-        and query_len <= MAX_QUERY_LEN
+        and (MAX_QUERY_LEN is None or query_len <= MAX_QUERY_LEN)
         and isinstance(module.o_proj, nn.Linear)
         and module.o_proj.weight.is_floating_point()
         and not getattr(cache, "offloading", False)

@@ -6,7 +6,8 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TypeVar
+from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -15,7 +16,8 @@ from .architectures import attention_modules, cache_argument, decoder_model, mod
 from .attention import AttentionPatch, compressed_attention_forward
 from .bases import SVDBases
 from .cache import SVDCompressedCache
-from .config import CompressionConfig, check_latent_bits, check_window
+from .compression_config import CompressionConfig, check_latent_bits, check_window
+from .fit import CalibrationText, fit_bases
 
 STATE_ATTRIBUTE = "_hf_svdkv_patch"
 ModelT = TypeVar("ModelT", bound=nn.Module)
@@ -27,6 +29,7 @@ class PatchState:
     config: CompressionConfig | None
     window: int = 0
     latent_bits: int | None = None
+    exact_prefill: bool = True
     # (object, attribute, the instance attribute it had before or None): exactly what unpatch puts back.
     replaced: list[tuple[object, str, Callable | None]] = field(default_factory=list)
 
@@ -51,9 +54,9 @@ def _forward_attribute(module: nn.Module) -> str:
 
 @contextmanager
 def onloaded_kv_weights(model: nn.Module) -> Iterator[None]:
-    """Inside, every layer's k/v projection weights are real CPU tensors even where accelerate offloaded them (to
+    """Inside, every layer's k/v/o projection weights are real CPU tensors even where accelerate offloaded them (to
     cpu or disk, leaving `meta` placeholders behind its hooks), so bases can be fitted and validated; on exit the
-    hooks offload them again. Costs CPU memory for all k/v projections at once (whole decoder layers where a layer
+    hooks offload them again. Costs CPU memory for all k/v/o projections at once (whole decoder layers where a layer
     is offloaded as one block). A no-op for a model without offloading."""
     try:
         from accelerate.utils import align_module_device, has_offloaded_params
@@ -64,7 +67,7 @@ def onloaded_kv_weights(model: nn.Module) -> Iterator[None]:
     with ExitStack() as stack:
         for layer in decoder_model(model).layers:
             attn = getattr(layer, "self_attn", None)
-            owners = (layer, attn, getattr(attn, "k_proj", None), getattr(attn, "v_proj", None))
+            owners = (layer, attn, *(getattr(attn, name, None) for name in ("k_proj", "v_proj", "o_proj")))
             for owner in owners:
                 if owner is not None and has_offloaded_params(owner):
                     stack.enter_context(align_module_device(owner, cpu))
@@ -91,19 +94,32 @@ def patch_model(
     config: CompressionConfig | None = None,
     *,
     bases: SVDBases | None = None,
+    tokenizer: Any = None,
+    calibration_text: CalibrationText | None = None,
+    bases_cache: bool | str | Path = True,
     window: int | None = None,
     latent_bits: int | None = None,
+    exact_prefill: bool | None = None,
 ) -> ModelT:
     """Make `model` store its KV cache as low-rank latents; returns the same model, patched in place.
 
-    Give either a `CompressionConfig` (bases are computed from the model's weights) or precomputed `bases`
-    (validated against the model). `window` and `latent_bits` (default: the config's) keep that many recent
-    tokens at full precision and store latents as 8/4-bit integers. Only this instance changes; `unpatch_model` undoes it exactly.
-    A stock `model.generate(...)` then uses an `SVDCompressedCache`; passing
-    `cache_implementation="dynamic"` or another cache still works and bypasses compression.
+    `patch_model(model, CompressionConfig(target_ratio=2.0), tokenizer=tokenizer)` fits calibrated bases (key PCA
+    before RoPE, output-aware value PCA, ranks allocated for the ratio) on `calibration_text` (a string, strings or
+    1-D token ids; default: the embedded offline corpus), in seconds, and caches them on disk (`bases_cache`: True =
+    the default folder, a path, or False; see `hf_svdkv.bases_cache`), so the next call loads them. Without a config
+    the cache is 2x smaller (`CompressionConfig()`). `tokenizer` defaults to the one saved with the model.
+    Or give precomputed `bases` (validated against the model). `window` and `latent_bits` (default: the config's)
+    keep that many recent tokens at full precision and store latents as 8/4-bit integers; `exact_prefill` (default:
+    the config's, else True) lets a prompt attend over its own exact keys and values.
+
+    Only this instance changes; `unpatch_model` undoes it exactly. A stock `model.generate(...)` then uses an
+    `SVDCompressedCache`; passing `cache_implementation="dynamic"` or another cache still works and bypasses
+    compression.
     """
-    if (config is None) == (bases is None):
-        raise ValueError("patch_model needs exactly one of a CompressionConfig or SVDBases")
+    if config is not None and bases is not None:
+        raise ValueError("patch_model takes a CompressionConfig or SVDBases, not both")
+    if bases is None and config is None:
+        config = CompressionConfig()
     if config is not None and not isinstance(config, CompressionConfig):
         raise TypeError(f"config must be a CompressionConfig, got {type(config).__name__}")
     model_geometry(model)
@@ -112,7 +128,7 @@ def patch_model(
         unpatch_model(model)
     with onloaded_kv_weights(model):
         if bases is None:
-            bases = SVDBases.from_model(model, config)
+            bases = fit_bases(model, config, tokenizer=tokenizer, calibration_text=calibration_text, bases_cache=bases_cache)
         else:
             bases.validate(model)
 
@@ -124,7 +140,9 @@ def patch_model(
     if latent_bits is None and config is not None:
         latent_bits = config.latent_bits
     check_latent_bits(latent_bits)
-    state = PatchState(bases=bases, config=config, window=window, latent_bits=latent_bits)
+    if exact_prefill is None:
+        exact_prefill = config.exact_prefill if config is not None else True
+    state = PatchState(bases=bases, config=config, window=window, latent_bits=latent_bits, exact_prefill=bool(exact_prefill))
     rotary_emb = decoder_model(model).rotary_emb
     for module in modules:
         attribute = _forward_attribute(module)

@@ -39,7 +39,7 @@ def test_calibration_tokens_are_never_scored(monkeypatch):
 
 def test_cli_rows_are_the_product_of_the_flags():
     args = argparse.Namespace(target_ratio=["2,3"], profiles=None, ranks="32:32", bases_dir=[], method="weights,calibrated",
-                              window="0,64", latent_bits="none,4", group_size=None)
+                              window="0,64", latent_bits="none,4", group_size=None, calibration="fast")
     configs = _eval_configs(args, num_kv_heads=3)
     assert len(configs) == 3 * 2 * 2 * 2
     calibrated = [c for c in configs if c.method == "calibrated"]
@@ -55,7 +55,7 @@ def test_cli_rejects_bad_compression_flags(capsys):
         (["eval", "--target-ratio", "2", "--method", "magic"], "unknown --method 'magic'"),
         (["eval", "--target-ratio", "2", "--latent-bits", "3"], "latent_bits must be one of"),
         (["eval", "--window", "64"], "need rows to apply to"),
-        (["bases", "/tmp/x"], "give exactly one of"),
+        (["bases", "/tmp/x", "--ranks", "8:8", "--target-ratio", "2"], "give at most one of"),
     ]:
         with pytest.raises(SystemExit) as exit_info:
             main(argv)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import ARCHITECTURES, structured_ids, tiny_model
+from tiny_models import ARCHITECTURES, structured_ids, tiny_model, weights_config
 from transformers import DynamicCache
 
 from hf_svdkv import CompressionConfig, SVDBases, SVDCompressedCache, patch_model, unpatch_model
@@ -171,7 +171,7 @@ def test_allocation_gives_rank_where_the_spectrum_is_flat_and_weight_is_high():
 
 def test_weight_spectrum_ranks_build_bases_within_budget():
     model = tiny_model("llama", num_heads=4, num_kv_heads=2, head_dim=32, num_layers=3, dtype=torch.bfloat16)
-    config = CompressionConfig(target_ratio=2.5, group_size=2)
+    config = weights_config(target_ratio=2.5, group_size=2)
     ranks = weight_spectrum_ranks(model, config)
     bases = SVDBases.from_model(model, config, layer_ranks=ranks)
     patch_model(model, bases=bases)
@@ -181,7 +181,7 @@ def test_weight_spectrum_ranks_build_bases_within_budget():
     full = 3 * 2 * 2 * 32 * 2
     assert cache.bytes_per_token() == budget_bytes(ranks, weight_spectra(model, 2)) <= full / 2.5
     with pytest.raises(ValueError, match="target_ratio"):
-        weight_spectrum_ranks(model, CompressionConfig(key_rank=8, value_rank=8))
+        weight_spectrum_ranks(model, weights_config(key_rank=8, value_rank=8))
 
 
 def test_sensitivity_is_zero_at_full_rank_and_positive_below():
@@ -234,7 +234,7 @@ def test_calibrated_bases_beat_weight_bases_on_the_default_model(default_model, 
     model, tokenizer = default_model
     ids = tokenize_text(tokenizer, wiki_text[:400_000], model.config.vocab_size)
     calib_ids, eval_ids = split_calibration(ids, 8192)  # disjoint: windows come from the rest
-    config = CompressionConfig(key_rank=32, value_rank=32, group_size=3)
+    config = weights_config(key_rank=32, value_rank=32, group_size=3)
     bases = {
         "weights": SVDBases.from_model(model, config),
         "calibrated": calibrate_bases(model, calib_ids, config, progress=False),

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import ARCHITECTURES, assert_left_padded_rows_equal_single_runs, structured_ids, tiny_model
+from tiny_models import (
+    ARCHITECTURES,
+    assert_left_padded_rows_equal_single_runs,
+    structured_ids,
+    tiny_model,
+    weights_config,
+)
 from transformers import DynamicCache
 
 from hf_svdkv import CompressionConfig, SVDBases, SVDCompressedCache, is_patched, patch_model, unpatch_model
@@ -18,7 +24,7 @@ GEOMETRIES = [  # (num_heads, num_kv_heads, head_dim)
 
 
 def full_rank(head_dim: int, group_size: int = 1) -> CompressionConfig:
-    return CompressionConfig(key_rank=head_dim, value_rank=head_dim, group_size=group_size)
+    return weights_config(key_rank=head_dim, value_rank=head_dim, group_size=group_size)
 
 
 def step_logits(model, ids: torch.Tensor, cache, decode_steps: int = 4) -> list[torch.Tensor]:
@@ -70,7 +76,7 @@ def test_backends_match_and_explicit_cache_in_generate(attn_implementation):
 @pytest.mark.parametrize("rank", [32, 20])
 def test_left_padded_batch_rows_equal_single_runs(arch, rank):
     model = tiny_model(arch, num_heads=4, num_kv_heads=2, head_dim=32)
-    patch_model(model, CompressionConfig(key_rank=rank, value_rank=rank))
+    patch_model(model, weights_config(key_rank=rank, value_rank=rank))
     batched = assert_left_padded_rows_equal_single_runs(model, (5, 11, 17), new_tokens=12)
     width = 17
     positions = batched.past_key_values.layers[0].positions
@@ -115,7 +121,7 @@ def test_crop_and_batch_operations_follow_positions():
 @pytest.mark.parametrize("key_rank,value_rank,group_size", [(8, 16, 1), (24, 8, 2), (32, 32, 1)])
 def test_bytes_per_token_counts_latents_and_positions(key_rank, value_rank, group_size):
     model = tiny_model("llama", num_heads=4, num_kv_heads=2, head_dim=32, num_layers=3, dtype=torch.bfloat16)
-    patch_model(model, CompressionConfig(key_rank=key_rank, value_rank=value_rank, group_size=group_size))
+    patch_model(model, weights_config(key_rank=key_rank, value_rank=value_rank, group_size=group_size))
     cache = SVDCompressedCache(model)
     with torch.no_grad():
         model(structured_ids(20, batch=2), past_key_values=cache)
@@ -135,7 +141,7 @@ def test_reduced_rank_is_close_but_not_exact(arch):
     ids = structured_ids(40)
     with torch.no_grad():
         reference = model(ids).logits
-        patch_model(model, CompressionConfig(key_rank=16, value_rank=16))
+        patch_model(model, weights_config(key_rank=16, value_rank=16))
         cache = SVDCompressedCache(model)
         got = model(ids, past_key_values=cache).logits
     assert cache.layers[0].keys.shape[-1] == 16 and cache.layers[0].values.shape[-1] == 16
@@ -155,7 +161,7 @@ def test_qwen2_bias_is_carried_by_the_basis_center():
                 linear.weight.copy_((left @ torch.diag_embed(singular) @ right).reshape_as(linear.weight))
         ids = structured_ids(20)
         reference = model(ids).logits
-        patch_model(model, CompressionConfig(key_rank=12, value_rank=12))
+        patch_model(model, weights_config(key_rank=12, value_rank=12))
         got = model(ids, past_key_values=SVDCompressedCache(model)).logits
     torch.testing.assert_close(got, reference, atol=1e-4, rtol=0)
 
@@ -168,7 +174,7 @@ def test_patch_leaves_other_models_and_unpatch_restores_exactly():
         bystander_before = bystander.generate(ids, max_new_tokens=8, do_sample=False, output_logits=True,
                                               return_dict_in_generate=True)
         state = {k: v.clone() for k, v in model.state_dict().items()}
-        patch_model(model, CompressionConfig(key_rank=8, value_rank=8))
+        patch_model(model, weights_config(key_rank=8, value_rank=8))
         assert is_patched(model) and not is_patched(bystander)
         bystander_after = bystander.generate(ids, max_new_tokens=8, do_sample=False, output_logits=True,
                                              return_dict_in_generate=True)
@@ -190,7 +196,7 @@ def test_patched_model_still_runs_other_caches():
     ids = structured_ids(12)
     with torch.no_grad():
         expected = model(ids, past_key_values=DynamicCache(config=model.config)).logits
-        patch_model(model, CompressionConfig(key_rank=8, value_rank=8))
+        patch_model(model, weights_config(key_rank=8, value_rank=8))
         got = model(ids, past_key_values=DynamicCache(config=model.config)).logits
         generated = model.generate(ids, max_new_tokens=4, cache_implementation="dynamic", return_dict_in_generate=True)
     assert torch.equal(got, expected)
@@ -199,7 +205,7 @@ def test_patched_model_still_runs_other_caches():
 
 def test_bases_round_trip_reproduces_outputs(tmp_path):
     model = tiny_model("qwen2")
-    bases = SVDBases.from_model(model, CompressionConfig(key_rank=16, value_rank=8, group_size=2))
+    bases = SVDBases.from_model(model, weights_config(key_rank=16, value_rank=8, group_size=2))
     bases.save_pretrained(tmp_path)
     loaded = SVDBases.from_pretrained(tmp_path)
     assert loaded.key_ranks == [32, 32] and loaded.value_ranks == [16, 16] and loaded.method == "weights"
@@ -214,6 +220,6 @@ def test_bases_round_trip_reproduces_outputs(tmp_path):
 
 def test_bases_validate_on_a_bf16_copy_of_the_same_weights():
     model = tiny_model("llama")
-    bases = SVDBases.from_model(model, CompressionConfig(profile="med"))
+    bases = SVDBases.from_model(model, weights_config(profile="med"))
     patch_model(model.to(torch.bfloat16), bases=bases)  # same weights, other dtype: accepted
     assert bases.value_ranks == [16, 16] and bases.key_ranks == [8, 8]  # med scaled from head_dim 128 to 32

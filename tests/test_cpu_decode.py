@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import structured_ids, tiny_model
+from tiny_models import structured_ids, tiny_model, weights_config
 
 import hf_svdkv.latent_attention as latent_attention
-from hf_svdkv import CompressionConfig, SVDBases, SVDCompressedCache, cpu_decode, patch_model
+from hf_svdkv import SVDBases, SVDCompressedCache, cpu_decode, patch_model
 
 pytestmark = pytest.mark.skipif(not cpu_decode.available(), reason="no C++ compiler: the CPU kernel cannot be built")
 KERNEL_READY = latent_attention._cpu_kernel_ready
@@ -19,9 +19,11 @@ def decode(model, ids: torch.Tensor, mask: torch.Tensor | None, kernel: bool, mo
     """Logits of a prefill and `steps` greedy single-token steps, through the kernel or the torch path."""
     calls = []
 
-    def counted(*args):
-        calls.append(KERNEL_READY(*args))
-        return calls[-1]
+    def counted(query, *args):
+        ready = KERNEL_READY(query, *args)
+        if query.shape[2] == 1:  # single-token steps; a prompt or longer input is never the kernel's
+            calls.append(ready)
+        return ready
 
     monkeypatch.setattr(latent_attention, "_cpu_kernel_ready", counted if kernel else lambda *args: False)
     cache = SVDCompressedCache(model)
@@ -47,7 +49,7 @@ def decode(model, ids: torch.Tensor, mask: torch.Tensor | None, kernel: bool, mo
 @pytest.mark.parametrize("window", [0, 5])
 def test_kernel_matches_torch_path(monkeypatch, num_heads, num_kv_heads, head_dim, key_rank, value_rank, group_size, window):
     model = tiny_model("llama", num_heads, num_kv_heads, head_dim)
-    patch_model(model, CompressionConfig(key_rank=key_rank, value_rank=value_rank, group_size=group_size, window=window))
+    patch_model(model, weights_config(key_rank=key_rank, value_rank=value_rank, group_size=group_size, window=window))
     # Longer than one span of the kernel, so spans are merged.
     ids = structured_ids(cpu_decode.SPAN + 90)
     expected = decode(model, ids, None, kernel=False, monkeypatch=monkeypatch)
@@ -58,7 +60,7 @@ def test_kernel_matches_torch_path(monkeypatch, num_heads, num_kv_heads, head_di
 def test_left_padding_and_biases_match(monkeypatch):
     """qwen2's key biases (the key center), left-padded rows hidden by the validity mask, a window."""
     model = tiny_model("qwen2")
-    patch_model(model, CompressionConfig(key_rank=10, value_rank=9, group_size=2, window=3))
+    patch_model(model, weights_config(key_rank=10, value_rank=9, group_size=2, window=3))
     ids = structured_ids(40, batch=3)
     mask = torch.ones_like(ids)
     mask[0, :25] = 0
@@ -70,7 +72,7 @@ def test_left_padding_and_biases_match(monkeypatch):
 
 def test_bfloat16_close_to_torch_path(monkeypatch):
     model = tiny_model("llama", num_heads=6, num_kv_heads=2, head_dim=64, dtype=torch.bfloat16)
-    patch_model(model, CompressionConfig(key_rank=24, value_rank=20))
+    patch_model(model, weights_config(key_rank=24, value_rank=20))
     ids = structured_ids(300)
     expected = decode(model, ids, None, kernel=False, monkeypatch=monkeypatch)
     got = decode(model, ids, None, kernel=True, monkeypatch=monkeypatch)
@@ -83,7 +85,7 @@ def test_kernel_handles_each_head_size_it_claims():
     """decode_latents directly, for every compiled head size, against latent_attention on the same layer."""
     for head_dim in cpu_decode.HEAD_DIMS:
         model = tiny_model("llama", num_heads=4, num_kv_heads=2, head_dim=head_dim, num_layers=1)
-        bases = SVDBases.from_model(model, CompressionConfig(key_rank=8, value_rank=8))
+        bases = SVDBases.from_model(model, weights_config(key_rank=8, value_rank=8))
         patch_model(model, bases=bases)
         cache = SVDCompressedCache(model)
         with torch.inference_mode():
@@ -119,7 +121,7 @@ def test_amx_tiles_match_vector_rebuild(num_heads, num_kv_heads, head_dim, key_r
     """bfloat16 latents rebuilt by AMX tiles (hi + lo bfloat16 parts of the up projection) give the vector path's
     float32 answer to float32 rounding, over several blocks, spans and column tiles of a group."""
     model = tiny_model("llama", num_heads, num_kv_heads, head_dim, num_layers=1, dtype=torch.bfloat16)
-    patch_model(model, CompressionConfig(key_rank=key_rank, value_rank=16, group_size=group_size))
+    patch_model(model, weights_config(key_rank=key_rank, value_rank=16, group_size=group_size))
     cache = SVDCompressedCache(model)
     with torch.inference_mode():
         model(structured_ids(cpu_decode.SPAN + 77, batch=2), past_key_values=cache)
@@ -143,7 +145,7 @@ def test_without_a_compiler_the_torch_path_serves(monkeypatch, tmp_path):
         with pytest.warns(UserWarning, match="could not build the CPU decode kernel"):
             assert not cpu_decode.available()
         model = tiny_model("llama")
-        patch_model(model, CompressionConfig(key_rank=8, value_rank=8))
+        patch_model(model, weights_config(key_rank=8, value_rank=8))
         decode(model, structured_ids(20), None, kernel=False, monkeypatch=monkeypatch, steps=2)
     finally:
         cpu_decode._library.cache_clear()

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tiny_models import structured_ids, tiny_model
+from tiny_models import structured_ids, tiny_model, weights_config
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from hf_svdkv import (
@@ -42,26 +42,29 @@ def test_config_rejects_bad_values(kwargs, message):
 def test_ranks_checked_against_the_model():
     model = tiny_model("llama", num_heads=4, num_kv_heads=2, head_dim=32)
     with pytest.raises(ValueError, match="key_rank=33 exceeds head_dim=32"):
-        patch_model(model, CompressionConfig(key_rank=33, value_rank=8))
+        patch_model(model, weights_config(key_rank=33, value_rank=8))
     with pytest.raises(ValueError, match="value_rank=40 exceeds head_dim=32: a group of 2"):
-        patch_model(model, CompressionConfig(key_rank=8, value_rank=40, group_size=2))
+        patch_model(model, weights_config(key_rank=8, value_rank=40, group_size=2))
     with pytest.raises(ValueError, match="group_size 3 does not divide the model's 2 KV heads"):
-        patch_model(model, CompressionConfig(key_rank=8, value_rank=8, group_size=3))
-    with pytest.raises(ValueError, match="exactly one of"):
+        patch_model(model, weights_config(key_rank=8, value_rank=8, group_size=3))
+    with pytest.raises(ValueError, match="not both"):
+        patch_model(model, weights_config(key_rank=8, value_rank=8), bases=SVDBases.from_model(model, weights_config(key_rank=8, value_rank=8)))
+    # A tiny random model has no tokenizer to calibrate with: the default (calibrated) config says what to pass.
+    with pytest.raises(ValueError, match="needs a tokenizer.*pass tokenizer="):
         patch_model(model)
 
 
 def test_unsupported_architecture():
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
     with pytest.raises(UnsupportedModelError, match="model_type 'gpt2'.*not supported.*llama, mistral, qwen2"):
-        patch_model(model, CompressionConfig(profile="low"))
+        patch_model(model, weights_config(profile="low"))
 
 
 def test_cache_on_unpatched_model_raises():
     model = tiny_model("llama")
     with pytest.raises(ValueError, match="needs a model patched with hf_svdkv.patch_model"):
         SVDCompressedCache(model)
-    cache = SVDCompressedCache(bases=SVDBases.from_model(model, CompressionConfig(key_rank=8, value_rank=8)))
+    cache = SVDCompressedCache(bases=SVDBases.from_model(model, weights_config(key_rank=8, value_rank=8)))
     with pytest.raises(RuntimeError, match="attention layer hf_svdkv has not patched \\(layer 0\\).*patch_model"):
         model(structured_ids(8), past_key_values=cache)
     with pytest.raises(RuntimeError, match="not patched"):
@@ -70,7 +73,7 @@ def test_cache_on_unpatched_model_raises():
 
 def test_bases_for_another_model_are_refused(tmp_path):
     model, other = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
-    config = CompressionConfig(key_rank=8, value_rank=8)
+    config = weights_config(key_rank=8, value_rank=8)
     with pytest.raises(BasesMismatchError, match=r"layer \d+ W_[kv] differs by .*another checkpoint"):
         patch_model(model, bases=SVDBases.from_model(other, config))
     wider = tiny_model("llama", num_heads=4, num_kv_heads=4)
@@ -85,7 +88,7 @@ def test_bases_for_another_model_are_refused(tmp_path):
 
 def test_corrupted_and_tampered_bases_files(tmp_path):
     model = tiny_model("llama")
-    path = SVDBases.from_model(model, CompressionConfig(key_rank=8, value_rank=8)).save_pretrained(tmp_path / "ok")
+    path = SVDBases.from_model(model, weights_config(key_rank=8, value_rank=8)).save_pretrained(tmp_path / "ok")
 
     with pytest.raises(FileNotFoundError, match="no bases at"):
         SVDBases.from_pretrained(tmp_path / "missing")

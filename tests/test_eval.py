@@ -12,6 +12,7 @@ from importlib.util import find_spec
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import weights_config
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, QuantizedCache
 
 from hf_svdkv.cli import main
@@ -176,12 +177,12 @@ def test_sliding_protocol_skips_the_first_chunk(model, ids):
 
 
 def test_full_rank_svd_matches_dynamic_and_lower_rank_compresses(model, ids):
-    from hf_svdkv import CompressionConfig, is_patched
+    from hf_svdkv import is_patched
 
     rows = [
         dynamic_row(),
-        svd_row("full", config=CompressionConfig(key_rank=HEAD_DIM, value_rank=HEAD_DIM)),
-        svd_row("half", config=CompressionConfig(key_rank=HEAD_DIM // 2, value_rank=HEAD_DIM // 2)),
+        svd_row("full", config=weights_config(key_rank=HEAD_DIM, value_rank=HEAD_DIM)),
+        svd_row("half", config=weights_config(key_rank=HEAD_DIM // 2, value_rank=HEAD_DIM // 2)),
     ]
     result = run_eval(model, ids, rows, context=64, continuation=32, n_windows=2, progress=False)
     base, full, half = result.rows
@@ -318,14 +319,16 @@ def test_cli_unknown_model(capsys, text_file, tmp_path):
 def test_cli_text_too_short(capsys, tiny_model_dir, tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("w1 w2 w3")
-    code, err = run_cli(["eval", "--model", str(tiny_model_dir), "--text-file", str(short), "--ranks", "8:8"], capsys)
+    code, err = run_cli(["eval", "--model", str(tiny_model_dir), "--text-file", str(short), "--ranks", "8:8",
+                        "--method", "weights"], capsys)
     assert code == 2
     assert_one_line_error(err, "too short")
 
 
 def test_cli_ranks_too_big_for_model(capsys, tiny_model_dir, text_file):
     args = ["eval", "--model", str(tiny_model_dir), "--text-file", str(text_file), "--dtype", "float32",
-            "--context", "64", "--continuation", "32", "--windows", "1", "--ranks", f"{HEAD_DIM + 1}:{HEAD_DIM}"]
+            "--context", "64", "--continuation", "32", "--windows", "1", "--ranks", f"{HEAD_DIM + 1}:{HEAD_DIM}",
+            "--method", "weights"]
     code, err = run_cli(args, capsys)
     assert code == 2
     assert_one_line_error(err, "head_dim")
@@ -335,7 +338,7 @@ def test_cli_runs_on_a_local_model(capsys, tiny_model_dir, text_file, tmp_path):
     out = tmp_path / "eval.json"
     args = ["eval", "--model", str(tiny_model_dir), "--text-file", str(text_file), "--dtype", "float32",
             "--context", "64", "--continuation", "32", "--windows", "2", "--ranks", f"{HEAD_DIM}:{HEAD_DIM},4:4",
-            "--json", str(out), "--plot", str(tmp_path / "eval.png")]
+            "--method", "weights", "--json", str(out), "--plot", str(tmp_path / "eval.png")]
     assert main(args) == 0
     data = json.loads(out.read_text())
     assert [row["name"] for row in data["rows"]] == ["dynamic", f"svd-k{HEAD_DIM}-v{HEAD_DIM}", "svd-k4-v4"]
@@ -350,7 +353,7 @@ def test_cli_end_to_end_on_default_model(tmp_path):
     # float32: in bfloat16 the latents are rounded to bf16 and the rebuilt K/V again, which alone moves ppl
     # by a few tenths of a percent even at full rank; float32 isolates the mechanism, which must be exact.
     assert main(["eval", "--windows", "1", "--context", "256", "--continuation", "128", "--ranks", "64:64",
-                 "--dtype", "float32", "--json", str(out)]) == 0
+                 "--method", "weights", "--dtype", "float32", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
     assert {"model", "dataset", "protocol", "rows"} <= set(data)
     assert all(set(row) == ROW_KEYS for row in data["rows"])

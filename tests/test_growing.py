@@ -4,9 +4,9 @@ spare room counted in the bytes held, and views handed out earlier never change.
 from __future__ import annotations
 
 import torch
-from tiny_models import structured_ids, tiny_model
+from tiny_models import structured_ids, tiny_model, weights_config
 
-from hf_svdkv import CompressionConfig, SVDCompressedCache, patch_model
+from hf_svdkv import SVDCompressedCache, patch_model
 from hf_svdkv.growing import SPARE_FRACTION, append_along, held_nbytes
 
 
@@ -36,7 +36,7 @@ def test_earlier_views_never_change():
 
 def test_decoding_keeps_latents_in_place_and_counts_their_buffer():
     model = tiny_model("llama")
-    patch_model(model, CompressionConfig(key_rank=8, value_rank=8))
+    patch_model(model, weights_config(key_rank=8, value_rank=8))
     cache = SVDCompressedCache(model)
     with torch.inference_mode():
         out = model(structured_ids(200), past_key_values=cache)

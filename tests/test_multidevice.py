@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 from accelerate import cpu_offload
-from tiny_models import structured_ids, tiny_model
+from tiny_models import structured_ids, tiny_model, weights_config
 from transformers import AutoModelForCausalLM
 
-from hf_svdkv import CompressionConfig, LLaMAModelLoader, SVDBases, SVDCompressedCache, patch_model, unpatch_model
+from hf_svdkv import LLaMAModelLoader, SVDBases, SVDCompressedCache, patch_model, unpatch_model
 
-CONFIG = CompressionConfig(key_rank=12, value_rank=20)
+CONFIG = weights_config(key_rank=12, value_rank=20)
 LAYERS = 3
 
 

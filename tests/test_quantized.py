@@ -7,10 +7,10 @@ import math
 
 import pytest
 import torch
-from tiny_models import assert_left_padded_rows_equal_single_runs, structured_ids, tiny_model
+from tiny_models import assert_left_padded_rows_equal_single_runs, structured_ids, tiny_model, weights_config
 from transformers import DynamicCache
 
-from hf_svdkv import CompressionConfig, Projection, SVDCompressedCache, patch_model
+from hf_svdkv import Projection, SVDCompressedCache, patch_model
 from hf_svdkv.quantization import concat, hadamard, quantize, rotate_projection
 from hf_svdkv.quantized_layer import QuantizedSVDCacheLayer
 
@@ -108,7 +108,7 @@ def test_rotation_spreads_an_outlier_channel():
 # --- the cache layer on tiny models ---------------------------------------------------------------------------------
 def patched(bits: int, rank: int = 32, window: int = 0, **kwargs) -> torch.nn.Module:
     model = tiny_model(kwargs.pop("arch", "llama"), **kwargs)
-    return patch_model(model, CompressionConfig(key_rank=rank, value_rank=rank, window=window, latent_bits=bits))
+    return patch_model(model, weights_config(key_rank=rank, value_rank=rank, window=window, latent_bits=bits))
 
 
 def unrotated(cache: SVDCompressedCache) -> SVDCompressedCache:
@@ -224,7 +224,7 @@ def test_crop_then_refeed(window):
 @pytest.mark.parametrize("key_rank,value_rank,group_size,window", [(24, 20, 2, 0), (32, 8, 1, 5), (7, 13, 1, 0)])
 def test_memory_accounting_matches_the_shapes(bits, key_rank, value_rank, group_size, window):
     model = tiny_model("llama", num_heads=4, num_kv_heads=2, head_dim=32, num_layers=3, dtype=torch.bfloat16)
-    config = CompressionConfig(key_rank=key_rank, value_rank=value_rank, group_size=group_size, window=window,
+    config = weights_config(key_rank=key_rank, value_rank=value_rank, group_size=group_size, window=window,
                                latent_bits=bits)
     patch_model(model, config)
     cache = SVDCompressedCache(model)
@@ -267,7 +267,7 @@ def test_int8_full_rank_keeps_perplexity_on_the_default_model():
 
     model, tokenizer = load_model()  # bfloat16
     ids = tokenize_text(tokenizer, load_text("wiki"), model.config.vocab_size)
-    config = CompressionConfig(key_rank=64, value_rank=64, latent_bits=8)
+    config = weights_config(key_rank=64, value_rank=64, latent_bits=8)
     result = run_eval(model, ids, [dynamic_row(), svd_row("int8", config=config)], context=512, continuation=128,
                       n_windows=2, progress=False)
     base, int8 = result.rows

@@ -9,13 +9,12 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tiny_models import structured_ids, tiny_model
+from tiny_models import structured_ids, tiny_model, weights_config
 from transformers import DynamicCache
 
 from hf_svdkv import (
     BasesMismatchError,
     CompressedAutoregressiveDecoder,
-    CompressionConfig,
     InferenceConfig,
     LLaMAFullForward,
     LLaMAModelLoader,
@@ -27,8 +26,8 @@ from hf_svdkv import (
 )
 
 pytest_plugins = ["fixtures_real"]
-FULL_RANK = CompressionConfig(key_rank=32, value_rank=32)  # head_dim 32: exact
-REDUCED = CompressionConfig(key_rank=16, value_rank=16)
+FULL_RANK = weights_config(key_rank=32, value_rank=32)  # head_dim 32: exact
+REDUCED = weights_config(key_rank=16, value_rank=16)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -187,7 +186,7 @@ def test_bases_for_another_model(bases_file):
 
 
 # --- one cache, several generate() calls ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("config", [FULL_RANK, REDUCED, CompressionConfig(key_rank=16, value_rank=16, window=4)],
+@pytest.mark.parametrize("config", [FULL_RANK, REDUCED, weights_config(key_rank=16, value_rank=16, window=4)],
                          ids=["full-rank", "reduced", "window"])
 def test_cache_reused_to_continue_a_conversation(config):
     model = tiny_model("llama")

@@ -14,7 +14,6 @@ from tiny_models import structured_ids, tiny_model
 import hf_svdkv
 from hf_svdkv import (
     CompressedAutoregressiveDecoder,
-    CompressionConfig,
     InferenceConfig,
     LegacyCompressionWrapper,
     LLaMACompressionProfileBuilder,
@@ -31,6 +30,7 @@ from hf_svdkv import (
     SVDCompressionAlgorithm,
     patch_model,
 )
+from hf_svdkv.config import CompressionConfig  # the seed's: its spelling of ranks, weight-only by default
 from hf_svdkv.seed.svd import WeightBasis
 
 pytest_plugins = ["fixtures_real"]
@@ -181,7 +181,10 @@ def test_custom_implementation_example(first_layer_values, capsys):
 def test_configs_are_the_core_dataclasses(monkeypatch):
     from hf_svdkv import config, loading
 
-    assert config.CompressionConfig is hf_svdkv.CompressionConfig
+    # The seed's CompressionConfig is the core one with the seed's spelling and defaults (weight-only, no window).
+    assert issubclass(config.CompressionConfig, hf_svdkv.CompressionConfig)
+    assert (config.CompressionConfig(profile="med").method, hf_svdkv.CompressionConfig(profile="med").method) == (
+        "weights", "calibrated")
     assert config.ModelConfig is loading.ModelConfig is ModelConfig
     assert config.InferenceConfig is InferenceConfig
     monkeypatch.setenv("HF_SVDKV_DTYPE", "fp16")

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import structured_ids, tiny_model
+from tiny_models import structured_ids, tiny_model, weights_config
 
-from hf_svdkv import CompressionConfig, SVDCompressedCache, patch_model
+from hf_svdkv import SVDCompressedCache, patch_model
 from hf_svdkv.latent_attention import _layer_state, latent_attention, project_output, rope_factors
 
 triton = pytest.importorskip("triton")
@@ -68,7 +68,7 @@ def filled_layer(model, batch: int, prompt_len: int, pad: int):
 )
 def test_kernel_matches_torch_path(num_heads, num_kv_heads, group_size, window, pad):
     model = tiny_model("qwen2", num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=32)  # biases: centers
-    patch_model(model, CompressionConfig(key_rank=12, value_rank=10, group_size=group_size, window=window))
+    patch_model(model, weights_config(key_rank=12, value_rank=10, group_size=group_size, window=window))
     attention, layer, query, exact, mask = filled_layer(model, batch=2, prompt_len=21, pad=pad)
     state = _layer_state(attention, layer)
     rotary = model.model.rotary_emb
@@ -90,7 +90,7 @@ def test_kernel_bf16_and_many_splits():
     from hf_svdkv import triton_decode
 
     model = tiny_model("llama", num_heads=6, num_kv_heads=2, head_dim=32, dtype=torch.bfloat16)
-    patch_model(model, CompressionConfig(key_rank=16, value_rank=16))
+    patch_model(model, weights_config(key_rank=16, value_rank=16))
     attention, layer, query, _, mask = filled_layer(model, batch=2, prompt_len=45, pad=5)
     state = _layer_state(attention, layer)
     rotary = model.model.rotary_emb
@@ -112,7 +112,7 @@ def test_kernel_rotation_with_and_without_gaps(rope_by_tile):
     from hf_svdkv import triton_decode
 
     model = tiny_model("llama", num_heads=4, num_kv_heads=2, head_dim=32)
-    patch_model(model, CompressionConfig(key_rank=12, value_rank=10))
+    patch_model(model, weights_config(key_rank=12, value_rank=10))
     attention, layer, query, _, mask = filled_layer(model, batch=2, prompt_len=70, pad=9)
     layer.positions[:] += 3000  # far positions: angle errors would show
     layer.positions[1, 37:] += 5  # a gap inside row 1's third tile of 16, as custom position ids make

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import assert_left_padded_rows_equal_single_runs, structured_ids, tiny_model
+from tiny_models import assert_left_padded_rows_equal_single_runs, structured_ids, tiny_model, weights_config
 
-from hf_svdkv import CompressionConfig, SVDCompressedCache, patch_model
+from hf_svdkv import SVDCompressedCache, patch_model
 
 
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
@@ -16,7 +16,7 @@ def test_window_covering_the_sequence_is_exact_at_any_rank(attn_implementation):
     ids = structured_ids(30)
     with torch.no_grad():
         expected = model(ids).logits
-        patch_model(model, CompressionConfig(key_rank=4, value_rank=4, window=64))
+        patch_model(model, weights_config(key_rank=4, value_rank=4, window=64))
         got = model(ids, past_key_values=SVDCompressedCache(model)).logits
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
 
@@ -25,7 +25,7 @@ def test_window_covering_the_sequence_is_exact_at_any_rank(attn_implementation):
 @pytest.mark.parametrize("window", [0, 1, 5, 16])
 def test_one_forward_equals_token_by_token_decoding(attn_implementation, window):
     model = tiny_model("llama", attn_implementation=attn_implementation)
-    patch_model(model, CompressionConfig(key_rank=12, value_rank=12, window=window))
+    patch_model(model, weights_config(key_rank=12, value_rank=12, window=window))
     ids = structured_ids(40)
     with torch.no_grad():
         one_pass = model(ids, past_key_values=SVDCompressedCache(model)).logits
@@ -43,7 +43,7 @@ def test_window_helps_and_is_counted_in_memory():
         expected = model(ids).logits
         errors, caches = {}, {}
         for window in (0, 16):
-            patch_model(model, CompressionConfig(key_rank=8, value_rank=8, window=window))
+            patch_model(model, weights_config(key_rank=8, value_rank=8, window=window))
             caches[window] = SVDCompressedCache(model)
             errors[window] = (model(ids, past_key_values=caches[window]).logits - expected).abs().mean()
     assert errors[16] < errors[0]
@@ -56,13 +56,13 @@ def test_window_helps_and_is_counted_in_memory():
 
 def test_window_with_left_padding_rows_equal_single_runs():
     model = tiny_model("mistral")
-    patch_model(model, CompressionConfig(key_rank=12, value_rank=12, window=6))
+    patch_model(model, weights_config(key_rank=12, value_rank=12, window=6))
     assert_left_padded_rows_equal_single_runs(model, (4, 13), new_tokens=10)
 
 
 def test_crop_with_a_window_keeps_storage_consistent():
     model = tiny_model("llama")
-    patch_model(model, CompressionConfig(key_rank=8, value_rank=8, window=8))
+    patch_model(model, weights_config(key_rank=8, value_rank=8, window=8))
     ids = structured_ids(20)
     with torch.no_grad():
         cache = SVDCompressedCache(model)
@@ -83,7 +83,7 @@ def test_crop_with_a_window_keeps_storage_consistent():
 def test_the_window_does_not_keep_the_prefill_alive(window):
     """The full-precision window owns its W tokens: a slice of the prefill's keys would keep all of them in memory."""
     model = tiny_model("llama")
-    patch_model(model, CompressionConfig(key_rank=8, value_rank=8, window=window))
+    patch_model(model, weights_config(key_rank=8, value_rank=8, window=window))
     cache = SVDCompressedCache(model)
     with torch.no_grad():
         model(structured_ids(40), past_key_values=cache)

@@ -12,6 +12,8 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from hf_svdkv import CompressionConfig
+
 ARCHITECTURES = {
     "llama": (LlamaConfig, LlamaForCausalLM),
     "mistral": (MistralConfig, MistralForCausalLM),
@@ -98,3 +100,10 @@ def assert_left_padded_rows_equal_single_runs(model, lengths: tuple[int, ...], n
             for got, ref in zip(batched.logits, single.logits, strict=True):
                 torch.testing.assert_close(got[row], ref[0], atol=1e-4, rtol=0)
     return batched
+
+
+def weights_config(**fields) -> CompressionConfig:
+    """A config with data-free (weight-only) bases and, unless given, no window and no exact prefill: a tiny random
+    model has no text to calibrate on, and most cases here test the latents themselves (a prompt read back from its
+    latents, so that one forward equals token-by-token decoding)."""
+    return CompressionConfig(**{"method": "weights", "window": 0, "exact_prefill": False, **fields})

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numbers
 from dataclasses import dataclass
 
-from ..config import CompressionConfig
 from ..loading import ModelConfig
+from .config import CompressionConfig
 
 
 @dataclass

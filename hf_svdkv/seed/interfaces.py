@@ -6,7 +6,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from ..config import PROFILE_HEAD_DIM, PROFILES
+from ..compression_config import PROFILE_HEAD_DIM, PROFILES
 
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 

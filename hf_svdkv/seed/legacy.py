@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from ..config import CompressionConfig
+from .config import CompressionConfig
 from .model_loader import LLaMAModelLoader
 from .profile_builder import LLaMACompressionProfileBuilder
 

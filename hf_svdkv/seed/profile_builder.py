@@ -10,9 +10,9 @@ from torch import nn
 
 from ..architectures import ModelGeometry, model_geometry
 from ..bases import SVDBases
-from ..config import CompressionConfig
 from ..patch import onloaded_kv_weights
 from ..projection import Projection
+from .config import CompressionConfig
 from .interfaces import ModelLoaderInterface
 from .svd import SVDCompressionAlgorithm, WeightBasis
 
@@ -200,9 +200,9 @@ class LLaMACompressionProfileBuilder:
         return layer_idx % count
 
     def _projection(self, kind: str, profile: str | None, head_idx: int, layer_idx: int | None) -> Projection:
-        if self.config.group_size != 1:
+        if (group := self.config.heads_per_group(self.geometry.num_kv_heads)) != 1:
             raise ValueError(
-                f"per-head compression needs group_size=1; this config shares a basis across {self.config.group_size} "
+                f"per-head compression needs group_size=1; this config shares a basis across {group} "
                 "KV heads: use patch_model / SVDCompressedCache with builder.bases(profile)"
             )
         heads = self.geometry.num_kv_heads

@@ -1,0 +1,146 @@
+"""What to compress and how much: the one dataclass `patch_model` is driven by."""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+
+# Ranks per KV head for head_dim 128 (the seed's profiles); other head sizes scale them proportionally.
+PROFILES: dict[str, dict[str, int]] = {
+    "low": {"key_rank": 32, "value_rank": 32},
+    "med": {"key_rank": 32, "value_rank": 64},
+    "high": {"key_rank": 32, "value_rank": 128},
+}
+PROFILE_HEAD_DIM = 128
+METHODS = ("weights", "calibrated")
+CALIBRATIONS = ("fast", "full")
+LATENT_BITS = (8, 4)
+# What a config without ranks, profile or ratio compresses to: calibrated bases at 2x measured +1 to +2% ppl on the
+# default model with the default window (README), against +16% without the window.
+DEFAULT_TARGET_RATIO = 2.0
+DEFAULT_WINDOW = 128
+
+
+def check_rank(name: str, rank: object) -> None:
+    if rank is None:
+        return
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral):
+        raise ValueError(f"{name} must be an integer number of latent dimensions per KV head, got {rank!r}")
+    if rank <= 0:
+        raise ValueError(f"{name} must be positive, got {rank}")
+
+
+def check_window(window: object) -> None:
+    if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 0:
+        raise ValueError(f"window must be a non-negative integer number of tokens, got {window!r}")
+
+
+def check_latent_bits(bits: object) -> None:
+    if bits is not None and (isinstance(bits, bool) or bits not in LATENT_BITS):
+        raise ValueError(f"latent_bits must be one of {LATENT_BITS} or None, got {bits!r}")
+
+
+@dataclass
+class CompressionConfig:
+    """How much to compress the KV cache, and how the bases are found.
+
+    With no ranks, profile or ratio the cache is `DEFAULT_TARGET_RATIO` (2x) smaller than a 16-bit cache.
+
+    Args:
+        key_rank: latent dimensions kept per KV head for keys (pre-RoPE). Overrides the profile.
+        value_rank: latent dimensions kept per KV head for values. Overrides the profile.
+        profile: `low`, `med` or `high`; ranks scaled from head_dim 128 to the model's head_dim.
+        target_ratio: instead of ranks, a memory budget: bytes of a 16-bit full cache / bytes of this cache.
+            Ranks are then allocated per layer, and between keys and values, where they cost the least quality.
+        method: how the bases are computed. `calibrated` (default): PCA of the pre-RoPE keys and output-aware PCA of
+            the values on calibration text, what works on real models. `weights`: SVD of W_k / W_v, no data needed,
+            but blind to activation outliers: on real models values compressed this way cost orders of magnitude of
+            perplexity (README), so it is for research and data-free experiments.
+        group_size: KV heads decomposed jointly. 1 = one basis per head; the number of KV heads = one basis for the
+            whole layer. A group of g heads keeps g * rank dimensions, shared freely. None (default): the whole layer
+            for calibrated bases (far better: +16% vs +172% ppl at 2x on the default model), 1 for weight-only ones.
+        window: the most recent tokens each query sees at full precision (0 = every token as a latent).
+        latent_bits: store latents as 8- or 4-bit integers (None = in the model dtype).
+        calibration: `fast` (default: 8,192 tokens of statistics, ranks allocated on the spectra; seconds) or `full`
+            (65,536 tokens and per-layer sensitivity probes; minutes). docs/calibration_tradeoff.md compares them.
+        exact_prefill: a forward into an empty cache (a prompt) attends over its own exact keys and values, with the
+            model's attention backend and mask, and stores them compressed (default). False: the prompt attends over
+            its compressed tokens too, as every later forward does (for measuring the compression alone).
+    """
+
+    key_rank: int | None = None
+    value_rank: int | None = None
+    profile: str | None = None
+    target_ratio: float | None = None
+    method: str = "calibrated"
+    group_size: int | None = None
+    window: int = DEFAULT_WINDOW
+    latent_bits: int | None = None
+    calibration: str = "fast"
+    exact_prefill: bool = True
+
+    def __post_init__(self) -> None:
+        check_rank("key_rank", self.key_rank)
+        check_rank("value_rank", self.value_rank)
+        key_rank, value_rank = self.explicit_ranks()
+        if self.profile is not None and not self._known_profile(self.profile):
+            raise ValueError(f"unknown profile {self.profile!r}: choose one of {', '.join(PROFILES)}")
+        if self.target_ratio is not None:
+            if isinstance(self.target_ratio, bool) or not isinstance(self.target_ratio, numbers.Real) or self.target_ratio <= 1:
+                raise ValueError(f"target_ratio must be a number above 1 (x times smaller than a 16-bit cache), got {self.target_ratio!r}")
+        elif self.profile is None and key_rank is None and value_rank is None and self._defaults_to_ratio():
+            self.target_ratio = DEFAULT_TARGET_RATIO
+        elif self.profile is None and (key_rank is None or value_rank is None):
+            raise ValueError("give both key_rank and value_rank, a profile (low, med, high), or a target_ratio")
+        check_window(self.window)
+        check_latent_bits(self.latent_bits)
+        if self.group_size is not None and (
+            isinstance(self.group_size, bool) or not isinstance(self.group_size, numbers.Integral) or self.group_size <= 0
+        ):
+            raise ValueError(f"group_size must be a positive integer (or None: chosen by method), got {self.group_size!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
+        if not isinstance(self.exact_prefill, bool):
+            raise ValueError(f"exact_prefill must be True or False, got {self.exact_prefill!r}")
+        if self.calibration not in CALIBRATIONS:
+            raise ValueError(f"unknown calibration {self.calibration!r}: choose one of {', '.join(CALIBRATIONS)}")
+
+    # Hooks for the older API's spelling of ranks (hf_svdkv.compat.config), which extends this class.
+    def explicit_ranks(self) -> tuple[int | None, int | None]:
+        """(key, value) ranks per KV head given explicitly, None where not given."""
+        return self.key_rank, self.value_rank
+
+    def _known_profile(self, name: str) -> bool:
+        return name in PROFILES
+
+    def _defaults_to_ratio(self) -> bool:
+        return True
+
+    def heads_per_group(self, num_kv_heads: int) -> int:
+        """KV heads sharing one basis for a model with `num_kv_heads` (resolves group_size=None), checked."""
+        group = self.group_size
+        if group is None:
+            group = num_kv_heads if self.method == "calibrated" else 1
+        if num_kv_heads % group:
+            raise ValueError(f"group_size {group} does not divide the model's {num_kv_heads} KV heads")
+        return group
+
+    def resolve_ranks(self, head_dim: int, num_kv_heads: int) -> tuple[int, int]:
+        """Per-KV-head (key_rank, value_rank) for a model, checked against what its heads allow.
+
+        With a target_ratio and no explicit ranks this is the uniform starting point: half the budget each."""
+        group = self.heads_per_group(num_kv_heads)
+        ranks = {}
+        for name, explicit in zip(("key_rank", "value_rank"), self.explicit_ranks(), strict=True):
+            rank = explicit
+            if rank is None and self.profile is None:
+                rank = max(1, round(head_dim / self.target_ratio))
+            elif rank is None:
+                rank = max(1, round(PROFILES[self.profile][name] * head_dim / PROFILE_HEAD_DIM))
+            if rank > head_dim:
+                raise ValueError(
+                    f"{name}={rank} exceeds head_dim={head_dim}: a group of {group} KV head(s) "
+                    f"holds at most {group * head_dim} dimensions, i.e. {head_dim} per head"
+                )
+            ranks[name] = rank
+        return ranks["key_rank"], ranks["value_rank"]
