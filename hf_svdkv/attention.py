@@ -4,7 +4,7 @@ the positions they were written at. Any other cache goes through the module's or
 A forward into an empty cache (a prompt) attends over its own exact keys and values with the model's attention
 backend and causal mask, as the stock attention does, and stores them compressed: nothing is rebuilt (the cache's
 `exact_prefill`, default). Later forwards (decoding, teacher-forced tokens, later chunks of a chunked prefill) attend
-over the stored tokens as latents, a block at a time (`latent_attention.py`). The reference path below computes the
+over the stored tokens as latents, a block at a time (`decode/`). The reference path below computes the
 same function by rebuilding every key and value at full size and running the model's attention backend; it serves
 what the latent path cannot (training, attention weights, other backends, offloaded weights) and tests."""
 
@@ -18,9 +18,16 @@ import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from . import decode
 from .bases import SVDBases
-from .cache import SVDCompressedCache
-from .latent_attention import latent_attention_forward, use_latent_attention
+from .svd_cache import SVDCacheLayer, SVDCompressedCache
+
+# Query tokens above which the reference path serves instead of the latent path: None = never. The latent path
+# computes the same function a block of tokens at a time, so its memory stays bounded for any length; tests lower this
+# to compare the two.
+MAX_QUERY_LEN: int | None = None
+# attention backends whose masks (None, 4-D bool or additive float) the latent path reads; flash attention's are 2-D.
+MASK_BACKENDS = ("eager", "sdpa")
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -62,6 +69,42 @@ def window_mask(
 def _eager_attention(module: nn.Module) -> Callable:
     # The module's own modeling file defines the eager kernel transformers falls back to for it.
     return sys.modules[type(module).__module__].eager_attention_forward
+
+
+def use_latent_attention(module: nn.Module, cache: SVDCompressedCache, query_len: int) -> bool:
+    """Whether this attention call can take the latent path: inference (no dropout), at most MAX_QUERY_LEN new tokens
+    (if set), an `o_proj` that is a plain linear layer (its weight can be folded), a cache that is not offloaded layer
+    by layer, and the eager or sdpa backend. The caller also keeps the reference path when attention weights are
+    requested (the latent path never forms them) or o_proj's weight is offloaded."""
+    return (
+        not module.training
+        and getattr(module.config, "_attn_implementation", None) in MASK_BACKENDS
+        and (MAX_QUERY_LEN is None or query_len <= MAX_QUERY_LEN)
+        and isinstance(module.o_proj, nn.Linear)
+        and module.o_proj.weight.is_floating_point()
+        and not getattr(cache, "offloading", False)
+    )
+
+
+def latent_attention_forward(
+    module: nn.Module,
+    layer: SVDCacheLayer,
+    rotary: nn.Module,
+    query: torch.Tensor,
+    key_states: torch.Tensor,
+    value_states: torch.Tensor,
+    positions: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    memo_key: object | None = None,
+) -> torch.Tensor:
+    """Store the new tokens and return the attention module's output [batch, q, hidden] (o_proj included), attending
+    over the latents (`decode`). query [batch, heads, q, d] after RoPE; key_states / value_states [batch, kv_heads, q,
+    d] before RoPE; positions [batch, q]; the model's attention mask."""
+    exact = layer.append(key_states, value_states, positions)
+    state = decode.layer_state(module, layer)
+    rope = decode.Rope(rotary, layer.positions, memo_key)
+    out = decode.attend(query, layer, state, rope, exact, scaling=module.scaling, attention_mask=attention_mask)
+    return decode.project_output(module, state, out)
 
 
 @dataclass
@@ -132,7 +175,7 @@ def compressed_attention_forward(
     # o_proj's own forward) only the reference path is right.
     offloaded = module.o_proj.weight.device.type == "meta"
     if use_latent_attention(module, past_key_values, seq) and not kwargs.get("output_attentions") and not offloaded:
-        # Decoding (a few tokens): attend over the latents directly, no full-size rebuild (latent_attention.py).
+        # Attend over the latents directly, a block of tokens at a time: nothing is rebuilt at full size (decode/).
         output = latent_attention_forward(module, layer, patch.rotary_emb, query, key, value, positions, attention_mask, memo_key=cos)
         return output, None
     key, value = past_key_values.update(key, value, module.layer_idx, positions=positions)

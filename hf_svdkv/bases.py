@@ -15,8 +15,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .architectures import ModelGeometry, attention_modules, model_geometry
+from .calibration import CALIBRATION_PRESETS, Calibrator, spread_tokens
 from .compression_config import CompressionConfig
 from .projection import LayerBases, Projection
+from .text import tokenize_text
 from .version import __version__
 from .weight_svd import WeightSVD
 
@@ -136,15 +138,11 @@ class SVDBases:
         Uses at most `max_tokens` tokens spread over the text (default: as many as `config.calibration` uses).
         `sequence_length` is the context length a target ratio is quoted at, so that the config's full-precision
         window is counted. Options go to `calibration.Calibrator` (seq_len, batch_size, progress, value_metric, sink_weight, allocation, probe_tokens)."""
-        from .calibration import CALIBRATION_PRESETS, calibrate_bases, spread_tokens
-
         if isinstance(texts, torch.Tensor):
             token_ids = texts
         else:
             if tokenizer is None:
                 raise ValueError("SVDBases.calibrate needs tokenizer= to turn calibration text into token ids")
-            from .data import tokenize_text
-
             text = texts if isinstance(texts, str) else "\n\n".join(texts)
             token_ids = tokenize_text(tokenizer, text, vocab_size=model.config.get_text_config().vocab_size)
         if token_ids.dim() != 1 or token_ids.numel() == 0:
@@ -152,6 +150,12 @@ class SVDBases:
         token_ids = spread_tokens(token_ids, max_tokens or CALIBRATION_PRESETS[config.calibration].tokens)
         config = dataclasses.replace(config, method="calibrated")
         return calibrate_bases(model, token_ids, config, sequence_length=sequence_length, **options)
+
+    @classmethod
+    def from_calibrator(cls, calibrator: Calibrator, config: CompressionConfig, sequence_length: int | None = None) -> SVDBases:
+        """Calibrated bases for `config` from a `Calibrator`'s statistics (several configs share one calibration)."""
+        layer_ranks = calibrator.layer_ranks(config, sequence_length)
+        return cls.from_model(calibrator.model, config, algorithm=calibrator.algorithm, layer_ranks=layer_ranks)
 
     # --- facts --------------------------------------------------------------------------------------------
     @property
@@ -264,3 +268,24 @@ class SVDBases:
         if any(tuple(proj.down.shape[:2]) != groups for layer in layers for proj in (layer.key, layer.value)):
             raise ValueError(f"bases file {path}: its tensors do not fit the header's geometry and group_size (the header was edited?)")
         return cls(layers, geometry, group_size, method, tensors["fingerprint"])
+
+
+def calibrate_bases(
+    model: nn.Module,
+    token_ids: torch.Tensor,
+    config: CompressionConfig,
+    *,
+    sequence_length: int | None = None,
+    **calibrator_options: Any,
+) -> SVDBases:
+    """Calibrated bases for `model` from the 1-D `token_ids` (use text disjoint from what you evaluate on), as many of
+    them as `config.calibration` uses, spread over the text.
+
+    With `config.target_ratio`, ranks are allocated per layer and between keys and values as `config.calibration`
+    says; otherwise the config's uniform ranks are used. Options: those of `Calibrator` (they override the preset's)."""
+    geometry = model_geometry(model)
+    config.resolve_ranks(geometry.head_dim, geometry.num_kv_heads)  # fail on a bad config before calibrating
+    preset = CALIBRATION_PRESETS[config.calibration]
+    options = {"allocation": preset.allocation, "probe_tokens": preset.probe_tokens, **calibrator_options}
+    calibrator = Calibrator(model, spread_tokens(token_ids, preset.tokens), **options)
+    return SVDBases.from_calibrator(calibrator, config, sequence_length)

@@ -29,7 +29,6 @@ from .allocation import (
     uniform_ranks,
 )
 from .architectures import attention_modules, decoder_model, model_geometry
-from .bases import SVDBases
 from .compression_config import CompressionConfig
 from .projection import LayerBases, Projection
 from .weight_svd import grouped_weight
@@ -391,43 +390,22 @@ class Calibrator:
         return self._weights[key]
 
     def measure(self, configs: Sequence[CompressionConfig]) -> None:
-        """Run now the sensitivity probes these configs' bases will need (otherwise the first `bases` call does)."""
+        """Run now the sensitivity probes these configs' bases will need (otherwise `layer_ranks` does)."""
         if self.allocation == "sensitivity":
             num_kv_heads = model_geometry(self.model).num_kv_heads
             for config in configs:
                 if config.target_ratio is not None:
                     self._probe_weights(config.heads_per_group(num_kv_heads), PROBE_RATIO)
 
-    def bases(self, config: CompressionConfig, sequence_length: int | None = None) -> SVDBases:
-        """Calibrated bases for `config`: its uniform ranks, or ranks allocated for its target_ratio, counting
-        its latent_bits and (over `sequence_length` tokens) its window."""
+    def layer_ranks(self, config: CompressionConfig, sequence_length: int | None = None) -> list[tuple[int, int]] | None:
+        """(key, value) ranks per group and layer for `config`: None for its uniform ranks, else allocated for its
+        target_ratio, counting its latent_bits and (over `sequence_length` tokens) its window. The bases are then
+        `SVDBases.from_calibrator(self, config)`."""
         geometry = model_geometry(self.model)
         config.resolve_ranks(geometry.head_dim, geometry.num_kv_heads)
-        layer_ranks = None
-        if config.target_ratio is not None:
-            group = config.heads_per_group(geometry.num_kv_heads)
-            weights = None
-            if self.allocation == "sensitivity":
-                weights = self._probe_weights(group, PROBE_RATIO)
-            layer_ranks = plan_ranks(self.model, self.algorithm, self.token_ids, group, config.target_ratio,
-                                     self.allocation, cost=storage_cost(config, sequence_length), weights=weights)
-        return SVDBases.from_model(self.model, config, algorithm=self.algorithm, layer_ranks=layer_ranks)
-
-
-def calibrate_bases(
-    model: nn.Module,
-    token_ids: torch.Tensor,
-    config: CompressionConfig,
-    *,
-    sequence_length: int | None = None,
-    **calibrator_options: object,
-) -> SVDBases:
-    """Calibrated bases for `model` from the 1-D `token_ids` (use text disjoint from what you evaluate on).
-
-    With `config.target_ratio`, ranks are allocated per layer and between keys and values as `config.calibration`
-    says; otherwise the config's uniform ranks are used. Options: those of `Calibrator` (they override the preset's)."""
-    geometry = model_geometry(model)
-    config.resolve_ranks(geometry.head_dim, geometry.num_kv_heads)  # fail on a bad config before calibrating
-    preset = CALIBRATION_PRESETS[config.calibration]
-    options = {"allocation": preset.allocation, "probe_tokens": preset.probe_tokens, **calibrator_options}
-    return Calibrator(model, spread_tokens(token_ids, preset.tokens), **options).bases(config, sequence_length)
+        if config.target_ratio is None:
+            return None
+        group = config.heads_per_group(geometry.num_kv_heads)
+        weights = self._probe_weights(group, PROBE_RATIO) if self.allocation == "sensitivity" else None
+        return plan_ranks(self.model, self.algorithm, self.token_ids, group, config.target_ratio, self.allocation,
+                          cost=storage_cost(config, sequence_length), weights=weights)

@@ -1,13 +1,9 @@
-"""The seed's `core.compression` import path."""
+"""The seed's `core.compression` import path (compat/)."""
 
-from .seed.legacy import LegacyCompressionWrapper, LLaMACompressionProfiles
-from .seed.profile_builder import LLaMACompressionProfileBuilder
-from .seed.svd import LowRankFactors, SVDCompressionAlgorithm
-
-__all__ = [
-    "LLaMACompressionProfileBuilder",
-    "LLaMACompressionProfiles",
-    "LegacyCompressionWrapper",
-    "LowRankFactors",
-    "SVDCompressionAlgorithm",
-]
+from .compat import (  # noqa: F401,E501
+    LegacyCompressionWrapper,
+    LLaMACompressionProfileBuilder,
+    LLaMACompressionProfiles,
+    LowRankFactors,
+    SVDCompressionAlgorithm,
+)

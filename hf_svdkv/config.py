@@ -1,5 +1,3 @@
-"""The seed's `core.config` import path: its `CompressionConfig` (weight-only by default), `ModelConfig`, `InferenceConfig`."""
+"""The seed's `core.config` import path (compat/): its `CompressionConfig` (weight-only by default) and the others."""
 
-from .loading import ModelConfig  # noqa: F401
-from .seed.config import CompressionConfig  # noqa: F401
-from .seed.inference_config import InferenceConfig  # noqa: F401
+from .compat import CompressionConfig, InferenceConfig, ModelConfig  # noqa: F401

@@ -70,7 +70,7 @@ def calibration_tokens(
 ) -> tuple[torch.Tensor, str]:
     """(at most `count` token ids spread over the text, where they come from): `calibration_text`, else the end of
     the default corpus."""
-    from .data import tokenize_text
+    from .text import tokenize_text
 
     if isinstance(calibration_text, torch.Tensor):
         ids = calibration_text.to("cpu", torch.long)
@@ -81,7 +81,7 @@ def calibration_tokens(
         text = calibration_text if isinstance(calibration_text, str) else "\n\n".join(calibration_text)
         ids = tokenize_text(resolve_tokenizer(model, tokenizer), text, vocab_size=_vocab_size(model))
         return spread_tokens(ids, count), "the text given"
-    from .data import load_text
+    from .text import load_text
 
     corpus = load_text(DEFAULT_CORPUS)
     tokenizer = resolve_tokenizer(model, tokenizer)
@@ -134,7 +134,7 @@ def fit_bases(
     def fit() -> SVDBases:
         calibrator = Calibrator(model, token_ids, allocation=preset.allocation, probe_tokens=preset.probe_tokens,
                                 progress=progress)
-        return calibrator.bases(config, sequence_length)
+        return SVDBases.from_calibrator(calibrator, config, sequence_length)
 
     description = {"calibration_text": source, "calibration_tokens": int(token_ids.numel())}
     bases, entry, hit = cached_bases(model, config, fit, token_ids=token_ids, sequence_length=sequence_length,

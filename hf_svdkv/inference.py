@@ -1,7 +1,3 @@
-"""The seed's `core.inference` import path."""
+"""The seed's `core.inference` import path (compat/)."""
 
-from .seed.decoder import CompressedAutoregressiveDecoder, GenerationResult
-from .seed.full_forward import LLaMAFullForward
-from .seed.inference import LLaMACompressionInference
-
-__all__ = ["CompressedAutoregressiveDecoder", "GenerationResult", "LLaMACompressionInference", "LLaMAFullForward"]
+from .compat import CompressedAutoregressiveDecoder, GenerationResult, LLaMACompressionInference, LLaMAFullForward  # noqa: F401

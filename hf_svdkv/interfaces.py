@@ -1,5 +1,3 @@
-"""The seed's `core.interfaces` import path."""
+"""The seed's `core.interfaces` import path (compat/)."""
 
-from .seed.interfaces import CompressionInterface, ModelLoaderInterface
-
-__all__ = ["CompressionInterface", "ModelLoaderInterface"]
+from .compat import CompressionInterface, ModelLoaderInterface  # noqa: F401

@@ -1,5 +1,3 @@
-"""The seed's `core.model` import path: `from hf_svdkv.model import LLaMAModelLoader`."""
+"""The seed's `core.model` import path (compat/)."""
 
-from .seed.model_loader import LLaMAModelLoader
-
-__all__ = ["LLaMAModelLoader"]
+from .compat import LLaMA3Loader, LLaMAModelLoader, ModelConfigWrapper  # noqa: F401

@@ -15,9 +15,9 @@ from torch import nn
 from .architectures import attention_modules, cache_argument, decoder_model, model_geometry
 from .attention import AttentionPatch, compressed_attention_forward
 from .bases import SVDBases
-from .cache import SVDCompressedCache
 from .compression_config import CompressionConfig, check_latent_bits, check_window
 from .fit import CalibrationText, fit_bases
+from .svd_cache import SETTINGS_ATTRIBUTE, CacheSettings, SVDCompressedCache
 
 STATE_ATTRIBUTE = "_hf_svdkv_patch"
 ModelT = TypeVar("ModelT", bound=nn.Module)
@@ -25,11 +25,11 @@ ModelT = TypeVar("ModelT", bound=nn.Module)
 
 @dataclass
 class PatchState:
-    bases: SVDBases
+    """What `patch_model` did to a model: the settings its caches are built with, the config it was given, and every
+    attribute it replaced."""
+
+    settings: CacheSettings
     config: CompressionConfig | None
-    window: int = 0
-    latent_bits: int | None = None
-    exact_prefill: bool = True
     # (object, attribute, the instance attribute it had before or None): exactly what unpatch puts back.
     replaced: list[tuple[object, str, Callable | None]] = field(default_factory=list)
 
@@ -142,7 +142,8 @@ def patch_model(
     check_latent_bits(latent_bits)
     if exact_prefill is None:
         exact_prefill = config.exact_prefill if config is not None else True
-    state = PatchState(bases=bases, config=config, window=window, latent_bits=latent_bits, exact_prefill=bool(exact_prefill))
+    settings = CacheSettings(bases=bases, window=window, latent_bits=latent_bits, exact_prefill=bool(exact_prefill))
+    state = PatchState(settings=settings, config=config)
     rotary_emb = decoder_model(model).rotary_emb
     for module in modules:
         attribute = _forward_attribute(module)
@@ -154,12 +155,14 @@ def patch_model(
         original = model._prepare_cache_for_generation
         state.replace(model, "_prepare_cache_for_generation", partial(_prepare_compressed_cache, model, original, cache_argument(model.forward)))
     model.__dict__[STATE_ATTRIBUTE] = state
+    model.__dict__[SETTINGS_ATTRIBUTE] = settings  # what SVDCompressedCache(model) is built with
     return model
 
 
 def unpatch_model(model: ModelT) -> ModelT:
     """Undo `patch_model`: the model behaves, and is, as before. A no-op on an unpatched model."""
     state = model.__dict__.pop(STATE_ATTRIBUTE, None)
+    model.__dict__.pop(SETTINGS_ATTRIBUTE, None)
     if state is None:
         return model
     for obj, attribute, previous in reversed(state.replaced):

@@ -1,38 +1,68 @@
-"""`SVDCompressedCache`: a transformers `Cache` whose layers hold low-rank latents instead of full keys/values."""
+"""`SVDCompressedCache`: a transformers `Cache` whose layers hold low-rank latents instead of full keys and values.
+
+As in transformers' `cache_utils.py`: a per-layer storage class (`SVDCacheLayer`) and a thin container that dispatches
+by layer. How latents are stored (model dtype, integer codes) is the layer's `LatentStore` (`latents.py`).
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
-from transformers.cache_utils import Cache, DynamicLayer
+from torch import nn
+from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .bases import SVDBases
 from .compression_config import check_latent_bits, check_window
-from .growing import append_along, held_nbytes
+from .growing import Buffer, append_along, held_nbytes
+from .latents import LatentStore, Stored, latent_store
 from .projection import LayerBases, Projection
 
+# The model attribute `patch_model` puts the patched model's CacheSettings under, for `SVDCompressedCache(model)`.
+SETTINGS_ATTRIBUTE = "_hf_svdkv_cache_settings"
 
-class SVDCacheLayer(DynamicLayer):
-    """One layer's compressed KV. `keys` [batch, groups, seq, key_rank] are latents of keys *before* RoPE, so
-    `positions` [batch, seq] keeps the position each token was written at (rows differ under left padding);
-    `values` [batch, groups, seq, value_rank] are value latents. With a window W > 0 the last W tokens also
-    stay at full precision in `recent_keys` / `recent_values` [batch, kv_heads, W, head_dim] (pre-RoPE) and
-    become latents only as they age out. `positions` covers every token, latent or recent.
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """What a cache for a patched model is built with: its bases and how they are used."""
+
+    bases: SVDBases
+    window: int = 0
+    latent_bits: int | None = None
+    exact_prefill: bool = True
+
+
+def cache_settings(model: nn.Module) -> CacheSettings | None:
+    """The settings `patch_model` left on `model`, or None for an unpatched model."""
+    return model.__dict__.get(SETTINGS_ATTRIBUTE)
+
+
+class SVDCacheLayer(CacheLayerMixin):
+    """One layer's compressed KV. `keys` (a `LatentStore` of [batch, groups, seq, key_rank]) are latents of keys
+    *before* RoPE, so `positions` [batch, seq] keeps the position each token was written at (rows differ under left
+    padding); `values` [batch, groups, seq, value_rank] are value latents. With a window W > 0 the last W tokens also
+    stay at full precision in `recent_keys` / `recent_values` [batch, kv_heads, W, head_dim] (pre-RoPE) and become
+    latents only as they age out. `positions` covers every token, latent or recent.
 
     `update` returns keys and values for the whole sequence as latents rebuilt, followed by `exact_tail`
     full-precision copies of the newest tokens; the attention's mask decides which copy each query reads."""
 
     is_compileable = False
+    is_sliding = False
 
-    def __init__(self, bases: LayerBases, head_dim: int, window: int = 0):
+    def __init__(self, bases: LayerBases, head_dim: int, window: int = 0, latent_bits: int | None = None):
         super().__init__()
         self.bases = bases
         self.head_dim = head_dim
         self.window = window
+        self.latent_bits = latent_bits
+        self.keys: LatentStore | None = None
+        self.values: LatentStore | None = None
         self.positions: torch.Tensor | None = None
         self.recent_keys: torch.Tensor | None = None
         self.recent_values: torch.Tensor | None = None
         self.exact_tail = 0
-        self._buffers: dict = {}  # what `keys`, `values` and `positions` are views of (growing.append_along)
+        self._positions_buffer: Buffer | None = None
 
     @property
     def is_croppable(self) -> bool:
@@ -44,30 +74,37 @@ class SVDCacheLayer(DynamicLayer):
         # Projections run in float32 (or the bases' own wider dtype) whatever the model dtype: the latents are
         # rounded once, when stored, like a 16-bit DynamicCache rounds its keys once.
         compute_dtype = torch.promote_types(self.bases.key.down.dtype, torch.float32)
-        self.projection = self.bases.to(self.device, compute_dtype)
+        projection = self.bases.to(self.device, compute_dtype)
         batch = key_states.shape[0]
-        self.keys = key_states.new_zeros((batch, self.projection.key.num_groups, 0, self.projection.key.rank))
-        self.values = value_states.new_zeros((batch, self.projection.value.num_groups, 0, self.projection.value.rank))
+        self.keys, self.values = (
+            latent_store(self.latent_bits, batch, p.num_groups, p.rank, self.dtype, self.device)
+            for p in (projection.key, projection.value)
+        )
+        self.projection = LayerBases(self.keys.prepare(projection.key), self.values.prepare(projection.value))
         self.recent_keys = key_states[:, :, :0]
         self.recent_values = value_states[:, :, :0]
         self.positions = torch.zeros((batch, 0), dtype=torch.int32, device=self.device)
-        self._buffers = {}
+        self._positions_buffer = None
         self.is_initialized = True
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args, positions: torch.Tensor, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the new pre-RoPE keys and values; return all of them rebuilt, then the exact tail."""
+        """Store the new pre-RoPE keys and values; return all of them rebuilt, then the exact tail (the reference
+        path of `attention.py`: everything at full size)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        old_keys, old_values = self.keys, self.values
+        dtype = self.projection.key.up.dtype
+        old_keys, old_values = self.keys.read(dtype=dtype), self.values.read(dtype=dtype)
         exact_keys, exact_values, new_keys, new_values = self._store(key_states, value_states, positions)
-        all_keys = self.projection.key.decode(self._all_latents(old_keys, new_keys), self.head_dim)
-        all_values = self.projection.value.decode(self._all_latents(old_values, new_values), self.head_dim)
+        rebuilt = []
+        for projection, store, old, new in ((self.projection.key, self.keys, old_keys, new_keys),
+                                            (self.projection.value, self.values, old_values, new_values)):
+            latents = torch.cat([old, store.decode(new, old.dtype)], dim=-2)
+            rebuilt.append(projection.decode(latents, self.head_dim).to(self.dtype))
         if not self.exact_tail:
-            return all_keys.to(self.dtype), all_values.to(self.dtype)
-        keys = torch.cat([all_keys.to(self.dtype), exact_keys], dim=-2)
-        return keys, torch.cat([all_values.to(self.dtype), exact_values], dim=-2)
+            return rebuilt[0], rebuilt[1]
+        return torch.cat([rebuilt[0], exact_keys], dim=-2), torch.cat([rebuilt[1], exact_values], dim=-2)
 
     def append(
         self, key_states: torch.Tensor, value_states: torch.Tensor, positions: torch.Tensor
@@ -79,15 +116,17 @@ class SVDCacheLayer(DynamicLayer):
         exact_keys, exact_values, _, _ = self._store(key_states, value_states, positions)
         return (exact_keys, exact_values) if self.exact_tail else None
 
-    def _store(self, key_states: torch.Tensor, value_states: torch.Tensor, positions: torch.Tensor) -> tuple:
-        """The storing half of `update`: (exact keys, exact values, their key latents, their value latents)."""
+    def _store(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, Stored, Stored]:
+        """Store new tokens: (exact keys, exact values, their encoded key latents, their encoded value latents)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if self.projection.key.down.is_inference() and not torch.is_inference_mode_enabled():
             # Bases made or moved under torch.inference_mode are inference tensors, which autograd may not save.
             self.projection = LayerBases(*(Projection(*(t.clone() for t in (p.down, p.up, p.center))) for p in (self.projection.key, self.projection.value)))
-        self.positions, self._buffers["positions"] = append_along(
-            self._buffers.get("positions"), self.positions, positions.to(self.device, torch.int32), dim=-1
+        self.positions, self._positions_buffer = append_along(
+            self._positions_buffer, self.positions, positions.to(self.device, torch.int32), dim=-1
         )
         if self.recent_keys.shape[-2]:
             exact_keys = torch.cat([self.recent_keys, key_states], dim=-2)
@@ -95,29 +134,15 @@ class SVDCacheLayer(DynamicLayer):
         else:  # no window (or an empty one): the new tokens are the whole exact span
             exact_keys, exact_values = key_states, value_states
         # The whole exact span is encoded (not only the tokens ageing out): its latents are what `update` rebuilds.
-        new_keys, new_values = self._encode(self.projection.key, exact_keys), self._encode(self.projection.value, exact_values)
+        new_keys = self.keys.encode(self.projection.key.encode(exact_keys))
+        new_values = self.values.encode(self.projection.value.encode(exact_values))
         aged = max(exact_keys.shape[-2] - self.window, 0)
-        self.keys = self._kept("keys", new_keys, aged)
-        self.values = self._kept("values", new_values, aged)
+        self.keys.append(new_keys, aged)
+        self.values.append(new_values, aged)
         # A slice would keep the whole span's storage alive (a prefill's full-size keys and values): keep a copy.
         self.recent_keys, self.recent_values = (t[..., aged:, :].clone() if aged else t for t in (exact_keys, exact_values))
         self.exact_tail = exact_keys.shape[-2] if self.window else 0
         return exact_keys, exact_values, new_keys, new_values
-
-    # How latents are stored; QuantizedSVDCacheLayer stores integer codes instead.
-    def _encode(self, projection, states: torch.Tensor) -> torch.Tensor:
-        # Latents are rounded to the storage dtype before use, so a token reads the same whether its latent
-        # was computed in this call or stored by an earlier one.
-        return projection.encode(states).to(self.dtype)
-
-    def _kept(self, name: str, new: torch.Tensor, count: int) -> torch.Tensor:
-        """The stored latents `name` ("keys" or "values") followed by the first `count` tokens of `new`."""
-        kept, self._buffers[name] = append_along(self._buffers.get(name), getattr(self, name), new[..., :count, :])
-        return kept
-
-    def _all_latents(self, stored: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-        """`stored` followed by all of `new`, as floating-point latents ready to decode."""
-        return torch.cat([stored, new], dim=-2)
 
     def key_positions(self) -> torch.Tensor:
         """Positions of the columns `update` returned: every token, then the exact tail again."""
@@ -126,21 +151,19 @@ class SVDCacheLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self.positions.shape[-1] if self.is_initialized else 0
 
-    # Sequence and batch operations: one function mapped over every stored tensor. The latents go through the three
-    # hooks below, which QuantizedSVDCacheLayer overrides for its integer codes.
-    def _map_latents(self, fn, latents: torch.Tensor) -> torch.Tensor:
-        return fn(latents)
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
 
-    def _crop_latents(self, latents: torch.Tensor, length: int) -> torch.Tensor:
-        return latents[..., :length, :]
+    def get_max_length(self) -> int:
+        return -1
 
-    def _latent_nbytes(self, name: str) -> int:
-        return held_nbytes(getattr(self, name), self._buffers.get(name))
-
+    # Sequence and batch operations: one function mapped over every stored tensor.
     def _map_batch(self, fn) -> None:
-        self.keys, self.values = self._map_latents(fn, self.keys), self._map_latents(fn, self.values)
+        self.keys.map(fn)
+        self.values.map(fn)
         for name in ("recent_keys", "recent_values", "positions"):
             setattr(self, name, fn(getattr(self, name)))
+        self._positions_buffer = None
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove > 0:
@@ -152,10 +175,11 @@ class SVDCacheLayer(DynamicLayer):
         from_recent = min(remove, self.recent_keys.shape[-2])
         keep_recent = self.recent_keys.shape[-2] - from_recent
         self.recent_keys, self.recent_values = self.recent_keys[..., :keep_recent, :], self.recent_values[..., :keep_recent, :]
-        keep_latent = self.keys.shape[-2] - (remove - from_recent)
-        self.keys, self.values = self._crop_latents(self.keys, keep_latent), self._crop_latents(self.values, keep_latent)
+        keep_latent = self.keys.length - (remove - from_recent)
+        self.keys.crop(keep_latent)
+        self.values.crop(keep_latent)
         self.positions = self.positions[..., : self.positions.shape[-1] - remove]
-        self._buffers = {}  # the next token must not overwrite, in place, tokens an older view still shows
+        self._positions_buffer = None  # the next token must not overwrite, in place, tokens an older view still shows
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.is_initialized:
@@ -178,10 +202,10 @@ class SVDCacheLayer(DynamicLayer):
             self._map_batch(lambda t: t.to(self.device, non_blocking=True))
 
     def reset(self) -> None:
-        super().reset()
-        self.positions = self.recent_keys = self.recent_values = None
+        self.keys = self.values = self.positions = self.recent_keys = self.recent_values = None
         self.exact_tail = 0
-        self._buffers = {}
+        self._positions_buffer = None
+        self.is_initialized = False
 
     def nbytes(self) -> int:
         """Bytes held: key and value latents (integer codes with their scales and zero points when quantized), the
@@ -189,42 +213,39 @@ class SVDCacheLayer(DynamicLayer):
         if not self.is_initialized:
             return 0
         exact = sum(t.numel() * t.element_size() for t in (self.recent_keys, self.recent_values))
-        positions = held_nbytes(self.positions, self._buffers.get("positions"))
-        return self._latent_nbytes("keys") + self._latent_nbytes("values") + exact + positions
+        positions = held_nbytes(self.positions, self._positions_buffer)
+        return self.keys.nbytes() + self.values.nbytes() + exact + positions
 
 
 class SVDCompressedCache(Cache):
     """A KV cache storing pre-RoPE key latents (with their positions) and value latents for every layer.
 
-    Build it from a model patched with `patch_model` (it takes the model's bases), or from `bases` directly.
-    Only a patched model can fill it: its attention hands over keys before RoPE, which stock attention cannot.
+    Build it from a model patched with `patch_model` (it takes the model's bases and settings), or from `bases`
+    directly. Only a patched model can fill it: its attention hands over keys before RoPE, which stock attention
+    cannot. `window`, `latent_bits` and `exact_prefill` default to the patched model's (else 0, None, True).
     """
 
     def __init__(
         self,
-        model: torch.nn.Module | None = None,
+        model: nn.Module | None = None,
         *,
         bases: SVDBases | None = None,
         window: int | None = None,
         latent_bits: int | None = None,
         exact_prefill: bool | None = None,
     ):
-        from .patch import patch_state
-
-        state = patch_state(model) if model is not None else None
+        settings = cache_settings(model) if model is not None else None
         if bases is None:
-            if state is None:
+            if settings is None:
                 raise ValueError(
                     "SVDCompressedCache needs a model patched with hf_svdkv.patch_model (or explicit bases=): "
                     "an unpatched model stores keys after RoPE, which this cache cannot compress"
                 )
-            bases = state.bases
-        if window is None:
-            window = state.window if state is not None else 0
-        if latent_bits is None and state is not None:
-            latent_bits = state.latent_bits
-        if exact_prefill is None:
-            exact_prefill = state.exact_prefill if state is not None else True
+            bases = settings.bases
+        defaults = settings or CacheSettings(bases)
+        window = defaults.window if window is None else window
+        latent_bits = defaults.latent_bits if latent_bits is None else latent_bits
+        exact_prefill = defaults.exact_prefill if exact_prefill is None else exact_prefill
         check_window(window)
         check_latent_bits(latent_bits)
         self.bases = bases
@@ -234,14 +255,7 @@ class SVDCompressedCache(Cache):
         self.exact_prefill = exact_prefill
         self.checked_against: set[int] = set()
         head_dim = bases.geometry.head_dim
-        super().__init__(layers=[self._make_layer(layer, head_dim) for layer in bases.layers])
-
-    def _make_layer(self, bases: LayerBases, head_dim: int) -> SVDCacheLayer:
-        if self.latent_bits is None:
-            return SVDCacheLayer(bases, head_dim, self.window)
-        from .quantized_layer import QuantizedSVDCacheLayer
-
-        return QuantizedSVDCacheLayer(bases, head_dim, self.window, bits=self.latent_bits)
+        super().__init__(layers=[SVDCacheLayer(layer, head_dim, window, latent_bits) for layer in bases.layers])
 
     def update(
         self,
@@ -261,7 +275,7 @@ class SVDCompressedCache(Cache):
         return super().update(key_states, value_states, layer_idx, *args, positions=positions, **kwargs)
 
     def nbytes(self) -> int:
-        """Bytes held by every tensor of the cache (latents and positions)."""
+        """Bytes held by every tensor of the cache (latents, window and positions)."""
         return sum(layer.nbytes() for layer in self.layers)
 
     def bytes_per_token(self) -> float:
@@ -269,15 +283,3 @@ class SVDCompressedCache(Cache):
         first = self.layers[0]
         tokens = first.get_seq_length() * (first.positions.shape[0] if first.is_initialized else 0)
         return self.nbytes() / tokens if tokens else 0.0
-
-
-# The seed API's names for this module (`core.cache`), defined in hf_svdkv.seed and imported on first use.
-_SEED_NAMES = {"LLaMAKVCache": ".seed.kv_store", "StandardKVCache": ".seed.kv_store"}
-
-
-def __getattr__(name: str) -> object:
-    if name in _SEED_NAMES:
-        import importlib
-
-        return getattr(importlib.import_module(_SEED_NAMES[name], __package__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,8 +1,7 @@
-"""Evaluation text: load a corpus, tokenize it, and cut deterministic, disjoint windows from it."""
+"""Text for calibration and evaluation: load a corpus, tokenize it, and cut deterministic, disjoint windows from it."""
 
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -43,8 +42,7 @@ def load_text(dataset: str = "wiki", text_file: str | None = None) -> str:
 
 def _load_wikitext() -> str:
     hint = "use the offline default (--dataset wiki) or pass --text-file"
-    offline = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE")
-    if not offline and not assets.hub_reachable():  # fail now instead of after a minute of retries
+    if not assets.hub_offline() and not assets.hub_reachable():  # fail now instead of after a minute of retries
         raise ConnectionError(f"cannot load wikitext: the Hugging Face Hub is not reachable; {hint}")
     import datasets
 
@@ -109,14 +107,3 @@ def split_calibration(ids: torch.Tensor, calib_tokens: int) -> tuple[torch.Tenso
     cut = ids.numel() - calib_tokens
     return ids[cut:], ids[:cut]
 
-
-# The seed API's names for this module (`core.data`), defined in hf_svdkv.seed and imported on first use.
-_SEED_NAMES = {"LLaMADatasetProcessor": ".seed.dataset"}
-
-
-def __getattr__(name: str) -> object:
-    if name in _SEED_NAMES:
-        import importlib
-
-        return getattr(importlib.import_module(_SEED_NAMES[name], __package__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,5 +1,3 @@
-"""The seed's `core.utils` import path."""
+"""The seed's `core.utils` import path (compat/)."""
 
-from .seed.memory_manager import MemoryManager
-
-__all__ = ["MemoryManager"]
+from .compat import MemoryManager  # noqa: F401

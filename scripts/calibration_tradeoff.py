@@ -6,7 +6,7 @@ allocation, against today's full calibration, on the default model and corpus (d
 Every variant calibrates on tokens of the last 65,536 of the wiki corpus (the text `hf-svdkv eval` reserves and never
 scores; spread over it as `calibration.spread_tokens` takes them, or its last tokens in one run), or of the Lee news
 corpus (another domain), then the eval's recommended rows are scored on the same windows (continuation protocol,
-hf_svdkv.eval). "seconds" is what `patch_model` spends on a cold cache for the first row: statistics, probes
+hf_svdkv.tools.eval). "seconds" is what `patch_model` spends on a cold cache for the first row: statistics, probes
 when the allocation needs them, and the fit; the other rows reuse the statistics.
 """
 
@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 
-from hf_svdkv import CompressionConfig
+from hf_svdkv import CompressionConfig, SVDBases
 from hf_svdkv.calibration import CALIBRATION_PRESETS, Calibrator, spread_tokens
-from hf_svdkv.data import load_text, split_calibration, tokenize_text
-from hf_svdkv.eval import dynamic_row, run_eval, svd_row
-from hf_svdkv.loading import ModelConfig, load_model
+from hf_svdkv.text import load_text, split_calibration, tokenize_text
+from hf_svdkv.tools.eval import dynamic_row, run_eval, svd_row
+from hf_svdkv.tools.loading import ModelConfig, load_model
 
 # The recommended rows of a bare `hf-svdkv eval`.
 ROWS = (
@@ -92,7 +92,7 @@ def main() -> None:
                                 progress=False)
         for index, (name, fields) in enumerate(ROWS):
             config = CompressionConfig(**fields, group_size=3)
-            bases = calibrator.bases(config, sequence_length=length)
+            bases = SVDBases.from_calibrator(calibrator, config, length)
             if index == 0:
                 seconds[variant.label] = time.perf_counter() - start
             rows.append(svd_row(f"{variant.label} | {name}", config=config, bases_factory=lambda m, c, b=bases: b))

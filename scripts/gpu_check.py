@@ -13,7 +13,7 @@ gpu_check.md to --out.
     and the reference path, for a 2x cache: the default geometry (per-head 32/32, joint 96/96) and a Llama-3-8B-like
     layer (32 query heads, 8 KV heads x 128; per-head 64/64);
 (d) end to end, if time is left: decode tokens/s of a random-weight model of the default model's size (30 layers)
-    with DynamicCache vs the 2x SVD cache at 32k tokens, batch 1 and 8 (hf_svdkv.bench.measure).
+    with DynamicCache vs the 2x SVD cache at 32k tokens, batch 1 and 8 (hf_svdkv.tools.bench.measure).
 Every section runs under its own try/except: a failure is recorded and the rest still runs; the files are rewritten
 after every section, so a run cut short still leaves what it measured.
 """
@@ -39,9 +39,15 @@ import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install needed
 
-from hf_svdkv import CompressionConfig, SVDCompressedCache, patch_model  # noqa: E402
-from hf_svdkv import latent_attention as la  # noqa: E402
+from hf_svdkv import (  # noqa: E402
+    CompressionConfig,
+    SVDCompressedCache,
+    decode,  # noqa: E402
+    patch_model,
+)
 from hf_svdkv.attention import apply_rope  # noqa: E402
+from hf_svdkv.decode.blockwise import BlockwiseBackend  # noqa: E402
+from hf_svdkv.decode.triton_kernel import TritonBackend  # noqa: E402
 
 RESULTS: dict = {"sections": {}, "errors": {}}
 SECTIONS: list = []
@@ -190,8 +196,8 @@ def filled_layer(config: CompressionConfig, dtype: torch.dtype, batch: int, cont
 def reference_step(attention, layer, query, mask, rotary):
     """The reference path: rebuild every key and value, rotate keys at their positions, SDPA, o_proj."""
     projection = layer.projection
-    keys = projection.key.decode(layer.keys, layer.head_dim).to(query.dtype)
-    values = projection.value.decode(layer.values, layer.head_dim).to(query.dtype)
+    keys = projection.key.decode(layer.keys.read(), layer.head_dim).to(query.dtype)
+    values = projection.value.decode(layer.values.read(), layer.head_dim).to(query.dtype)
     cos, sin = rotary(values, layer.positions)
     keys = apply_rope(keys, cos, sin)
     out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=attention.scaling, enable_gqa=True)
@@ -199,15 +205,14 @@ def reference_step(attention, layer, query, mask, rotary):
 
 
 def latent_step(attention, layer, query, mask, rotary, use_triton: bool):
-    state = la._layer_state(attention, layer)
-    if use_triton:
-        from hf_svdkv import triton_decode
-
-        out = triton_decode.triton_latent_attention(query, layer, state, rotary, scaling=attention.scaling, attention_mask=mask)
-    else:
-        rope = la.rope_factors(rotary, layer.positions)
-        out = la.latent_attention(query, layer, state, rope, scaling=attention.scaling, attention_mask=mask)
-    return la.project_output(attention, state, out)
+    """One decoding step over the latents through the Triton kernel or the torch path, o_proj included."""
+    state = decode.layer_state(attention, layer)
+    backend = TritonBackend() if use_triton else BlockwiseBackend()
+    rope = decode.Rope(rotary, layer.positions)
+    latent, lse = backend.attend(query, layer, state, rope, scaling=attention.scaling, attention_mask=mask)
+    out = decode.window.attend_window(query, latent, lse, layer, state, rope, None, scaling=attention.scaling,
+                                      attention_mask=mask)
+    return decode.project_output(attention, state, out)
 
 
 @section("kernel_vs_torch_vs_reference")
@@ -300,15 +305,15 @@ def time_sdpa(context: int, batch: int, geometry: dict) -> list[dict]:
 def time_latent(context: int, batch: int, geometry: dict, config: CompressionConfig, base: dict, sdpa_ms: float,
                 sdpa_graph_ms: float | None) -> list[dict]:
     """The Triton kernel (each of KERNEL_VARIANTS), then whole steps with o_proj: Triton, torch latent path, reference."""
-    from hf_svdkv import triton_decode
+    from hf_svdkv.decode import triton_kernel
 
     model, attention, layer, query, _, _ = filled_layer(config, torch.bfloat16, batch, context, geometry=geometry)
     rotary = model.model.rotary_emb
-    state = la._layer_state(attention, layer)
+    state = decode.layer_state(attention, layer)
     inv_freq = rotary.inv_freq.float()
     rows = []
     for variant, settings in KERNEL_VARIANTS.items():
-        kernel = partial(triton_decode.decode_latents, query[:, :, 0], layer, state, inv_freq, 1.0, attention.scaling,
+        kernel = partial(triton_kernel.decode_latents, query[:, :, 0], layer, state, inv_freq, 1.0, attention.scaling,
                          None, **settings)
         ms, graph_ms = cuda_time(kernel), graph_time(kernel)
         rows.append({**base, "path": f"triton kernel {variant}", "ms": ms, "graph_ms": graph_ms,
@@ -352,8 +357,8 @@ def timing() -> list[dict]:
 @section("model_decode")
 def model_decode() -> list[dict]:
     """End to end: a random model of the default model's size, DynamicCache vs the 2x SVD cache (latent path, Triton)."""
-    from hf_svdkv.bench import run_rows
-    from hf_svdkv.eval import build_rows
+    from hf_svdkv.tools.bench import run_rows
+    from hf_svdkv.tools.eval import build_rows
 
     if time.perf_counter() - RUN["start"] > RUN["e2e_budget_s"]:
         raise RuntimeError("skipped: the script's time budget is spent")

@@ -3,7 +3,7 @@ default model, cold and from the bases cache, and how often the patched model st
 
     python scripts/oneliner_check.py --json docs/oneliner.json --markdown docs/oneliner.md
 
-Agreement (hf_svdkv.agreement): the full cache's greedy continuation (32 tokens) of each held-out prompt is
+Agreement (hf_svdkv.tools.agreement): the full cache's greedy continuation (32 tokens) of each held-out prompt is
 teacher-forced through the compressed cache after the prompt was prefilled into it; the share of positions where the
 compressed model predicts the same next token. Two sets of six 1,536-token prompts: the Lee news corpus (another
 domain than the calibration text) and the scored part of the wiki corpus (never calibrated on). "non-words": share
@@ -22,18 +22,18 @@ import torch
 from transformers import DynamicCache, QuantizedCache
 
 from hf_svdkv import CompressionConfig, SVDCompressedCache, patch_model, unpatch_model
-from hf_svdkv.agreement import (
+from hf_svdkv.architectures import model_geometry
+from hf_svdkv.text import load_text, split_calibration, tokenize_text
+from hf_svdkv.tools.agreement import (
     corpus_vocabulary,
     greedy_continuations,
     next_token_agreement,
     non_word_share,
     spread_prompts,
 )
-from hf_svdkv.architectures import model_geometry
-from hf_svdkv.data import load_text, split_calibration, tokenize_text
-from hf_svdkv.generate import greedy
-from hf_svdkv.loading import ModelConfig, load_model
-from hf_svdkv.memory import cache_nbytes
+from hf_svdkv.tools.generate import greedy
+from hf_svdkv.tools.loading import ModelConfig, load_model
+from hf_svdkv.tools.memory import cache_nbytes
 
 PROMPT_TOKENS = 1536
 PROMPTS_PER_SET = 6

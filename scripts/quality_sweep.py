@@ -2,7 +2,7 @@
 
     python scripts/quality_sweep.py results.json [--markdown results.md] [--ratios 1.5 2 3 4]
 
-Protocol (hf_svdkv.eval, "continuation"): prefill `context` tokens, feed `continuation` more through the cache in
+Protocol (hf_svdkv.tools.eval, "continuation"): prefill `context` tokens, feed `continuation` more through the cache in
 one forward, ppl over those; `windows` windows cut from the corpus minus its last `calib-tokens` tokens, which
 calibrate the bases (disjoint text). Ranks for every ratio respect the byte budget of hf_svdkv.allocation.
 """
@@ -20,9 +20,9 @@ import torch
 from hf_svdkv import CompressionConfig, SVDBases, SVDCompressedCache, patch_model, unpatch_model
 from hf_svdkv.allocation import allocate_ranks, budget_bytes, uniform_ranks, weight_spectra, weight_spectrum_ranks
 from hf_svdkv.calibration import PROBE_RATIO, CalibratedPCA, collect_statistics, plan_ranks, probe_weights
-from hf_svdkv.data import load_text, split_calibration, tokenize_text
-from hf_svdkv.eval import RowSpec, dynamic_row, run_eval
-from hf_svdkv.loading import ModelConfig, load_model
+from hf_svdkv.text import load_text, split_calibration, tokenize_text
+from hf_svdkv.tools.eval import RowSpec, dynamic_row, run_eval
+from hf_svdkv.tools.loading import ModelConfig, load_model
 
 # (label, method, group_size, value metric, allocation): the variants compared at every ratio.
 VARIANTS = [

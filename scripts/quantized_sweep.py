@@ -5,7 +5,7 @@ forward, ppl over those). Writes quantized_sweep.md and quantized_sweep.json to 
     python scripts/quantized_sweep.py [--out out/quantized_sweep] [--windows 3] [--window 0] [--rows PATTERN ...]
 
 Rows: full rank int8 / int4 (int4 with and without the Hadamard rotation), weight-only per-head ranks 48/48 and
-32/32 in int8 and int4, quanto int4 / int2, and, when `hf_svdkv.calibration.calibrate_bases` exists, calibrated
+32/32 in int8 and int4, quanto int4 / int2, and, when `hf_svdkv.bases.calibrate_bases` exists, calibrated
 joint bases (all 3 KV heads of a layer share one basis) in int4 at ~4x, ~6x and ~8x of all bytes and in int8 at ~4x.
 `--window W` keeps the last W tokens at full precision in every SVD row (their bytes counted); `--rows` keeps only
 rows matching the given shell patterns (the dynamic baseline always runs).
@@ -20,14 +20,14 @@ from fnmatch import fnmatch
 from pathlib import Path
 
 import torch
+from hf_svdkv.quantized_layer import QuantizedSVDCacheLayer
 from torch import nn
 
 from hf_svdkv import CompressionConfig, SVDCompressedCache, patch_model, unpatch_model
 from hf_svdkv.architectures import model_geometry
-from hf_svdkv.data import load_text, split_calibration, tokenize_text
-from hf_svdkv.eval import EvalResult, RowSpec, dynamic_row, quantized_row, run_eval, svd_row
-from hf_svdkv.loading import load_model
-from hf_svdkv.quantized_layer import QuantizedSVDCacheLayer
+from hf_svdkv.text import load_text, split_calibration, tokenize_text
+from hf_svdkv.tools.eval import EvalResult, RowSpec, dynamic_row, quantized_row, run_eval, svd_row
+from hf_svdkv.tools.loading import load_model
 
 GROUP = 32  # QuantizedSVDCacheLayer's default channels per scale / zero point
 POSITION_BYTES = 4
@@ -60,7 +60,7 @@ def latent_target_ratio(model: nn.Module, ratio: float, bits: int) -> float:
 
 
 def calibrated_row(name: str, calib_ids: torch.Tensor, ratio: float, bits: int, group_size: int, window: int) -> RowSpec:
-    from hf_svdkv.calibration import calibrate_bases
+    from hf_svdkv.bases import calibrate_bases
 
     bases = {}
 
@@ -102,7 +102,7 @@ def build_rows(head_dim: int, calib_ids: torch.Tensor | None, window: int = 0) -
 
 def has_calibration() -> bool:
     try:
-        return hasattr(importlib.import_module("hf_svdkv.calibration"), "calibrate_bases")
+        return hasattr(importlib.import_module("hf_svdkv.bases"), "calibrate_bases")
     except ImportError:
         return False
 

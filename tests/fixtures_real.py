@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from hf_svdkv.data import load_text
-from hf_svdkv.loading import ModelConfig, load_model
+from hf_svdkv.text import load_text
+from hf_svdkv.tools.loading import ModelConfig, load_model
 
 
 @pytest.fixture(scope="session")

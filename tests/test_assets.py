@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from hf_svdkv import assets
-from hf_svdkv.loading import ModelConfig, _gguf_in, load_model
+from hf_svdkv.tools.loading import ModelConfig, _gguf_in, load_model
 
 pytest_plugins = ["fixtures_real"]
 

@@ -8,9 +8,9 @@ import pytest
 from tiny_models import VOCAB, tiny_model
 from transformers import PreTrainedTokenizerFast
 
-from hf_svdkv.bench import BenchResult, BenchRow, markdown_table, table_rows
-from hf_svdkv.cli import main
 from hf_svdkv.growing import SPARE_FRACTION
+from hf_svdkv.tools.bench import BenchResult, BenchRow, markdown_table, table_rows
+from hf_svdkv.tools.cli import main
 
 ROW_KEYS = {"name", "context", "batch", "prefill_s", "decode_tokens_per_s", "peak_mem_bytes", "kv_bytes"}
 

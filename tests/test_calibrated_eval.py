@@ -7,11 +7,11 @@ import argparse
 import pytest
 import torch
 
-import hf_svdkv.data
+import hf_svdkv.text
 from hf_svdkv import CompressionConfig, SVDBases
-from hf_svdkv.cli import _eval_configs, _token_ids, main
-from hf_svdkv.data import make_windows
-from hf_svdkv.eval import build_rows, run_eval, svd_row
+from hf_svdkv.text import make_windows
+from hf_svdkv.tools.cli import _eval_configs, _token_ids, main
+from hf_svdkv.tools.eval import build_rows, run_eval, svd_row
 
 pytest_plugins = ["fixtures_real"]
 
@@ -26,8 +26,8 @@ class _Model:
 def test_calibration_tokens_are_never_scored(monkeypatch):
     # Token ids equal to their position in the corpus make any overlap visible as a shared value.
     corpus = 50_000
-    monkeypatch.setattr(hf_svdkv.data, "tokenize_text", lambda tokenizer, text, vocab_size=None: torch.arange(corpus))
-    monkeypatch.setattr(hf_svdkv.data, "load_text", lambda dataset="wiki", text_file=None: "unused")
+    monkeypatch.setattr(hf_svdkv.text, "tokenize_text", lambda tokenizer, text, vocab_size=None: torch.arange(corpus))
+    monkeypatch.setattr(hf_svdkv.text, "load_text", lambda dataset="wiki", text_file=None: "unused")
     args = argparse.Namespace(calib_text=None, calib_tokens=8192, dataset="wiki")
     ids, calib_ids = _token_ids(args, tokenizer=None, model=_Model())
     assert calib_ids.numel() == 8192 and ids.numel() + calib_ids.numel() == corpus
@@ -66,7 +66,7 @@ def test_cli_rejects_bad_compression_flags(capsys):
 
 @pytest.mark.slow
 def test_saved_calibrated_bases_reproduce_the_same_ppl(default_model, wiki_text, tmp_path):
-    from hf_svdkv.data import split_calibration, tokenize_text
+    from hf_svdkv.text import split_calibration, tokenize_text
 
     model, tokenizer = default_model
     ids = tokenize_text(tokenizer, wiki_text[:200_000], model.config.vocab_size)

@@ -19,7 +19,8 @@ from hf_svdkv.allocation import (
     weight_spectra,
     weight_spectrum_ranks,
 )
-from hf_svdkv.calibration import CalibratedPCA, calibrate_bases, collect_statistics, output_metric
+from hf_svdkv.bases import calibrate_bases
+from hf_svdkv.calibration import CalibratedPCA, collect_statistics, output_metric
 from hf_svdkv.weight_svd import grouped_weight
 
 pytest_plugins = ["fixtures_real"]
@@ -228,8 +229,8 @@ def test_calibrating_twice_gives_identical_bases(allocation):
 
 @pytest.mark.slow
 def test_calibrated_bases_beat_weight_bases_on_the_default_model(default_model, wiki_text):
-    from hf_svdkv.data import make_windows, split_calibration, tokenize_text
-    from hf_svdkv.eval import RowSpec, dynamic_row, run_eval
+    from hf_svdkv.text import make_windows, split_calibration, tokenize_text
+    from hf_svdkv.tools.eval import RowSpec, dynamic_row, run_eval
 
     model, tokenizer = default_model
     ids = tokenize_text(tokenizer, wiki_text[:400_000], model.config.vocab_size)

@@ -6,7 +6,6 @@ import pytest
 import torch
 from tiny_models import (
     ARCHITECTURES,
-    assert_left_padded_rows_equal_single_runs,
     structured_ids,
     tiny_model,
     weights_config,
@@ -39,26 +38,6 @@ def step_logits(model, ids: torch.Tensor, cache, decode_steps: int = 4) -> list[
     return logits
 
 
-@pytest.mark.parametrize("arch", list(ARCHITECTURES))
-@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", GEOMETRIES)
-@pytest.mark.parametrize("joint", [False, True], ids=["per-head", "joint"])
-def test_full_rank_matches_dynamic_cache(arch, num_heads, num_kv_heads, head_dim, joint):
-    model = tiny_model(arch, num_heads, num_kv_heads, head_dim)
-    ids = structured_ids(24)
-    reference = step_logits(model, ids, DynamicCache(config=model.config))
-    with torch.no_grad():
-        expected_tokens = model.generate(ids, max_new_tokens=32, do_sample=False)
-
-    patch_model(model, full_rank(head_dim, num_kv_heads if joint else 1))
-    compressed = step_logits(model, ids, SVDCompressedCache(model))
-    for ref, got in zip(reference, compressed, strict=True):
-        torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
-    with torch.no_grad():
-        result = model.generate(ids, max_new_tokens=32, do_sample=False, return_dict_in_generate=True)
-    assert isinstance(result.past_key_values, SVDCompressedCache)  # a stock generate() picked it up
-    assert torch.equal(result.sequences, expected_tokens)
-
-
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
 def test_backends_match_and_explicit_cache_in_generate(attn_implementation):
     model = tiny_model("llama", attn_implementation=attn_implementation)
@@ -70,17 +49,6 @@ def test_backends_match_and_explicit_cache_in_generate(attn_implementation):
         got = model.generate(ids, max_new_tokens=20, do_sample=False, past_key_values=cache)
     assert torch.equal(got, expected)
     assert cache.get_seq_length() == ids.shape[1] + 19  # the last generated token is never fed back
-
-
-@pytest.mark.parametrize("arch", list(ARCHITECTURES))
-@pytest.mark.parametrize("rank", [32, 20])
-def test_left_padded_batch_rows_equal_single_runs(arch, rank):
-    model = tiny_model(arch, num_heads=4, num_kv_heads=2, head_dim=32)
-    patch_model(model, weights_config(key_rank=rank, value_rank=rank))
-    batched = assert_left_padded_rows_equal_single_runs(model, (5, 11, 17), new_tokens=12)
-    width = 17
-    positions = batched.past_key_values.layers[0].positions
-    assert positions[0, width - 5:].tolist()[:5] == list(range(5))  # each row keeps its own positions
 
 
 def test_beam_search_matches_dynamic_cache():

@@ -1,6 +1,6 @@
-"""The fused CPU decode kernel (cpu_decode.cpp) computes what the torch latent path computes: same logits within
-float32 tolerance for every geometry, grouping, window, padding and odd rank; close in bfloat16; and the torch path
-takes over where the kernel cannot be built."""
+"""The fused CPU decode kernel (decode/cpu_decode.cpp): what it computes is the torch path's function (an invariant
+over every cache variant: tests/test_invariants.py); here, what is particular to it: every head size it compiles,
+bfloat16, AMX tiles, and the torch path taking over where it cannot be built or is switched off."""
 
 from __future__ import annotations
 
@@ -8,81 +8,44 @@ import pytest
 import torch
 from tiny_models import structured_ids, tiny_model, weights_config
 
-import hf_svdkv.latent_attention as latent_attention
-from hf_svdkv import SVDBases, SVDCompressedCache, cpu_decode, patch_model
+import hf_svdkv.decode
+from hf_svdkv import SVDBases, SVDCompressedCache, patch_model
+from hf_svdkv.decode import Rope, layer_state
+from hf_svdkv.decode import cpu as cpu_decode
+from hf_svdkv.decode.blockwise import BlockwiseBackend, blockwise_attention
+from hf_svdkv.decode.cpu import CpuKernelBackend
 
 pytestmark = pytest.mark.skipif(not cpu_decode.available(), reason="no C++ compiler: the CPU kernel cannot be built")
-KERNEL_READY = latent_attention._cpu_kernel_ready
 
 
-def decode(model, ids: torch.Tensor, mask: torch.Tensor | None, kernel: bool, monkeypatch, steps: int = 5) -> torch.Tensor:
+def decode(model, ids: torch.Tensor, kernel: bool, monkeypatch, steps: int = 5) -> torch.Tensor:
     """Logits of a prefill and `steps` greedy single-token steps, through the kernel or the torch path."""
-    calls = []
-
-    def counted(query, *args):
-        ready = KERNEL_READY(query, *args)
-        if query.shape[2] == 1:  # single-token steps; a prompt or longer input is never the kernel's
-            calls.append(ready)
-        return ready
-
-    monkeypatch.setattr(latent_attention, "_cpu_kernel_ready", counted if kernel else lambda *args: False)
+    backends = [CpuKernelBackend(), BlockwiseBackend()] if kernel else [BlockwiseBackend()]
+    monkeypatch.setattr(hf_svdkv.decode, "BACKENDS", backends)
     cache = SVDCompressedCache(model)
     logits = []
     with torch.inference_mode():
-        out = model(ids, attention_mask=mask, past_key_values=cache)
+        out = model(ids, past_key_values=cache)
         logits.append(out.logits[:, -1:])
         for _ in range(steps):
-            token = out.logits[:, -1:].argmax(-1)
-            if mask is not None:
-                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-            out = model(token, attention_mask=mask, past_key_values=cache)
+            out = model(out.logits[:, -1:].argmax(-1), past_key_values=cache)
             logits.append(out.logits)
-    assert not kernel or (calls and all(calls)), "the kernel was not used"
     return torch.cat(logits, dim=1).float()
-
-
-@pytest.mark.parametrize(
-    "num_heads,num_kv_heads,head_dim,key_rank,value_rank,group_size",
-    [(4, 4, 32, 12, 10, 1), (6, 2, 64, 24, 16, 1), (6, 2, 64, 40, 24, 2), (4, 2, 32, 9, 7, 1), (8, 2, 32, 32, 32, 2)],
-    ids=["mha", "gqa-d64", "gqa-joint", "odd-ranks", "full-rank-joint"],
-)
-@pytest.mark.parametrize("window", [0, 5])
-def test_kernel_matches_torch_path(monkeypatch, num_heads, num_kv_heads, head_dim, key_rank, value_rank, group_size, window):
-    model = tiny_model("llama", num_heads, num_kv_heads, head_dim)
-    patch_model(model, weights_config(key_rank=key_rank, value_rank=value_rank, group_size=group_size, window=window))
-    # Longer than one span of the kernel, so spans are merged.
-    ids = structured_ids(cpu_decode.SPAN + 90)
-    expected = decode(model, ids, None, kernel=False, monkeypatch=monkeypatch)
-    got = decode(model, ids, None, kernel=True, monkeypatch=monkeypatch)
-    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
-
-
-def test_left_padding_and_biases_match(monkeypatch):
-    """qwen2's key biases (the key center), left-padded rows hidden by the validity mask, a window."""
-    model = tiny_model("qwen2")
-    patch_model(model, weights_config(key_rank=10, value_rank=9, group_size=2, window=3))
-    ids = structured_ids(40, batch=3)
-    mask = torch.ones_like(ids)
-    mask[0, :25] = 0
-    mask[1, :7] = 0
-    expected = decode(model, ids, mask, kernel=False, monkeypatch=monkeypatch)
-    got = decode(model, ids, mask, kernel=True, monkeypatch=monkeypatch)
-    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
 
 
 def test_bfloat16_close_to_torch_path(monkeypatch):
     model = tiny_model("llama", num_heads=6, num_kv_heads=2, head_dim=64, dtype=torch.bfloat16)
     patch_model(model, weights_config(key_rank=24, value_rank=20))
     ids = structured_ids(300)
-    expected = decode(model, ids, None, kernel=False, monkeypatch=monkeypatch)
-    got = decode(model, ids, None, kernel=True, monkeypatch=monkeypatch)
+    expected = decode(model, ids, kernel=False, monkeypatch=monkeypatch)
+    got = decode(model, ids, kernel=True, monkeypatch=monkeypatch)
     # Both round latents to bfloat16; the torch path also rounds rebuilt keys to bfloat16, the kernel keeps float32.
     assert (got - expected).abs().max() < 0.05 * expected.abs().max()
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
 
 
 def test_kernel_handles_each_head_size_it_claims():
-    """decode_latents directly, for every compiled head size, against latent_attention on the same layer."""
+    """The kernel backend directly, for every compiled head size, against the torch path on the same layer."""
     for head_dim in cpu_decode.HEAD_DIMS:
         model = tiny_model("llama", num_heads=4, num_kv_heads=2, head_dim=head_dim, num_layers=1)
         bases = SVDBases.from_model(model, weights_config(key_rank=8, value_rank=8))
@@ -91,13 +54,13 @@ def test_kernel_handles_each_head_size_it_claims():
         with torch.inference_mode():
             model(structured_ids(70), past_key_values=cache)
             layer, attention = cache.layers[0], model.model.layers[0].self_attn
-            state = latent_attention._layer_state(attention, layer)
-            rope = latent_attention.rope_factors(model.model.rotary_emb, layer.positions)
+            state = layer_state(attention, layer)
+            rope = Rope(model.model.rotary_emb, layer.positions)
             query = torch.randn(1, 4, 1, head_dim, generator=torch.Generator().manual_seed(head_dim))
-            expected = latent_attention.latent_attention(query, layer, state, rope, scaling=attention.scaling).latent[:, 0]
-            got, lse = cpu_decode.decode_latents(query[:, :, 0], layer, state, rope, attention.scaling)
+            expected, expected_lse = blockwise_attention(query, layer, state, rope.factors, scaling=attention.scaling)
+            got, lse = CpuKernelBackend().attend(query, layer, state, rope, scaling=attention.scaling, attention_mask=None)
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
-        assert torch.isfinite(lse).all()
+        torch.testing.assert_close(lse, expected_lse, atol=1e-5, rtol=0)
 
 
 def test_up_tiles_layout():
@@ -126,8 +89,8 @@ def test_amx_tiles_match_vector_rebuild(num_heads, num_kv_heads, head_dim, key_r
     with torch.inference_mode():
         model(structured_ids(cpu_decode.SPAN + 77, batch=2), past_key_values=cache)
         layer, attention = cache.layers[0], model.model.layers[0].self_attn
-        state = latent_attention._layer_state(attention, layer)
-        rope = latent_attention.rope_factors(model.model.rotary_emb, layer.positions)
+        state = layer_state(attention, layer)
+        rope = Rope(model.model.rotary_emb, layer.positions).factors
         query = torch.randn(2, num_heads, head_dim, generator=torch.Generator().manual_seed(head_dim))
         valid = torch.ones(2, layer.keys.shape[-2], dtype=torch.uint8)
         valid[1, :13] = 0
@@ -146,7 +109,7 @@ def test_without_a_compiler_the_torch_path_serves(monkeypatch, tmp_path):
             assert not cpu_decode.available()
         model = tiny_model("llama")
         patch_model(model, weights_config(key_rank=8, value_rank=8))
-        decode(model, structured_ids(20), None, kernel=False, monkeypatch=monkeypatch, steps=2)
+        decode(model, structured_ids(20), kernel=True, monkeypatch=monkeypatch, steps=2)  # the torch path serves
     finally:
         cpu_decode._library.cache_clear()
 

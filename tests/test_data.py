@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hf_svdkv import assets
-from hf_svdkv.data import load_text, make_windows, split_calibration, tokenize_text
+from hf_svdkv.text import load_text, make_windows, split_calibration, tokenize_text
 
 pytest_plugins = ["fixtures_real"]
 

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from tiny_models import weights_config
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, QuantizedCache
 
-from hf_svdkv.cli import main
-from hf_svdkv.eval import (
+from hf_svdkv.tools.cli import main
+from hf_svdkv.tools.eval import (
     EvalResult,
     EvalRow,
     RowSpec,
@@ -28,7 +28,7 @@ from hf_svdkv.eval import (
     run_eval,
     svd_row,
 )
-from hf_svdkv.memory import cache_nbytes, tensor_nbytes
+from hf_svdkv.tools.memory import cache_nbytes, tensor_nbytes
 
 LAYERS, HEADS, KV_HEADS, HEAD_DIM, VOCAB = 2, 4, 2, 16, 128
 ROW_KEYS = {"name", "ppl", "delta_pct", "kv_bytes_per_token", "compression_ratio", "seconds"}
@@ -155,7 +155,7 @@ def reference_ppl(model, windows: list[torch.Tensor], first_scored: int) -> floa
 
 
 def test_continuation_protocol_scores_the_continuation(model, ids):
-    from hf_svdkv.data import make_windows
+    from hf_svdkv.text import make_windows
 
     result = run_eval(model, ids, [dynamic_row()], context=96, continuation=32, n_windows=3, progress=False)
     expected = reference_ppl(model, make_windows(ids, 128, 3), first_scored=96)
@@ -167,7 +167,7 @@ def test_continuation_protocol_scores_the_continuation(model, ids):
 
 
 def test_sliding_protocol_skips_the_first_chunk(model, ids):
-    from hf_svdkv.data import make_windows
+    from hf_svdkv.text import make_windows
 
     result = run_eval(model, ids, [dynamic_row()], protocol="sliding", window_len=100, chunk=32, n_windows=2,
                       progress=False)

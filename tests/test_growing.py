@@ -44,14 +44,14 @@ def test_decoding_keeps_latents_in_place_and_counts_their_buffer():
         pointers = set()
         for _ in range(3):
             out = model(out.logits[:, -1:].argmax(-1), past_key_values=cache)
-            pointers.add(cache.layers[0].keys.data_ptr())
+            pointers.add(cache.layers[0].keys.stored.data_ptr())
     layer = cache.layers[0]
     assert len(pointers) == 1  # 3 tokens fit in the spare room made by the first one
     spare = 200 // SPARE_FRACTION - 2
     latent_bytes = 2 * 8 * 4 * 2  # kv heads x rank x float32, keys and values
     assert layer.nbytes() == (203 + spare) * (latent_bytes + 4)
     cache.crop(-2)  # the next token must not write into what the earlier view shows
-    view = layer.keys
+    view = layer.keys.stored
     with torch.inference_mode():
         model(out.logits[:, -1:].argmax(-1), past_key_values=cache)
-    assert layer.keys.data_ptr() != view.data_ptr()
+    assert layer.keys.stored.data_ptr() != view.data_ptr()

@@ -10,7 +10,8 @@ from tiny_models import structured_ids, tiny_model, weights_config
 
 import hf_svdkv.attention
 from hf_svdkv import CompressionConfig, Projection, SVDBases, SVDCompressedCache, patch_model
-from hf_svdkv.latent_attention import fold_value_up_into_o_proj, latent_attention_forward, use_latent_attention
+from hf_svdkv.attention import latent_attention_forward, use_latent_attention
+from hf_svdkv.decode import fold_value_up_into_o_proj
 
 ATOL = 1e-4
 
@@ -42,85 +43,6 @@ def decode_logits(model, ids: torch.Tensor, steps: int = 6, piece: int = 1, mask
     return torch.cat(logits, dim=1)
 
 
-@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(4, 4, 32), (4, 2, 32), (6, 2, 64)], ids=["mha", "gqa", "gqa-d64"])
-@pytest.mark.parametrize("group_size", [1, 2], ids=["per-head", "joint"])
-def test_decode_matches_reference_path(monkeypatch, num_heads, num_kv_heads, head_dim, group_size):
-    model = tiny_model("llama", num_heads, num_kv_heads, head_dim)
-    config = weights_config(key_rank=head_dim // 3, value_rank=head_dim // 4, group_size=group_size)
-    reference, fast = patch_both(model, config, monkeypatch)
-    ids = structured_ids(21)
-    reference()
-    expected = decode_logits(model, ids)
-    fast()
-    got = decode_logits(model, ids)
-    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
-
-
-@pytest.mark.parametrize("arch", ["qwen2", "mistral"])
-@pytest.mark.parametrize("window", [0, 5])
-def test_small_pieces_and_windows_match(monkeypatch, arch, window):
-    """Several tokens per forward (speculative decoding, chunked teacher forcing) and the exact window; qwen2's k/v
-    biases exercise the basis centers (folded into o_proj's bias for values)."""
-    model = tiny_model(arch)
-    config = weights_config(key_rank=9, value_rank=7, group_size=2, window=window)
-    reference, fast = patch_both(model, config, monkeypatch)
-    ids = structured_ids(17)
-    reference()
-    expected = decode_logits(model, ids, steps=5, piece=3)
-    fast()
-    got = decode_logits(model, ids, steps=5, piece=3)
-    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
-
-
-@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
-@pytest.mark.parametrize("window", [0, 4])
-def test_left_padded_batch_matches(monkeypatch, attn_implementation, window):
-    model = tiny_model("llama", num_heads=6, num_kv_heads=3, head_dim=32, attn_implementation=attn_implementation)
-    config = weights_config(key_rank=10, value_rank=12, group_size=3, window=window)
-    reference, fast = patch_both(model, config, monkeypatch)
-    prompts = [structured_ids(n, seed=n)[0] for n in (5, 11, 18)]
-    ids = torch.zeros(3, 18, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, prompt in enumerate(prompts):
-        ids[row, 18 - len(prompt):], mask[row, 18 - len(prompt):] = prompt, 1
-    reference()
-    expected = decode_logits(model, ids, steps=8, mask=mask)
-    fast()
-    got = decode_logits(model, ids, steps=8, mask=mask)
-    valid = torch.cat([mask, mask.new_ones(3, 8)], dim=1).bool()
-    torch.testing.assert_close(got[valid], expected[valid], atol=ATOL, rtol=0)
-
-
-def test_short_padded_prompts_take_the_fast_path_from_the_start(monkeypatch):
-    """Prompts of at most MAX_QUERY_LEN tokens are prefilled by the latent path too; padding queries see nothing."""
-    model = tiny_model("llama", attn_implementation="eager")
-    config = weights_config(key_rank=10, value_rank=10, window=2)
-    reference, fast = patch_both(model, config, monkeypatch)
-    ids = torch.stack([structured_ids(12, seed=1)[0], structured_ids(12, seed=2)[0]])
-    mask = torch.ones_like(ids)
-    mask[0, :7] = 0
-    reference()
-    expected = decode_logits(model, ids, steps=4, mask=mask)
-    fast()
-    got = decode_logits(model, ids, steps=4, mask=mask)
-    valid = torch.cat([mask, mask.new_ones(2, 4)], dim=1).bool()
-    assert torch.isfinite(got).all()
-    torch.testing.assert_close(got[valid], expected[valid], atol=ATOL, rtol=0)
-
-
-@pytest.mark.parametrize("bits", [8, 4])
-def test_quantized_latents_match(monkeypatch, bits):
-    model = tiny_model("llama")
-    config = weights_config(key_rank=12, value_rank=12, latent_bits=bits, window=3)
-    reference, fast = patch_both(model, config, monkeypatch)
-    ids = structured_ids(19)
-    reference()
-    expected = decode_logits(model, ids)
-    fast()
-    got = decode_logits(model, ids)
-    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
-
-
 def test_generate_is_unchanged_and_chunking_does_not_matter(monkeypatch):
     model = tiny_model("llama", num_heads=4, num_kv_heads=2, head_dim=32)
     config = weights_config(key_rank=16, value_rank=16, group_size=2)
@@ -130,7 +52,7 @@ def test_generate_is_unchanged_and_chunking_does_not_matter(monkeypatch):
     with torch.no_grad():
         expected = model.generate(ids, max_new_tokens=24, do_sample=False)
     fast()
-    monkeypatch.setattr("hf_svdkv.latent_attention.CHUNK_ELEMENTS", 7 * 2 * 32)  # chunks of 7 tokens, the last partial
+    monkeypatch.setattr("hf_svdkv.decode.blockwise.CHUNK_ELEMENTS", 7 * 2 * 32)  # chunks of 7 tokens, the last partial
     with torch.no_grad():
         got = model.generate(ids, max_new_tokens=24, do_sample=False)
     assert torch.equal(got, expected)
@@ -207,7 +129,7 @@ def test_the_patched_attention_takes_the_latent_path_when_it_can(monkeypatch, se
 
 def test_rope_factors_extend_the_previous_forwards():
     """A forward whose positions extend the previous forward's computes only the new ones; anything else recomputes."""
-    from hf_svdkv.latent_attention import rope_factors
+    from hf_svdkv.decode.rope import rope_factors
 
     rotary = tiny_model("llama").model.rotary_emb
     positions = torch.arange(40)[None].repeat(2, 1)

@@ -165,7 +165,7 @@ def test_progress_follows_transformers_switch(capsys):
 # --- the real default model -------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def bf16_model():
-    from hf_svdkv.loading import ModelConfig, load_model
+    from hf_svdkv.tools.loading import ModelConfig, load_model
 
     return load_model(ModelConfig(dtype="bfloat16"))
 
@@ -175,15 +175,15 @@ def test_one_liner_says_what_the_full_cache_says(bf16_model, tmp_path_factory):
     """Held-out prompts (the Lee news corpus: neither the calibration text nor its domain) of 1,536 tokens: the
     one-line 2x cache predicts the full cache's greedy continuation at >= 80% of positions, and its own greedy
     text is words. Weight-only bases, the data-free alternative, are measured the same way: the gap is the point."""
-    from hf_svdkv.agreement import (
+    from hf_svdkv.text import load_text, tokenize_text
+    from hf_svdkv.tools.agreement import (
         corpus_vocabulary,
         greedy_continuations,
         next_token_agreement,
         non_word_share,
         spread_prompts,
     )
-    from hf_svdkv.data import load_text, tokenize_text
-    from hf_svdkv.generate import greedy
+    from hf_svdkv.tools.generate import greedy
 
     model, tokenizer = bf16_model
     lee = load_text("lee")
@@ -209,7 +209,7 @@ def test_one_liner_says_what_the_full_cache_says(bf16_model, tmp_path_factory):
 
 @pytest.mark.slow
 def test_generate_command_shows_both_side_by_side(capsys, monkeypatch, tmp_path):
-    from hf_svdkv.cli import main
+    from hf_svdkv.tools.cli import main
 
     monkeypatch.setenv("HF_SVDKV_BASES_CACHE", str(tmp_path))
     assert main(["generate", "What is the capital of France?", "--max-new-tokens", "8", "--target-ratio", "2"]) == 0

@@ -30,8 +30,8 @@ from hf_svdkv import (
     SVDCompressionAlgorithm,
     patch_model,
 )
+from hf_svdkv.compat.svd import WeightBasis
 from hf_svdkv.config import CompressionConfig  # the seed's: its spelling of ranks, weight-only by default
-from hf_svdkv.seed.svd import WeightBasis
 
 pytest_plugins = ["fixtures_real"]
 
@@ -424,3 +424,54 @@ def test_interfaces_are_abstract():
             return {f"self_attn.{p}.weight": torch.full((2, 2), float(i)) for i, p in enumerate(["q_proj", "k_proj", "v_proj", "o_proj"])}
 
     assert DictLoader().get_attention_weights(0)["v_proj"][0, 0] == 2.0
+
+
+# --- core.model's configuration view and layer-by-layer loader ----------------------------------------------------------
+def test_model_config_wrapper_gives_one_view_of_any_config(tmp_path):
+    from hf_svdkv.model import ModelConfigWrapper
+
+    model = tiny_model("qwen2", num_heads=4, num_kv_heads=2, head_dim=32, num_layers=3)
+    model.save_pretrained(tmp_path)
+    wrapper = ModelConfigWrapper(model.config)
+    assert (wrapper.num_layers, wrapper.num_heads, wrapper.num_kv_heads, wrapper.head_dim) == (3, 4, 2, 32)
+    assert wrapper.heads_per_kv_head == 2 and wrapper.kv_bytes_per_token == 2 * 3 * 2 * 32 * 2
+    assert wrapper.vocab_size == model.config.vocab_size and wrapper.max_position_embeddings == 512
+    assert ModelConfigWrapper(str(tmp_path)).to_dict() == ModelConfigWrapper(model).to_dict() == wrapper.to_dict()
+    from transformers import GPT2Config
+
+    with pytest.raises(hf_svdkv.UnsupportedModelError, match="gpt2"):
+        ModelConfigWrapper(GPT2Config())
+
+
+def test_llama3_loader_reads_attention_weights_one_layer_at_a_time(tmp_path):
+    from hf_svdkv.model import LLaMA3Loader
+
+    model = tiny_model("qwen2", num_heads=4, num_kv_heads=2, head_dim=32, num_layers=3)
+    model.save_pretrained(tmp_path)
+    loader = LLaMA3Loader(str(tmp_path))
+    layers = dict(loader.iter_layers())
+    assert sorted(layers) == [0, 1, 2]
+    for index, layer in enumerate(model.model.layers):
+        attention = layer.self_attn
+        # Only attention weights (and qwen2's q/k/v biases) are read: never the MLP, never the whole model.
+        assert set(layers[index]) == {"q_proj", "k_proj", "v_proj", "o_proj", "q_proj.bias", "k_proj.bias", "v_proj.bias"}
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            assert torch.equal(layers[index][name], getattr(attention, name).weight)
+        assert torch.equal(layers[index]["k_proj.bias"], attention.k_proj.bias)
+    data = loader.load_model_data(layers=[1])
+    assert list(data["layers"]) == [1] and data["config"]["num_layers"] == 3
+    with pytest.raises(IndexError, match="layer 3 out of range"):
+        loader.layer_weights(3)
+    with pytest.raises(FileNotFoundError, match="no local checkpoint"):
+        LLaMA3Loader(str(tmp_path / "missing"))
+
+
+@pytest.mark.slow
+def test_llama3_loader_on_the_default_model(default_model):
+    from hf_svdkv.model import LLaMA3Loader
+    from hf_svdkv.tools.loading import ModelConfig
+
+    model, _ = default_model
+    loader = LLaMA3Loader(ModelConfig(dtype="float32"))
+    assert loader.config.num_layers == 30 and loader.config.kv_bytes_per_token == 23040
+    assert torch.equal(loader.layer_weights(29)["v_proj"], model.model.layers[29].self_attn.v_proj.weight)

@@ -12,7 +12,9 @@ import torch
 from tiny_models import structured_ids, tiny_model, weights_config
 
 from hf_svdkv import SVDCompressedCache, patch_model
-from hf_svdkv.latent_attention import _layer_state, latent_attention, project_output, rope_factors
+from hf_svdkv.decode import Rope, layer_state, project_output
+from hf_svdkv.decode.blockwise import blockwise_attention
+from hf_svdkv.decode.window import attend_window
 
 triton = pytest.importorskip("triton")
 
@@ -70,14 +72,16 @@ def test_kernel_matches_torch_path(num_heads, num_kv_heads, group_size, window, 
     model = tiny_model("qwen2", num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=32)  # biases: centers
     patch_model(model, weights_config(key_rank=12, value_rank=10, group_size=group_size, window=window))
     attention, layer, query, exact, mask = filled_layer(model, batch=2, prompt_len=21, pad=pad)
-    state = _layer_state(attention, layer)
-    rotary = model.model.rotary_emb
-    expected = latent_attention(query, layer, state, rope_factors(rotary, layer.positions), scaling=attention.scaling,
-                                attention_mask=mask, exact=exact)
-    from hf_svdkv import triton_decode
+    state = layer_state(attention, layer)
+    rope = Rope(model.model.rotary_emb, layer.positions)
+    from hf_svdkv.decode.triton_kernel import TritonBackend
 
-    got = triton_decode.triton_latent_attention(query, layer, state, rotary, scaling=attention.scaling,
-                                                attention_mask=mask, exact=exact)
+    outputs = []
+    for latent, lse in (blockwise_attention(query, layer, state, rope.factors, scaling=attention.scaling, attention_mask=mask),
+                        TritonBackend().attend(query, layer, state, rope, scaling=attention.scaling, attention_mask=mask)):
+        outputs.append(attend_window(query, latent, lse, layer, state, rope, exact, scaling=attention.scaling,
+                                     attention_mask=mask))
+    expected, got = outputs
     torch.testing.assert_close(got.latent, expected.latent, atol=1e-5, rtol=1e-4)
     if window:
         torch.testing.assert_close(got.exact, expected.exact, atol=1e-5, rtol=1e-4)
@@ -87,20 +91,20 @@ def test_kernel_matches_torch_path(num_heads, num_kv_heads, group_size, window, 
 
 @kernel_test
 def test_kernel_bf16_and_many_splits():
-    from hf_svdkv import triton_decode
+    from hf_svdkv.decode import triton_kernel
 
     model = tiny_model("llama", num_heads=6, num_kv_heads=2, head_dim=32, dtype=torch.bfloat16)
     patch_model(model, weights_config(key_rank=16, value_rank=16))
     attention, layer, query, _, mask = filled_layer(model, batch=2, prompt_len=45, pad=5)
-    state = _layer_state(attention, layer)
+    state = layer_state(attention, layer)
     rotary = model.model.rotary_emb
-    expected = latent_attention(query, layer, state, rope_factors(rotary, layer.positions), scaling=attention.scaling,
-                                attention_mask=mask)
+    expected, _ = blockwise_attention(query, layer, state, Rope(rotary, layer.positions).factors,
+                                      scaling=attention.scaling, attention_mask=mask)
     inv_freq = rotary.inv_freq.float()
     valid = mask[:, 0, 0, : layer.keys.shape[-2]].to(torch.uint8)
-    out, lse = triton_decode.decode_latents(query[:, :, 0], layer, state, inv_freq, rotary.attention_scaling,
+    out, lse = triton_kernel.decode_latents(query[:, :, 0], layer, state, inv_freq, rotary.attention_scaling,
                                             attention.scaling, valid, block_t=16)
-    torch.testing.assert_close(out, expected.latent[:, 0], atol=2e-2, rtol=2e-2)  # bf16 keys and probabilities
+    torch.testing.assert_close(out, expected[:, 0], atol=2e-2, rtol=2e-2)  # bf16 keys and probabilities
     assert torch.isfinite(lse).all()
 
 
@@ -109,19 +113,19 @@ def test_kernel_bf16_and_many_splits():
 def test_kernel_rotation_with_and_without_gaps(rope_by_tile):
     """Tiles of consecutive positions are rotated by angle addition from their first position, tiles with a gap token
     by token; both must match the torch path, on many tiles and far positions."""
-    from hf_svdkv import triton_decode
+    from hf_svdkv.decode import triton_kernel
 
     model = tiny_model("llama", num_heads=4, num_kv_heads=2, head_dim=32)
     patch_model(model, weights_config(key_rank=12, value_rank=10))
     attention, layer, query, _, mask = filled_layer(model, batch=2, prompt_len=70, pad=9)
     layer.positions[:] += 3000  # far positions: angle errors would show
     layer.positions[1, 37:] += 5  # a gap inside row 1's third tile of 16, as custom position ids make
-    state = _layer_state(attention, layer)
+    state = layer_state(attention, layer)
     rotary = model.model.rotary_emb
-    expected = latent_attention(query, layer, state, rope_factors(rotary, layer.positions), scaling=attention.scaling,
-                                attention_mask=mask)
+    expected, _ = blockwise_attention(query, layer, state, Rope(rotary, layer.positions).factors,
+                                      scaling=attention.scaling, attention_mask=mask)
     valid = mask[:, 0, 0, : layer.keys.shape[-2]].to(torch.uint8)
-    out, lse = triton_decode.decode_latents(query[:, :, 0], layer, state, rotary.inv_freq.float(), rotary.attention_scaling,
+    out, lse = triton_kernel.decode_latents(query[:, :, 0], layer, state, rotary.inv_freq.float(), rotary.attention_scaling,
                                             attention.scaling, valid, block_t=16, rope_by_tile=rope_by_tile)
-    torch.testing.assert_close(out, expected.latent[:, 0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out, expected[:, 0], atol=1e-5, rtol=1e-4)
     assert torch.isfinite(lse).all()

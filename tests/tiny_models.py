@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from transformers import (
     LlamaConfig,
@@ -85,11 +87,8 @@ def assert_left_padded_rows_equal_single_runs(model, lengths: tuple[int, ...], n
     """Generate greedily for prompts of `lengths` as one left-padded batch and one by one: tokens identical, logits
     within 1e-4. Returns the batched generation output (for checks on its cache)."""
     prompts = [structured_ids(n, seed=n)[0] for n in lengths]
-    width = max(lengths)
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt):], mask[row, width - len(prompt):] = prompt, 1
+    ids, mask = left_padded(lengths)
+    width = ids.shape[1]
     with torch.no_grad():
         batched = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
                                  return_dict_in_generate=True, output_logits=True)
@@ -107,3 +106,57 @@ def weights_config(**fields) -> CompressionConfig:
     model has no text to calibrate on, and most cases here test the latents themselves (a prompt read back from its
     latents, so that one forward equals token-by-token decoding)."""
     return CompressionConfig(**{"method": "weights", "window": 0, "exact_prefill": False, **fields})
+
+
+@dataclass(frozen=True)
+class CacheVariant:
+    """One way of storing a cache, on a tiny model: the rows of the invariant table (tests/test_invariants.py)."""
+
+    arch: str
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    key_rank: int
+    value_rank: int
+    group_size: int = 1
+    window: int = 0
+    latent_bits: int | None = None
+    exact_prefill: bool = False
+
+    def model(self, attn_implementation: str = "sdpa", full_rank: bool = False, dtype: torch.dtype = torch.float32):
+        """A tiny model of this geometry, patched with weight-only bases of this variant (all of head_dim with
+        `full_rank`)."""
+        from hf_svdkv import patch_model
+
+        model = tiny_model(self.arch, self.num_heads, self.num_kv_heads, self.head_dim,
+                           attn_implementation=attn_implementation, dtype=dtype)
+        ranks = (self.head_dim, self.head_dim) if full_rank else (self.key_rank, self.value_rank)
+        return patch_model(model, weights_config(key_rank=ranks[0], value_rank=ranks[1], group_size=self.group_size,
+                                                 window=self.window, latent_bits=self.latent_bits,
+                                                 exact_prefill=self.exact_prefill))
+
+
+# Every way a cache is stored: geometry (MHA, GQA, joint bases, head sizes), architecture (Qwen2's k/v biases, Mistral),
+# the full-precision window, integer latents, a prompt attended exactly. A new storage format is a new row here; every
+# invariant then runs on it.
+CACHE_VARIANTS = {
+    "plain-mha": CacheVariant("llama", 4, 4, 32, 12, 10),
+    "gqa": CacheVariant("llama", 4, 2, 32, 9, 7),
+    "joint-mistral": CacheVariant("mistral", 6, 3, 32, 20, 30, group_size=3),
+    "d64": CacheVariant("llama", 6, 2, 64, 24, 16),
+    "window": CacheVariant("llama", 4, 2, 32, 12, 12, window=5),
+    "qwen2-bias-window": CacheVariant("qwen2", 4, 2, 32, 16, 12, group_size=2, window=4),
+    "int8": CacheVariant("llama", 4, 2, 32, 12, 12, window=3, latent_bits=8),
+    "int4-window": CacheVariant("llama", 4, 2, 32, 16, 16, group_size=2, window=8, latent_bits=4),
+    "exact-prefill": CacheVariant("llama", 4, 2, 32, 12, 12, window=6, exact_prefill=True),
+}
+
+
+def left_padded(lengths: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) of prompts of `lengths`, left-padded to the longest."""
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, length in enumerate(lengths):
+        ids[row, width - length :], mask[row, width - length :] = structured_ids(length, seed=length)[0], 1
+    return ids, mask

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from ..data import load_text, make_windows, tokenize_text
+from ..text import load_text, make_windows, tokenize_text
 
 FALLBACK_DATASET = "wiki"
 

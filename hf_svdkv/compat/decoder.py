@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from ..cache import SVDCompressedCache
-from ..memory import cache_nbytes
+from ..svd_cache import SVDCompressedCache
+from ..tools.memory import cache_nbytes
 from .inference_config import InferenceConfig
 from .model_loader import LLaMAModelLoader
 from .patching import patched_for

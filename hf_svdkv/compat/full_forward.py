@@ -9,8 +9,8 @@ import torch
 from transformers import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ..cache import SVDCompressedCache
-from ..memory import cache_nbytes
+from ..svd_cache import SVDCompressedCache
+from ..tools.memory import cache_nbytes
 from .decoder import input_device
 from .model_loader import LLaMAModelLoader
 from .patching import patched_for

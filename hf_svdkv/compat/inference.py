@@ -10,9 +10,9 @@ from typing import Any
 
 from torch import nn
 
-from ..cache import SVDCompressedCache
-from ..eval import RowSpec, dynamic_row, run_eval
 from ..patch import is_patched, patch_model, unpatch_model
+from ..svd_cache import SVDCompressedCache
+from ..tools.eval import RowSpec, dynamic_row, run_eval
 from .dataset import LLaMADatasetProcessor
 from .model_loader import LLaMAModelLoader
 from .profile_builder import LLaMACompressionProfileBuilder

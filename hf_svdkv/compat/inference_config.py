@@ -5,7 +5,7 @@ from __future__ import annotations
 import numbers
 from dataclasses import dataclass
 
-from ..loading import ModelConfig
+from ..tools.loading import ModelConfig
 from .config import CompressionConfig
 
 

@@ -9,7 +9,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..architectures import ModelGeometry, attention_modules, decoder_model, model_geometry
-from ..loading import ModelConfig, load_model
+from ..tools.loading import ModelConfig, load_model
 from .interfaces import ModelLoaderInterface
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"

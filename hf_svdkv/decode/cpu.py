@@ -1,6 +1,6 @@
-"""The fused CPU kernel for a decoding step (`cpu_decode.cpp`): the CPU's counterpart of `triton_decode`.
+"""The fused CPU kernel for a decoding step (`cpu_decode.cpp`): the CPU's counterpart of `triton_kernel`.
 
-On a CPU, the torch path of `latent_attention` makes several passes over a full-size key tensor per step (rebuild,
+On a CPU, the torch path (`blockwise`) makes several passes over a full-size key tensor per step (rebuild,
 convert, rotate, score), each bound by memory bandwidth: slower than SDPA reading a full cache once. The kernel
 rebuilds, rotates and scores keys a few tokens at a time in registers and folds them into an online softmax over the
 value latents, so a step reads only the latents and their cos/sin.
@@ -30,6 +30,12 @@ from pathlib import Path
 
 import torch
 
+from ..svd_cache import SVDCacheLayer
+from .base import DecodeBackend
+from .rope import Rope
+from .state import LayerState
+from .window import valid_latent_tokens
+
 SOURCE = Path(__file__).with_name("cpu_decode.cpp")
 # -ffast-math: vectorised exp (glibc's libmvec) and reassociated dot products; the kernel never relies on infinities
 # or NaNs (hidden tokens are skipped, not given -inf scores).
@@ -57,7 +63,7 @@ def _cpu_signature() -> str:
 
 
 def _build(compiler: str) -> Path:
-    from .assets import cache_dir
+    from ..assets import cache_dir
 
     source = SOURCE.read_bytes()
     key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), compiler.encode(), _cpu_signature().encode()]))
@@ -125,28 +131,14 @@ def up_tiles(key_rows: torch.Tensor) -> torch.Tensor:
     return parts.permute(0, 1, 5, 4, 2, 6, 3).contiguous()
 
 
-def supports(layer, head_dim: int, num_heads: int, num_kv_heads: int) -> bool:
-    """Whether the kernel handles this layer's latents: float32 or bfloat16 tensors (not integer codes), a compiled
-    head size, at most MAX_QUERY_HEADS_PER_KV_HEAD query heads per KV head and value rank at most MAX_VALUE_RANK."""
-    keys, values = layer.keys, layer.values
-    return (
-        isinstance(keys, torch.Tensor)
-        and keys.dtype in LATENT_DTYPES
-        and values.dtype == keys.dtype
-        and head_dim in HEAD_DIMS
-        and num_heads // num_kv_heads <= MAX_QUERY_HEADS_PER_KV_HEAD
-        and values.shape[-1] <= MAX_VALUE_RANK
-    )
-
-
 def _pointer(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
 def decode_latents(
     query: torch.Tensor,
-    layer,
-    state,
+    layer: SVDCacheLayer,
+    state: LayerState,
     rope: torch.Tensor,
     scaling: float,
     valid: torch.Tensor | None = None,
@@ -154,13 +146,13 @@ def decode_latents(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of query [batch, heads, d] (one token, after RoPE) over the layer's latent tokens.
 
-    `rope` = `latent_attention.rope_factors` of the layer's positions [batch, >= latent tokens, d/2] complex64;
+    `rope` = `rope.rope_factors` of the layer's positions [batch, >= latent tokens, d/2] complex64;
     `valid` [batch, latent tokens] uint8 hides tokens (left padding). Returns the output over value latents
     [batch, heads, value_rank] float32 (normalised) and its natural-log log-sum-exp [batch, heads] (-inf where every
-    token is hidden), as `triton_decode.decode_latents`. `tiles`: rebuild bfloat16 latents with AMX (default: where
+    token is hidden), as `triton_kernel.decode_latents`. `tiles`: rebuild bfloat16 latents with AMX (default: where
     `tiles_available()`)."""
     batch, num_heads, head_dim = query.shape
-    keys, values = layer.keys, layer.values
+    keys, values = layer.keys.stored, layer.values.stored
     latent_len, key_rank, value_rank = keys.shape[-2], keys.shape[-1], values.shape[-1]
     num_kv_heads = state.value_center.shape[0]
     up = state.key_rows
@@ -168,7 +160,11 @@ def decode_latents(
     use_tiles = keys.dtype == torch.bfloat16 and (tiles_available() if tiles is None else tiles)
     if use_tiles and not tiles_available():
         raise RuntimeError("hf_svdkv CPU kernel: AMX tiles are not available on this machine (see tiles_available())")
-    tile_tensor = state.key_tiles if use_tiles else None
+    tile_tensor = None
+    if use_tiles:
+        if "amx_tiles" not in state.kernel_data:
+            state.kernel_data["amx_tiles"] = up_tiles(state.key_rows)
+        tile_tensor = state.kernel_data["amx_tiles"]
     if keys.stride(-1) != 1 or values.stride(-1) != 1:
         keys, values = keys.contiguous(), values.contiguous()
     queries = query.float().contiguous()  # [batch, heads, d]: a KV head's query heads adjacent; scaled in the kernel
@@ -197,3 +193,32 @@ def decode_latents(
         raise ValueError(f"hf_svdkv CPU kernel: unsupported shape (head_dim {head_dim}, {per_kv} query heads per KV head, value rank {value_rank})")
     lse = out_max.view(batch, num_heads) + out_sum.view(batch, num_heads).log()  # log(0) = -inf: every token hidden
     return out.view(batch, num_heads, value_rank), lse
+
+
+class CpuKernelBackend(DecodeBackend):
+    """Single-token steps on CPU through the fused kernel: float32 or bfloat16 latents (not integer codes), a compiled
+    head size, at most MAX_QUERY_HEADS_PER_KV_HEAD query heads per KV head, value rank at most MAX_VALUE_RANK."""
+
+    name = "cpu"
+
+    def supports(self, query: torch.Tensor, layer: SVDCacheLayer, state: LayerState, rope: Rope) -> bool:
+        num_heads, query_len, head_dim = query.shape[1:]
+        keys, values = layer.keys, layer.values
+        return (
+            query.device.type == "cpu"
+            and query_len == 1
+            and keys.bits is None
+            and keys.dtype in LATENT_DTYPES
+            and values.dtype == keys.dtype
+            and head_dim in HEAD_DIMS
+            and num_heads // state.num_kv_heads <= MAX_QUERY_HEADS_PER_KV_HEAD
+            and values.rank <= MAX_VALUE_RANK
+            and available()
+        )
+
+    def attend(self, query, layer, state, rope, *, scaling, attention_mask):
+        valid = valid_latent_tokens(attention_mask, layer)
+        if valid is not None:
+            valid = valid.expand(query.shape[0], -1)
+        out, lse = decode_latents(query[:, :, 0], layer, state, rope.factors, scaling, valid)
+        return out[:, None], lse[..., None]

@@ -8,8 +8,8 @@ key_rank + value_rank latent numbers and one int32 position, where SDPA over a f
 
 Flash-decoding layout: the sequence is split across programs (so one batch row still fills the GPU), each writes
 a partial (max, sum, accumulator) per query head, and a second small kernel merges the splits. The output is the
-attention over value latents per query head plus its log-sum-exp; latent_attention folds the value basis into
-o_proj and merges the full-precision window (a few tokens) in torch.
+attention over value latents per query head plus its log-sum-exp; `state` folds the value basis into o_proj and
+`window` merges the full-precision window (a few tokens) in torch.
 
 Works on any batch, GQA ratio and head grouping (a program handles the KV heads that share both a key and a value
 group), fp16/bf16/fp32 latents (fp32 accumulation), and a per-token validity mask for left padding. Runs on CPU
@@ -23,13 +23,16 @@ import math
 
 import torch
 
-from .cache import SVDCacheLayer
-from .latent_attention import LatentAttentionOutput, _LayerState, kernel_attention
+from ..svd_cache import SVDCacheLayer
+from .base import DecodeBackend, Unsupported
+from .rope import Rope, is_dynamic
+from .state import LayerState
+from .window import valid_latent_tokens
 
 try:
     import triton
     import triton.language as tl
-except ImportError:  # the torch path in latent_attention serves instead
+except ImportError:  # the torch path (blockwise) serves instead
     triton = None
 
 LOG2E = math.log2(math.e)
@@ -205,7 +208,7 @@ def _num_splits(latent_len: int, units: int, block_t: int, device: torch.device,
 def decode_latents(
     query: torch.Tensor,
     layer: SVDCacheLayer,
-    state: _LayerState,
+    state: LayerState,
     inv_freq: torch.Tensor,
     rope_scale: float,
     scaling: float,
@@ -221,7 +224,7 @@ def decode_latents(
     log-sum-exp [batch, heads] (-inf where `valid` [batch, latent_len] hides every token). The tuning arguments
     exist for scripts/gpu_check.py, which times them; `rope_by_tile=False` computes every token's angles directly."""
     batch, num_heads, head_dim = query.shape
-    keys, values = layer.keys, layer.values
+    keys, values = layer.keys.stored, layer.values.stored
     latent_len, key_rank, value_rank = keys.shape[-2], keys.shape[-1], values.shape[-1]
     num_kv_heads = state.value_center.shape[0]
     per_kv = num_heads // num_kv_heads
@@ -269,22 +272,39 @@ def decode_latents(
     return out, lse
 
 
-def triton_latent_attention(
-    query: torch.Tensor,
-    layer: SVDCacheLayer,
-    state: _LayerState,
-    rotary: torch.nn.Module,
-    *,
-    scaling: float,
-    attention_mask: torch.Tensor | None = None,
-    exact: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> LatentAttentionOutput:
-    """`latent_attention` for one query token [batch, heads, 1, d], through the kernel (`kernel_attention` merges
-    the exact window tail)."""
-    inv_freq = rotary.inv_freq.to(device=query.device, dtype=torch.float32)
-    rope_scale = float(rotary.attention_scaling)
+class TritonBackend(DecodeBackend):
+    """Single-token steps on CUDA through the Triton kernel: latents in a floating-point dtype, a rope type whose
+    frequencies do not depend on the length. Ranks whose tiles exceed the GPU's shared memory are left to the torch
+    path (remembered per shape)."""
 
-    def decode(one_query: torch.Tensor, valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        return decode_latents(one_query, layer, state, inv_freq, rope_scale, scaling, valid)
+    name = "triton"
 
-    return kernel_attention(decode, query, layer, state, rotary, scaling=scaling, attention_mask=attention_mask, exact=exact)
+    def __init__(self) -> None:
+        self.too_large: set[tuple[int, int, int]] = set()  # (key rank, value rank, query heads) that did not fit
+
+    def supports(self, query: torch.Tensor, layer: SVDCacheLayer, state: LayerState, rope: Rope) -> bool:
+        shape = (layer.keys.rank, layer.values.rank, query.shape[1])
+        return (
+            query.device.type == "cuda"
+            and query.shape[2] == 1
+            and layer.keys.bits is None
+            and not is_dynamic(rope.rotary)
+            and shape not in self.too_large
+            and available()
+        )
+
+    def attend(self, query, layer, state, rope, *, scaling, attention_mask):
+        from triton.runtime.errors import OutOfResources
+
+        inv_freq = rope.rotary.inv_freq.to(device=query.device, dtype=torch.float32)
+        valid = valid_latent_tokens(attention_mask, layer)
+        if valid is not None:
+            valid = valid.expand(query.shape[0], -1).contiguous()
+        try:
+            out, lse = decode_latents(query[:, :, 0], layer, state, inv_freq, float(rope.rotary.attention_scaling),
+                                      scaling, valid)
+        except OutOfResources as error:
+            # Large ranks (e.g. full rank) need more shared memory than the kernel's tiles fit on this GPU.
+            self.too_large.add((layer.keys.rank, layer.values.rank, query.shape[1]))
+            raise Unsupported(str(error)) from error
+        return out[:, None], lse[..., None]

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .architectures import cache_kwargs
+from ..architectures import cache_kwargs
 
 
 @dataclass

@@ -12,10 +12,9 @@ the end (`memory.cache_nbytes`). Ratios are to `dynamic`.
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import gc
-import json
+import logging
 import statistics
 import time
 from collections.abc import Sequence
@@ -26,8 +25,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .architectures import cache_kwargs
+from ..architectures import cache_kwargs
+from ..patch import patch_model, unpatch_model
+from ..svd_cache import CacheSettings, cache_settings
+from . import report
 from .memory import cache_nbytes
+
+logger = logging.getLogger("hf_svdkv")
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -111,7 +115,7 @@ class _LiveRow:
     """A row's cache between its prefill and the end of the interleaved decoding, and how to patch the model for it."""
 
     spec: Any
-    patch: Any  # hf_svdkv.patch.PatchState the row runs under, or None (an unpatched model)
+    settings: CacheSettings | None  # what the row patched the model with, or None (an unpatched model)
     cache: Any
     token: torch.Tensor
     prefill_s: float
@@ -119,17 +123,14 @@ class _LiveRow:
     times: list[float] = field(default_factory=list)
 
 
-def _enter(model: nn.Module, patch: Any) -> None:
-    if patch is not None:
-        from . import patch_model
+def _enter(model: nn.Module, settings: CacheSettings | None) -> None:
+    if settings is not None:
+        patch_model(model, bases=settings.bases, window=settings.window, latent_bits=settings.latent_bits,
+                    exact_prefill=settings.exact_prefill)
 
-        patch_model(model, bases=patch.bases, window=patch.window, latent_bits=patch.latent_bits)
 
-
-def _leave(model: nn.Module, patch: Any) -> None:
-    if patch is not None:
-        from . import unpatch_model
-
+def _leave(model: nn.Module, settings: CacheSettings | None) -> None:
+    if settings is not None:
         unpatch_model(model)
 
 
@@ -147,12 +148,10 @@ def _step(model: nn.Module, live: _LiveRow) -> float:
 
 def _prefill(model: nn.Module, spec: Any, ids: torch.Tensor, *, warmup: int, prefill_chunk: int) -> _LiveRow:
     """Set the row up, prefill a fresh cache and take its untimed warm-up steps; peak memory growth over all that."""
-    from .patch import patch_state
-
     device = ids.device
     factory = spec.setup(model)
     try:
-        patch = patch_state(model)
+        settings = cache_settings(model)
         with PeakMemory(device) as peak:
             cache = factory()
             chunk = prefill_chunk or ids.shape[1]
@@ -161,7 +160,7 @@ def _prefill(model: nn.Module, spec: Any, ids: torch.Tensor, *, warmup: int, pre
             for begin in range(0, ids.shape[1], chunk):  # only the last logit is needed: skip the LM head elsewhere
                 out = model(ids[:, begin : begin + chunk], **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
             _sync(device)
-            live = _LiveRow(spec, patch, cache, out.logits[:, -1:].argmax(-1), time.perf_counter() - start, None)
+            live = _LiveRow(spec, settings, cache, out.logits[:, -1:].argmax(-1), time.perf_counter() - start, None)
             del out
             for _ in range(warmup):
                 _step(model, live)
@@ -181,11 +180,11 @@ def measure_interleaved(
     for step in range(steps):
         shift = step % len(live)
         for row in live[shift:] + live[:shift]:
-            _enter(model, row.patch)
+            _enter(model, row.settings)
             try:
                 row.times.append(_step(model, row))
             finally:
-                _leave(model, row.patch)
+                _leave(model, row.settings)
     batch, context = ids.shape
     return [
         BenchRow(row.spec.name, context, batch, row.prefill_s, batch / statistics.median(row.times), row.peak, cache_nbytes(row.cache))
@@ -223,8 +222,8 @@ def run_rows(
                 for row in measure_interleaved(model, rows, ids, steps=steps, warmup=warmup, prefill_chunk=prefill_chunk):
                     if progress:  # this round's own figures; the table keeps each row's best round
                         label = f" (round {round_ + 1}/{repeat})" if repeat > 1 else ""
-                        print(f"  {row.name:24s} context {context:6d} batch {batch:3d}: prefill {row.prefill_s:7.2f} s, "
-                              f"decode {row.decode_tokens_per_s:8.2f} tok/s{label}", flush=True)
+                        logger.info(f"{row.name:24s} context {context:6d} batch {batch:3d}: prefill {row.prefill_s:7.2f} s, "
+                                    f"decode {row.decode_tokens_per_s:8.2f} tok/s{label}")
                     if (key := (row.name, context, batch)) in best:
                         kept = best[key]
                         peaks = [p for p in (kept.peak_mem_bytes, row.peak_mem_bytes) if p is not None]
@@ -269,21 +268,9 @@ def _title(result: BenchResult) -> str:
     return f"{result.model} · {result.device}" + (f" · {settings}" if settings else "")
 
 
-def print_table(result: BenchResult, console: Any = None) -> None:
+def print_table(result: BenchResult, out: Any = None) -> None:
     """A rich table of every row, with its ratios to `dynamic`."""
-    from rich.console import Console
-    from rich.table import Table
-
-    if console is None:
-        console = Console()
-        if not console.is_terminal:  # piped or logged: rich would wrap at 80 columns
-            console = Console(width=140)
-    table = Table(title=_title(result))
-    for column in TABLE_COLUMNS:
-        table.add_column(column, justify="left" if column == "row" else "right", no_wrap=True)
-    for cells in table_rows(result):
-        table.add_row(*cells)
-    console.print(table)
+    report.print_table(_title(result), TABLE_COLUMNS, table_rows(result), out)
 
 
 def markdown_table(result: BenchResult, command: str | None = None) -> str:
@@ -291,8 +278,7 @@ def markdown_table(result: BenchResult, command: str | None = None) -> str:
     lines = [f"**{_title(result)}**", ""]
     if command:
         lines += [f"`{command}`", ""]
-    lines += ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
-    lines += ["| " + " | ".join(cells) + " |" for cells in table_rows(result)]
+    lines += report.markdown_table(TABLE_COLUMNS, table_rows(result))
     lines += ["", "decode ×dyn: decode tokens/s over dynamic's (higher is faster); peak ÷dyn and KV ÷dyn: dynamic's "
               "peak memory growth and KV bytes over this row's (higher is smaller)."]
     return "\n".join(lines) + "\n"
@@ -300,12 +286,7 @@ def markdown_table(result: BenchResult, command: str | None = None) -> str:
 
 def plot(result: BenchResult, path: str | Path) -> Path:
     """Decode tokens/s and KV MiB against context, one line per row and batch size."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (speed_ax, kv_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (speed_ax, kv_ax) = report.subplots(1, 2, figsize=(11, 4.2))
     for name in dict.fromkeys(r.name for r in result.rows):
         for batch in sorted({r.batch for r in result.rows}):
             rows = sorted((r for r in result.rows if r.name == name and r.batch == batch), key=lambda r: r.context)
@@ -321,114 +302,4 @@ def plot(result: BenchResult, path: str | Path) -> Path:
         ax.grid(True, alpha=0.3)
     speed_ax.legend(fontsize=7)
     fig.suptitle(f"{result.model} · {result.device}")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-# --- command line -------------------------------------------------------------------------------------------------
-def _ints(text: str, flag: str) -> list[int]:
-    try:
-        values = [int(item) for item in text.split(",") if item.strip()]
-    except ValueError:
-        raise ValueError(f"{flag} takes comma-separated integers, got {text!r}") from None
-    if not values or min(values) <= 0:
-        raise ValueError(f"{flag} takes positive integers, got {text!r}")
-    return values
-
-
-def _ratios(text: str | None) -> list[float]:
-    try:
-        return [float(item) for item in (text or "").split(",") if item.strip()]
-    except ValueError:
-        raise ValueError(f"--target-ratio takes comma-separated numbers above 1, got {text!r}") from None
-
-
-def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of `hf-svdkv bench` (also scripts/benchmark.py)."""
-    parser.add_argument("--model", help="Hub id or local directory (default: $HF_SVDKV_MODEL or the embedded SmolLM2-135M)")
-    parser.add_argument("--dtype", help="torch dtype of the weights and the cache (default: bfloat16)")
-    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cpu)")
-    parser.add_argument("--contexts", default="1024,4096,8192,16384",
-                        help="comma-separated prompt lengths (default: 1024,4096,8192,16384)")
-    parser.add_argument("--batch", default="1,4", help="comma-separated batch sizes (default: 1,4)")
-    parser.add_argument("--steps", type=int, default=16, help="timed decode steps per run (default: 16)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed decode steps first (default: 2)")
-    parser.add_argument("--repeat", type=int, default=1,
-                        help="run every row this many rounds and keep its best figures (default: 1; more on a busy machine)")
-    parser.add_argument("--prefill-chunk", type=int, default=0,
-                        help="prefill this many tokens per forward (default: 0 = the whole prompt at once)")
-    parser.add_argument("--ranks", default="32:32",
-                        help="comma-separated KEY:VALUE ranks per KV head, one SVD row each (default: 32:32; 'none' for no rows)")
-    parser.add_argument("--group-size", type=int, default=1, help="KV heads sharing one basis (default: 1)")
-    parser.add_argument("--target-ratio",
-                        help="comma-separated compression targets, one SVD row each, ranks allocated on the weight spectra")
-    parser.add_argument("--latent-bits", type=int, choices=(8, 4), help="store the SVD rows' latents as 8- or 4-bit integers")
-    parser.add_argument("--window", type=int, default=0, help="full-precision window of the SVD rows (default: 0)")
-    parser.add_argument("--peers", action="store_true", help="also run transformers' QuantizedCache int4 and int2")
-    parser.add_argument("--peer-backend", choices=("quanto", "hqq"), help="quantization backend (default: quanto, else hqq)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--json", help="write the result as JSON here")
-    parser.add_argument("--plot", help="write decode speed and KV size vs context here (PNG, PDF, SVG ...)")
-    parser.add_argument("--markdown", help="write the printed table as markdown here")
-
-
-def build_bench_rows(args: argparse.Namespace) -> list:
-    """dynamic, then one SVD row per --ranks pair and per --target-ratio, then the quantized peers. SVD rows use
-    data-free "weights" bases (target ratios: ranks allocated on the weight spectra): speed does not depend on basis
-    quality, and no calibration text is needed."""
-    from .compression_config import CompressionConfig
-    from .eval import build_rows, parse_ranks
-
-    ranks = [] if args.ranks.strip().lower() == "none" else parse_ranks(args.ranks)
-    shapes = [{"key_rank": k, "value_rank": v} for k, v in ranks] + [{"target_ratio": r} for r in _ratios(args.target_ratio)]
-    configs = [CompressionConfig(**shape, method="weights", group_size=args.group_size, window=args.window,
-                                 latent_bits=args.latent_bits) for shape in shapes]
-    return build_rows(configs=configs, peers=args.peers, backend=args.peer_backend)
-
-
-def run_bench(args: argparse.Namespace, command: str | None = None) -> int:
-    """`hf-svdkv bench`: checks the flags, loads the model, runs every row, prints, writes --json / --plot / --markdown.
-    `command` (the command line) is recorded in the markdown and the JSON settings."""
-    import dataclasses
-    from importlib.util import find_spec
-
-    from .assets import MODEL_NAME as DEFAULT_MODEL_NAME
-    from .loading import ModelConfig, load_model
-
-    # Everything that can be checked without the model is checked first: a typo should cost seconds.
-    contexts, batches = _ints(args.contexts, "--contexts"), _ints(args.batch, "--batch")
-    if args.steps <= 0 or args.repeat <= 0 or args.warmup < 0 or args.prefill_chunk < 0:
-        raise ValueError("--steps and --repeat must be positive, --warmup and --prefill-chunk not negative")
-    if args.threads is not None and args.threads <= 0:
-        raise ValueError(f"--threads must be positive, got {args.threads}")
-    for flag in ("json", "plot", "markdown"):
-        path = getattr(args, flag)
-        if path is not None and not Path(path).resolve().parent.is_dir():
-            raise ValueError(f"--{flag} {path}: directory {Path(path).resolve().parent} does not exist")
-    if args.plot and find_spec("matplotlib") is None:
-        raise ValueError("--plot needs matplotlib (pip install matplotlib)")
-    rows = build_bench_rows(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    overrides = {"model_path": args.model, "dtype": args.dtype, "device": args.device}
-    config = dataclasses.replace(ModelConfig.from_env(), **{k: v for k, v in overrides.items() if v is not None})
-    model, _ = load_model(config)
-
-    measured = run_rows(model, rows, contexts, batches, steps=args.steps, warmup=args.warmup,
-                        prefill_chunk=args.prefill_chunk, repeat=args.repeat)
-    settings = {"dtype": config.dtype, "steps": args.steps, "warmup": args.warmup, "prefill_chunk": args.prefill_chunk,
-                "threads": torch.get_num_threads(), "repeat": args.repeat}
-    result = BenchResult(config.model_path or DEFAULT_MODEL_NAME, str(model.device), measured, settings)
-    if command:
-        result.settings["command"] = command
-    print_table(result)
-    if args.json:
-        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
-    if args.plot:
-        plot(result, args.plot)
-    if args.markdown:
-        Path(args.markdown).write_text(markdown_table(result, command), encoding="utf-8")
-    return 0
+    return report.save_figure(fig, path)

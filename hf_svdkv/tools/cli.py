@@ -111,7 +111,7 @@ def _ints_or_none(text: str | None, flag: str, default: list) -> list:
 
 
 def _methods(args: argparse.Namespace, default: str) -> list[str]:
-    from .compression_config import METHODS
+    from ..compression_config import METHODS
 
     methods = _split(args.method) or [default]
     for method in methods:
@@ -134,7 +134,7 @@ def _group_size(text: str | None, method: str, num_kv_heads: int) -> int:
 
 def _token_ids(args: argparse.Namespace, tokenizer, model, text: str | None = None):
     """(ids to score, calibration ids): calibration is --calib-text, or the corpus' end, cut off the scored ids."""
-    from .data import load_text, split_calibration, tokenize_text
+    from ..text import load_text, split_calibration, tokenize_text
 
     vocab = model.config.get_text_config().vocab_size
     ids = tokenize_text(tokenizer, text, vocab_size=vocab) if text is not None else None
@@ -154,8 +154,9 @@ def _calibrated_bases(args: argparse.Namespace, model, calib_ids, configs: Seque
     over --calib-text, else over the corpus' reserved end."""
     import time
 
-    from .bases_cache import cache_folder, cached_bases
-    from .calibration import CALIBRATION_PRESETS, Calibrator, spread_tokens
+    from ..bases import SVDBases
+    from ..bases_cache import cache_folder, cached_bases
+    from ..calibration import CALIBRATION_PRESETS, Calibrator, spread_tokens
 
     start = time.perf_counter()
     calibrators, bases, hits, used = {}, {}, 0, {}
@@ -171,7 +172,7 @@ def _calibrated_bases(args: argparse.Namespace, model, calib_ids, configs: Seque
             if config.calibration not in calibrators:
                 calibrators[config.calibration] = Calibrator(model, token_ids, allocation=preset.allocation,
                                                              probe_tokens=preset.probe_tokens)
-            return calibrators[config.calibration].bases(config, sequence_length=sequence_length)
+            return SVDBases.from_calibrator(calibrators[config.calibration], config, sequence_length)
 
         bases[id(config)], _, hit = cached_bases(model, config, fit, token_ids=token_ids, sequence_length=sequence_length,
                                                  bases_cache=not args.no_bases_cache)
@@ -222,7 +223,7 @@ def _add_eval(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _eval_configs(args: argparse.Namespace, num_kv_heads: int) -> list:
-    from .compression_config import CompressionConfig
+    from ..compression_config import CompressionConfig
     from .eval import parse_ranks
 
     ratios = _floats(args.target_ratio, "--target-ratio")
@@ -247,9 +248,9 @@ def _windows(text: str | None, method: str) -> list[int]:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .architectures import model_geometry
-    from .assets import MODEL_NAME as DEFAULT_MODEL_NAME
-    from .data import load_text
+    from ..architectures import model_geometry
+    from ..assets import MODEL_NAME as DEFAULT_MODEL_NAME
+    from ..text import load_text
     from .eval import build_rows, peer_backend, plot, print_table, run_eval, to_markdown
 
     # Everything that can be checked without the model is checked first: a typo should cost seconds.
@@ -270,7 +271,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if calibrated or args.calib_text:
         ids, calib_ids = _token_ids(args, tokenizer, model, text)
     else:
-        from .data import tokenize_text
+        from ..text import tokenize_text
 
         ids = tokenize_text(tokenizer, text if text is not None else load_text(args.dataset),
                             vocab_size=model.config.get_text_config().vocab_size)
@@ -286,8 +287,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     def weight_bases(model, row_config):
         # A target ratio is quoted at the evaluated length, so the window's bytes come out of the latents' budget.
-        from . import SVDBases
-        from .allocation import weight_spectrum_ranks
+        from .. import SVDBases
+        from ..allocation import weight_spectrum_ranks
 
         ranks = weight_spectrum_ranks(model, row_config, length) if row_config.target_ratio is not None else None
         return SVDBases.from_model(model, row_config, layer_ranks=ranks)
@@ -350,7 +351,7 @@ def _single_config(args: argparse.Namespace, num_kv_heads: int | None = None):
     """The one CompressionConfig of single-valued flags (bases, generate): at most one of --profile, --ranks,
     --target-ratio (none: the default 2x). Without the model's `num_kv_heads` (a check before loading it) the group
     size is left to the config unless --group-size is a number."""
-    from .compression_config import CompressionConfig
+    from ..compression_config import CompressionConfig
     from .eval import parse_ranks
 
     ratios = _floats(args.target_ratio, "--target-ratio")
@@ -369,8 +370,8 @@ def _single_config(args: argparse.Namespace, num_kv_heads: int | None = None):
 
 
 def _cmd_bases(args: argparse.Namespace) -> int:
-    from .architectures import model_geometry
-    from .fit import fit_bases
+    from ..architectures import model_geometry
+    from ..fit import fit_bases
 
     _single_config(args)  # bad flags fail before the model loads
     _, model, tokenizer = _load(args)
@@ -408,9 +409,9 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from . import SVDBases, SVDCompressedCache, patch_model
-    from .architectures import model_geometry
-    from .data import load_text
+    from .. import SVDBases, SVDCompressedCache, patch_model
+    from ..architectures import model_geometry
+    from ..text import load_text
     from .eval import row_name
     from .generate import print_side_by_side, prompt_ids, side_by_side
 
@@ -428,7 +429,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     chat = {"auto": None, "yes": True, "no": False}[args.chat]
     ids = prompt_ids(tokenizer, prompt, chat)
     if model_config.device == "cpu":
-        from .cpu_decode import available
+        from ..decode.cpu import available
 
         available()  # builds the CPU decode kernel now (once per machine), not inside the timed decoding
 
@@ -447,8 +448,6 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 # --- bench --------------------------------------------------------------------------------------------------
 def _add_bench(subparsers: argparse._SubParsersAction) -> None:
-    from .bench import add_bench_arguments
-
     p = subparsers.add_parser(
         "bench",
         help="prefill time, decode speed, peak memory and KV bytes vs the dynamic cache",
@@ -456,14 +455,109 @@ def _add_bench(subparsers: argparse._SubParsersAction) -> None:
                     "bases) and, with --peers, transformers' int4/int2 QuantizedCache, on random prompts of each "
                     "--contexts length and --batch size. Ratios are to the dynamic cache.",
     )
-    add_bench_arguments(p)
+    _add_bench_arguments(p)
     p.set_defaults(func=_cmd_bench)
 
 
-def _cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import run_bench
+def _positive_ints(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} takes comma-separated integers, got {text!r}") from None
+    if not values or min(values) <= 0:
+        raise ValueError(f"{flag} takes positive integers, got {text!r}")
+    return values
 
-    return run_bench(args, command="hf-svdkv " + " ".join(sys.argv[1:]))
+
+def _ratios(text: str | None) -> list[float]:
+    try:
+        return [float(item) for item in (text or "").split(",") if item.strip()]
+    except ValueError:
+        raise ValueError(f"--target-ratio takes comma-separated numbers above 1, got {text!r}") from None
+
+
+def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of `hf-svdkv bench`."""
+    parser.add_argument("--model", help="Hub id or local directory (default: $HF_SVDKV_MODEL or the embedded SmolLM2-135M)")
+    parser.add_argument("--dtype", help="torch dtype of the weights and the cache (default: bfloat16)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cpu)")
+    parser.add_argument("--contexts", default="1024,4096,8192,16384",
+                        help="comma-separated prompt lengths (default: 1024,4096,8192,16384)")
+    parser.add_argument("--batch", default="1,4", help="comma-separated batch sizes (default: 1,4)")
+    parser.add_argument("--steps", type=int, default=16, help="timed decode steps per run (default: 16)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed decode steps first (default: 2)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run every row this many rounds and keep its best figures (default: 1; more on a busy machine)")
+    parser.add_argument("--prefill-chunk", type=int, default=0,
+                        help="prefill this many tokens per forward (default: 0 = the whole prompt at once)")
+    parser.add_argument("--ranks", default="32:32",
+                        help="comma-separated KEY:VALUE ranks per KV head, one SVD row each (default: 32:32; 'none' for no rows)")
+    parser.add_argument("--group-size", type=int, default=1, help="KV heads sharing one basis (default: 1)")
+    parser.add_argument("--target-ratio",
+                        help="comma-separated compression targets, one SVD row each, ranks allocated on the weight spectra")
+    parser.add_argument("--latent-bits", type=int, choices=(8, 4), help="store the SVD rows' latents as 8- or 4-bit integers")
+    parser.add_argument("--window", type=int, default=0, help="full-precision window of the SVD rows (default: 0)")
+    parser.add_argument("--peers", action="store_true", help="also run transformers' QuantizedCache int4 and int2")
+    parser.add_argument("--peer-backend", choices=("quanto", "hqq"), help="quantization backend (default: quanto, else hqq)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--json", help="write the result as JSON here")
+    parser.add_argument("--plot", help="write decode speed and KV size vs context here (PNG, PDF, SVG ...)")
+    parser.add_argument("--markdown", help="write the printed table as markdown here")
+
+
+def _bench_rows(args: argparse.Namespace) -> list:
+    """dynamic, then one SVD row per --ranks pair and per --target-ratio, then the quantized peers. SVD rows use
+    data-free "weights" bases (target ratios: ranks allocated on the weight spectra): speed does not depend on basis
+    quality, and no calibration text is needed."""
+    from ..compression_config import CompressionConfig
+    from .eval import build_rows, parse_ranks
+
+    ranks = [] if args.ranks.strip().lower() == "none" else parse_ranks(args.ranks)
+    shapes = [{"key_rank": k, "value_rank": v} for k, v in ranks] + [{"target_ratio": r} for r in _ratios(args.target_ratio)]
+    configs = [CompressionConfig(**shape, method="weights", group_size=args.group_size, window=args.window,
+                                 latent_bits=args.latent_bits) for shape in shapes]
+    return build_rows(configs=configs, peers=args.peers, backend=args.peer_backend)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    """`hf-svdkv bench`: checks the flags, loads the model, runs every row, prints, writes --json / --plot / --markdown
+    (the command line is recorded in the markdown and the JSON settings)."""
+    import json
+
+    import torch
+
+    from ..assets import MODEL_NAME as DEFAULT_MODEL_NAME
+    from .bench import BenchResult, markdown_table, plot, print_table, run_rows
+
+    # Everything that can be checked without the model is checked first: a typo should cost seconds.
+    contexts, batches = _positive_ints(args.contexts, "--contexts"), _positive_ints(args.batch, "--batch")
+    if args.steps <= 0 or args.repeat <= 0 or args.warmup < 0 or args.prefill_chunk < 0:
+        raise ValueError("--steps and --repeat must be positive, --warmup and --prefill-chunk not negative")
+    if args.threads is not None and args.threads <= 0:
+        raise ValueError(f"--threads must be positive, got {args.threads}")
+    for flag in ("json", "plot", "markdown"):
+        _check_output(getattr(args, flag), f"--{flag}")
+    if args.plot and find_spec("matplotlib") is None:
+        raise ValueError("--plot needs matplotlib (pip install matplotlib)")
+    rows = _bench_rows(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config, model, _ = _load(args)
+
+    measured = run_rows(model, rows, contexts, batches, steps=args.steps, warmup=args.warmup,
+                        prefill_chunk=args.prefill_chunk, repeat=args.repeat)
+    command = "hf-svdkv " + " ".join(sys.argv[1:])
+    settings = {"dtype": config.dtype, "steps": args.steps, "warmup": args.warmup, "prefill_chunk": args.prefill_chunk,
+                "threads": torch.get_num_threads(), "repeat": args.repeat, "command": command}
+    result = BenchResult(config.model_path or DEFAULT_MODEL_NAME, str(model.device), measured, settings)
+    print_table(result)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
+    if args.plot:
+        plot(result, args.plot)
+    if args.markdown:
+        Path(args.markdown).write_text(markdown_table(result, command), encoding="utf-8")
+    return 0
 
 
 # --- entry point ----------------------------------------------------------------------------------------------

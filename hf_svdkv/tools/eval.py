@@ -19,6 +19,7 @@ Perplexity is exp of the mean NLL over all scored tokens of all windows (token-w
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -32,8 +33,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .architectures import cache_kwargs
+from ..architectures import cache_kwargs
+from . import report
 from .memory import cache_nbytes
+
+logger = logging.getLogger("hf_svdkv")
 
 PROTOCOLS = ("continuation", "sliding")
 PEER_BITS = (4, 2)
@@ -41,7 +45,6 @@ PEER_BITS = (4, 2)
 HQQ_AXES = {"axis_key": 1, "axis_value": 1}
 # Above this spread of ppl increases (in %), a linear y axis squashes every good row onto 0.
 LOG_Y_SPAN_PCT = 100.0
-TABLE_WIDTH = 120
 
 
 @dataclass
@@ -123,8 +126,8 @@ def svd_row(
     `bases_factory(model, config)` builds the bases for `config` (e.g. a shared `Calibrator`'s `bases`); without
     it, `patch_model` computes data-free bases from the config. `window` and `latent_bits` apply to saved bases
     (a config carries its own)."""
-    from . import SVDBases, SVDCompressedCache, patch_model, unpatch_model
-    from .architectures import model_geometry
+    from .. import SVDBases, SVDCompressedCache, patch_model, unpatch_model
+    from ..architectures import model_geometry
 
     if (config is None) == (bases_dir is None):
         raise ValueError("an SVD row needs exactly one of a CompressionConfig or a bases directory")
@@ -245,7 +248,7 @@ def build_rows(
     SVD rows are every combination of (profile, ranks or target ratio) x method x window x latent bits, then the
     explicit `configs`. Rows with method "calibrated" get their bases from `calibrated_bases(model, config)`, others
     from `weight_bases(model, config)` if given (else `patch_model` fits them)."""
-    from . import CompressionConfig
+    from .. import CompressionConfig
 
     shapes = [{"profile": p} for p in profiles] + [{"key_rank": k, "value_rank": v} for k, v in ranks]
     shapes += [{"target_ratio": r} for r in target_ratios]
@@ -269,7 +272,7 @@ def build_rows(
     if peers:
         chosen = peer_backend(backend)
         if chosen is None:
-            print("note: neither optimum-quanto nor hqq is installed; skipping the quantized peers")
+            logger.warning("neither optimum-quanto nor hqq is installed: skipping the quantized peers")
         else:
             rows.extend(quantized_row(chosen, nbits) for nbits in PEER_BITS)
     return rows
@@ -345,7 +348,7 @@ def run_eval(
     progress: bool = True,
 ) -> EvalResult:
     """Evaluate every row on the same windows of the 1-D token stream `ids`; rows[0] is the baseline."""
-    from .data import make_windows
+    from ..text import make_windows
 
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}: choose one of {', '.join(PROTOCOLS)}")
@@ -407,63 +410,36 @@ def _pct(value: float) -> str:
     return f"{value:+,.2f}%" if abs(value) < 100 else f"{value:+,.0f}%"
 
 
-def print_table(result: EvalResult, console: Any = None) -> None:
-    """A rich table of the rows, one line per cache."""
-    from rich.console import Console
-    from rich.table import Table
+EVAL_COLUMNS = ("row", "ppl", "Δ ppl", "KV bytes/token", "ratio", "seconds")
 
-    if console is None:
-        console = Console()
-        if not console.is_terminal:  # piped or logged: rich would wrap at 80 columns
-            console = Console(width=TABLE_WIDTH)
-    table = Table(title=f"{result.model} · {result.dataset} · {result.protocol}")
-    for column in ("row", "ppl", "Δ ppl", "KV bytes/token", "ratio", "seconds"):
-        table.add_column(column, justify="left" if column == "row" else "right", no_wrap=True)
-    for row in result.rows:
-        table.add_row(
-            row.name,
-            f"{row.ppl:,.3f}",
-            _pct(row.delta_pct),
-            f"{row.kv_bytes_per_token:,.1f}",
-            f"{row.compression_ratio:.2f}x",
-            f"{row.seconds:.1f}",
-        )
-    console.print(table)
+
+def table_rows(result: EvalResult) -> list[tuple[str, ...]]:
+    return [(row.name, f"{row.ppl:,.3f}", _pct(row.delta_pct), f"{row.kv_bytes_per_token:,.1f}",
+             f"{row.compression_ratio:.2f}x", f"{row.seconds:.1f}") for row in result.rows]
+
+
+def print_table(result: EvalResult, out: Any = None) -> None:
+    """A rich table of the rows, one line per cache."""
+    report.print_table(f"{result.model} · {result.dataset} · {result.protocol}", EVAL_COLUMNS, table_rows(result), out)
 
 
 def to_markdown(result: EvalResult, command: str | None = None) -> str:
     """The table as Markdown (for READMEs), with the settings and the command that produced it."""
     settings = result.settings
-    lines = []
-    if command:
-        lines += [f"`{command}`", ""]
-    lines += [
-        f"{result.model} · {result.dataset} · {result.protocol} · {settings.get('windows')} windows · "
-        f"{settings.get('dtype', '')} · rows in {settings.get('total_seconds', 0):.0f} s",
-    ]
+    lines = [f"`{command}`", ""] if command else []
+    lines.append(f"{result.model} · {result.dataset} · {result.protocol} · {settings.get('windows')} windows · "
+                 f"{settings.get('dtype', '')} · rows in {settings.get('total_seconds', 0):.0f} s")
     if settings.get("calibration_seconds"):
         lines[-1] += (f" · calibration {settings['calibration_seconds']:.0f} s on {settings['calibration_tokens']:,} tokens "
                       f"({settings.get('calibration_text')}, never scored)")
-    lines += [
-        "",
-        "| row | ppl | Δ ppl | KV bytes/token | ratio | seconds |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for row in result.rows:
-        lines.append(f"| {row.name} | {row.ppl:,.3f} | {_pct(row.delta_pct)} | {row.kv_bytes_per_token:,.1f} | "
-                     f"{row.compression_ratio:.2f}x | {row.seconds:.1f} |")
+    lines += ["", *report.markdown_table(EVAL_COLUMNS, table_rows(result))]
     return "\n".join(lines) + "\n"
 
 
 def plot(result: EvalResult, path: str | Path) -> Path:
     """Perplexity increase (%) against compression ratio, one labelled point per row."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display on servers / CI
-    import matplotlib.pyplot as plt
-
     rows = [r for r in result.rows if math.isfinite(r.delta_pct)]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = report.subplots(figsize=(7, 4.5))
     for row in rows:
         ax.scatter(row.compression_ratio, row.delta_pct)
         ax.annotate(row.name, (row.compression_ratio, row.delta_pct), textcoords="offset points", xytext=(5, 4),
@@ -478,8 +454,4 @@ def plot(result: EvalResult, path: str | Path) -> Path:
     ax.set_ylabel("perplexity increase (%)")
     ax.set_title(f"{result.model} · {result.dataset} · {result.protocol}")
     ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return report.save_figure(fig, path)

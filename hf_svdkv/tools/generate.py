@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .architectures import cache_kwargs
+from ..architectures import cache_kwargs
 from .memory import cache_nbytes
 
 
@@ -70,7 +70,7 @@ def side_by_side(
     """[dynamic, compressed]: `make_compressed()` patches the model and returns a fresh compressed cache."""
     from transformers import DynamicCache
 
-    from . import unpatch_model
+    from .. import unpatch_model
 
     eos = model.generation_config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -90,10 +90,11 @@ def side_by_side(
 
 
 def print_side_by_side(results: list[Generation], compressed_label: str, console: Any = None) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = console or Console()
+    from .report import console as default_console
+
+    console = console or default_console()
     base = results[0]
     table = Table(show_lines=True)
     table.add_column("")

@@ -1,0 +1,43 @@
+"""The interface every way of attending over a layer's latents implements (kvpress's `presses/`: one small class per
+idea, a shared base). `decode.BACKENDS` lists them in order of preference; the first that supports a call serves it.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from ..svd_cache import SVDCacheLayer
+from .rope import Rope
+from .state import LayerState
+
+
+class Unsupported(Exception):
+    """Raised by `attend` when a backend finds, running, that it cannot serve this call (the next one then does)."""
+
+
+class DecodeBackend(ABC):
+    """Attention of new query tokens over the tokens a layer holds as latents (the exact window is merged apart)."""
+
+    name: str
+
+    @abstractmethod
+    def supports(self, query: torch.Tensor, layer: SVDCacheLayer, state: LayerState, rope: Rope) -> bool:
+        """Whether this backend can serve this call (device, query length, latent format, shapes)."""
+
+    @abstractmethod
+    def attend(
+        self,
+        query: torch.Tensor,
+        layer: SVDCacheLayer,
+        state: LayerState,
+        rope: Rope,
+        *,
+        scaling: float,
+        attention_mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention of `query` [batch, heads, q, d] (after RoPE, the new tokens already stored) over the latent
+        tokens each query reads (`window.block_mask`): the output over value latents [batch, q, heads, value_rank],
+        normalised over those tokens, and its natural-log log-sum-exp [batch, heads, q] (-inf where a query reads
+        none)."""

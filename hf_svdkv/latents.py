@@ -1,0 +1,138 @@
+"""How a cache layer holds one kind of latents (keys or values): in the model dtype, or as integer codes.
+
+A store is written a prompt or a token at a time (`append`), read back as floating-point latents for any span of
+tokens (`read`), and follows the cache's sequence and batch operations (`crop`, `map`). Two hooks say what is stored:
+`encode` turns floating-point latents into it and `decode` back, so a token reads exactly what is stored whether it
+was written in this forward or an earlier one (transformers' `QuantizedLayer` has the same two hooks). A new storage
+format is a subclass of `LatentStore` and an entry in `latent_store`; nothing else moves. Kernels that read the
+stored form directly get it from `stored` and check `bits` first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .growing import Buffer, append_along, held_nbytes
+from .projection import Projection
+from .quantization import QuantizedTensor, empty_quantized, quantize, rotate_projection
+
+Stored = torch.Tensor | QuantizedTensor
+
+
+class LatentStore:
+    """Latents [batch, groups, seq, rank] in the model dtype, in a buffer with room to grow (`growing`)."""
+
+    bits: int | None = None  # None: floating-point latents
+
+    def __init__(self, batch: int, groups: int, rank: int, dtype: torch.dtype, device: torch.device):
+        self.rank, self.dtype = rank, dtype
+        self.stored: Stored = self._empty(batch, groups, rank, dtype, device)
+        self._buffers: dict[str, Buffer] = {}
+
+    @staticmethod
+    def prepare(projection: Projection) -> Projection:
+        """The projection this format stores latents of (QuantizedLatentStore rotates it)."""
+        return projection
+
+    # --- the format: two hooks ---------------------------------------------------------------------------------------
+    def _empty(self, batch: int, groups: int, rank: int, dtype: torch.dtype, device: torch.device) -> Stored:
+        return torch.empty((batch, groups, 0, rank), dtype=dtype, device=device)
+
+    def encode(self, latents: torch.Tensor) -> Stored:
+        """Floating-point latents [..., seq, rank] as they are stored. Rounded to the model dtype: a token reads the
+        same whether its latent was computed in this call or stored by an earlier one."""
+        return latents.to(self.dtype)
+
+    def decode(self, encoded: Stored, dtype: torch.dtype) -> torch.Tensor:
+        return encoded.to(dtype)
+
+    def _parts(self, stored: Stored) -> dict[str, torch.Tensor]:
+        """The tensors a stored value is made of (one here; codes, scales and zero points when quantized)."""
+        return {"latents": stored}
+
+    def _join(self, parts: dict[str, torch.Tensor]) -> Stored:
+        return parts["latents"]
+
+    # --- storage ---------------------------------------------------------------------------------------------------
+    @property
+    def length(self) -> int:
+        return self.shape[-2]
+
+    @property
+    def shape(self) -> torch.Size:
+        """[batch, groups, seq, rank]: the latents' logical shape."""
+        return self.stored.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.stored.device
+
+    def append(self, encoded: Stored, count: int | None = None) -> None:
+        """Store the first `count` tokens of `encoded` (all by default) after those held; in place where there is
+        room (views handed out earlier are never written through)."""
+        new = self._parts(self._slice(encoded, 0, count))
+        parts = {}
+        for name, tensor in self._parts(self.stored).items():
+            parts[name], self._buffers[name] = append_along(self._buffers.get(name), tensor, new[name])
+        self.stored = self._join(parts)
+
+    def read(self, start: int = 0, end: int | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Tokens [start, end) as floating-point latents [batch, groups, n, rank] in `dtype`."""
+        return self.decode(self._slice(self.stored, start, end), dtype)
+
+    def crop(self, length: int) -> None:
+        """Keep the first `length` tokens."""
+        self.map(lambda t: t[..., :length, :])
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Apply a batch or device op (`fn` keeps the last two dims) to every stored tensor."""
+        self.stored = self._join({name: fn(t) for name, t in self._parts(self.stored).items()})
+        self._buffers = {}  # the next token must not be written, in place, into what an older view still shows
+
+    def nbytes(self) -> int:
+        """Bytes held, the spare room for the next tokens included."""
+        return sum(held_nbytes(t, self._buffers.get(name)) for name, t in self._parts(self.stored).items())
+
+    def _slice(self, stored: Stored, start: int, end: int | None) -> Stored:
+        return self._join({name: t[..., start:end, :] for name, t in self._parts(stored).items()})
+
+
+class QuantizedLatentStore(LatentStore):
+    """Latents as `bits`-bit codes per token and group of `group` channels (`quantization`), Hadamard-rotated: the
+    projection is rotated once (`prepare`), so latents are born rotated at no per-token cost."""
+
+    def __init__(self, batch: int, groups: int, rank: int, dtype: torch.dtype, device: torch.device, *, bits: int,
+                 group: int = 32):
+        self.bits, self.group = bits, group
+        super().__init__(batch, groups, rank, dtype, device)
+
+    @staticmethod
+    def prepare(projection: Projection) -> Projection:
+        return rotate_projection(projection)
+
+    def _empty(self, batch: int, groups: int, rank: int, dtype: torch.dtype, device: torch.device) -> Stored:
+        return empty_quantized((batch, groups), rank, self.bits, self.group, device)
+
+    def encode(self, latents: torch.Tensor) -> QuantizedTensor:
+        return quantize(latents, self.bits, self.group)
+
+    def decode(self, encoded: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
+        # Dequantized in float32 then cast: no rounding to the model dtype on the way.
+        return encoded.dequantize(dtype)
+
+    def _parts(self, stored: QuantizedTensor) -> dict[str, torch.Tensor]:
+        return {"data": stored.data, "scale": stored.scale, "zero": stored.zero}
+
+    def _join(self, parts: dict[str, torch.Tensor]) -> QuantizedTensor:
+        return QuantizedTensor(**parts, bits=self.bits, group=self.group, dim=self.rank)
+
+
+def latent_store(
+    bits: int | None, batch: int, groups: int, rank: int, dtype: torch.dtype, device: torch.device
+) -> LatentStore:
+    """An empty store for `latent_bits` (None: latents in the model dtype)."""
+    if bits is None:
+        return LatentStore(batch, groups, rank, dtype, device)
+    return QuantizedLatentStore(batch, groups, rank, dtype, device, bits=bits)
