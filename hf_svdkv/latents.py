@@ -11,6 +11,7 @@ stored form directly get it from `stored` and check `bits` first.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -31,8 +32,7 @@ class LatentStore:
         self.stored: Stored = self._empty(batch, groups, rank, dtype, device)
         self._buffers: dict[str, Buffer] = {}
 
-    @staticmethod
-    def prepare(projection: Projection) -> Projection:
+    def prepare(self, projection: Projection) -> Projection:
         """The projection this format stores latents of (QuantizedLatentStore rotates it)."""
         return projection
 
@@ -101,16 +101,16 @@ class LatentStore:
 
 class QuantizedLatentStore(LatentStore):
     """Latents as `bits`-bit codes per token and group of `group` channels (`quantization`), Hadamard-rotated: the
-    projection is rotated once (`prepare`), so latents are born rotated at no per-token cost."""
+    projection is rotated once (`prepare`), so latents are born rotated at no per-token cost (`rotate=False` skips
+    it, for measuring what it buys)."""
 
     def __init__(self, batch: int, groups: int, rank: int, dtype: torch.dtype, device: torch.device, *, bits: int,
-                 group: int = 32):
-        self.bits, self.group = bits, group
+                 group: int = 32, rotate: bool = True):
+        self.bits, self.group, self.rotate = bits, group, rotate
         super().__init__(batch, groups, rank, dtype, device)
 
-    @staticmethod
-    def prepare(projection: Projection) -> Projection:
-        return rotate_projection(projection)
+    def prepare(self, projection: Projection) -> Projection:
+        return rotate_projection(projection) if self.rotate else projection
 
     def _empty(self, batch: int, groups: int, rank: int, dtype: torch.dtype, device: torch.device) -> Stored:
         return empty_quantized((batch, groups), rank, self.bits, self.group, device)
@@ -130,9 +130,9 @@ class QuantizedLatentStore(LatentStore):
 
 
 def latent_store(
-    bits: int | None, batch: int, groups: int, rank: int, dtype: torch.dtype, device: torch.device
+    bits: int | None, batch: int, groups: int, rank: int, dtype: torch.dtype, device: torch.device, **options: Any
 ) -> LatentStore:
-    """An empty store for `latent_bits` (None: latents in the model dtype)."""
+    """An empty store for `latent_bits` (None: latents in the model dtype); `options` go to the format's class."""
     if bits is None:
-        return LatentStore(batch, groups, rank, dtype, device)
-    return QuantizedLatentStore(batch, groups, rank, dtype, device, bits=bits)
+        return LatentStore(batch, groups, rank, dtype, device, **options)
+    return QuantizedLatentStore(batch, groups, rank, dtype, device, bits=bits, **options)

@@ -63,6 +63,7 @@ class SVDCacheLayer(CacheLayerMixin):
         self.recent_values: torch.Tensor | None = None
         self.exact_tail = 0
         self._positions_buffer: Buffer | None = None
+        self.store_options: dict = {}  # for the latent stores (e.g. {"rotate": False}), read at lazy init
 
     @property
     def is_croppable(self) -> bool:
@@ -77,7 +78,7 @@ class SVDCacheLayer(CacheLayerMixin):
         projection = self.bases.to(self.device, compute_dtype)
         batch = key_states.shape[0]
         self.keys, self.values = (
-            latent_store(self.latent_bits, batch, p.num_groups, p.rank, self.dtype, self.device)
+            latent_store(self.latent_bits, batch, p.num_groups, p.rank, self.dtype, self.device, **self.store_options)
             for p in (projection.key, projection.value)
         )
         self.projection = LayerBases(self.keys.prepare(projection.key), self.values.prepare(projection.value))

@@ -20,7 +20,6 @@ from fnmatch import fnmatch
 from pathlib import Path
 
 import torch
-from hf_svdkv.quantized_layer import QuantizedSVDCacheLayer
 from torch import nn
 
 from hf_svdkv import CompressionConfig, SVDCompressedCache, patch_model, unpatch_model
@@ -29,15 +28,17 @@ from hf_svdkv.text import load_text, split_calibration, tokenize_text
 from hf_svdkv.tools.eval import EvalResult, RowSpec, dynamic_row, quantized_row, run_eval, svd_row
 from hf_svdkv.tools.loading import load_model
 
-GROUP = 32  # QuantizedSVDCacheLayer's default channels per scale / zero point
+GROUP = 32  # QuantizedLatentStore's default channels per scale / zero point
 POSITION_BYTES = 4
 
 
 class UnrotatedCache(SVDCompressedCache):
     """Quantized latents without the Hadamard rotation: the ablation that shows what it buys."""
 
-    def _make_layer(self, bases, head_dim):
-        return QuantizedSVDCacheLayer(bases, head_dim, self.window, bits=self.latent_bits, rotate=False)
+    def __init__(self, model: torch.nn.Module):
+        super().__init__(model)
+        for layer in self.layers:
+            layer.store_options = {"rotate": False}
 
 
 def unrotated_row(name: str, config: CompressionConfig) -> RowSpec:

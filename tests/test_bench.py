@@ -47,7 +47,7 @@ def test_bench_runs_on_a_tiny_model(tiny_model_dir, tmp_path, capsys, monkeypatc
     monkeypatch.setattr("sys.argv", ["hf-svdkv", "bench", "..."])  # the command line the markdown records
     paths = {flag: tmp_path / name for flag, name in (("--json", "b.json"), ("--plot", "b.png"), ("--markdown", "b.md"))}
     args = ["bench", "--model", str(tiny_model_dir), "--dtype", "float32", "--contexts", "40,72", "--batch", "1,2",
-            "--ranks", "16:16", "--target-ratio", "3", "--steps", "2", "--warmup", "1", "--repeat", "2"]
+            "--ranks", "16:16", "--target-ratio", "3", "--method", "weights", "--steps", "2", "--warmup", "1", "--repeat", "2"]
     assert main(args + [item for flag, path in paths.items() for item in (flag, str(path))]) == 0
     result = json.loads(paths["--json"].read_text())
     assert {"model", "device", "rows"} <= result.keys() and result["device"] == "cpu"
@@ -79,7 +79,7 @@ def test_bench_runs_on_a_tiny_model(tiny_model_dir, tmp_path, capsys, monkeypatc
         (["--batch", "0"], "--batch"),
         (["--ranks", "32"], "bad --ranks entry"),
         (["--target-ratio", "0.5"], "target_ratio"),
-        (["--latent-bits", "3"], "--latent-bits"),
+        (["--latent-bits", "3"], "latent_bits"),
         (["--steps", "0"], "--steps"),
         (["--repeat", "0"], "--repeat"),
         (["--json", "/no/such/dir/b.json"], "does not exist"),
@@ -89,6 +89,15 @@ def test_bench_bad_input_is_one_line_exit_2(capsys, args, fragment):
     code, err = run_cli(["bench", *args], capsys)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("hf-svdkv: error: ") and fragment in lines[0], err
+
+
+def test_bench_refuses_what_would_not_fit_before_allocating(capsys, tiny_model_dir):
+    base = ["bench", "--model", str(tiny_model_dir), "--contexts", "9000000", "--batch", "1", "--ranks", "16:16",
+            "--method", "weights"]
+    code, err = run_cli(base, capsys)
+    assert code == 2 and "9,000,018 tokens is beyond the model's 512 positions" in err
+    code, err = run_cli([*base, "--beyond-positions"], capsys)
+    assert code == 2 and "GiB available" in err and "context 9,000,000 x batch 1 needs about" in err
 
 
 def test_bench_unknown_model_is_one_line(capsys, tmp_path):

@@ -221,6 +221,22 @@ def test_quantized_peer_row_compresses(model, ids):
     assert math.isfinite(peer.ppl)
 
 
+@pytest.mark.skipif(not HAS_QUANTO, reason="optimum-quanto not installed")
+def test_kivi_axes_peer_rows(model, ids):
+    """KIVI's axes: keys per channel over groups of tokens, values per token. Token counts that are not multiples of
+    the group are refused before any row runs, with the group named."""
+    from hf_svdkv.tools.eval import PEERS
+
+    rows = [dynamic_row(), *(quantized_row("quanto", bits, name, **kwargs) for name, bits, kwargs in PEERS["quanto"])]
+    assert [row.name for row in rows[1:]] == ["quantized-int4", "quantized-int2", "kivi-int4", "kivi-int2-g32",
+                                              "kivi-int2-g64"]
+    result = run_eval(model, ids, rows, context=128, continuation=128, n_windows=1, progress=False)
+    assert all(math.isfinite(row.ppl) and row.compression_ratio > 1 for row in result.rows[1:])
+    kivi = [quantized_row("quanto", 2, "kivi-int2-g64", **PEERS["quanto"][4][2])]
+    with pytest.raises(ValueError, match="multiples of its 64-token groups"):
+        run_eval(model, ids, [dynamic_row(), *kivi], context=100, continuation=28, n_windows=1, progress=False)
+
+
 @pytest.mark.skipif(not HAS_HQQ, reason="hqq not installed")
 def test_hqq_unpackable_sizes_fail_before_the_baseline(model, ids):
     # 2 KV heads x 16 dims x 26 tokens / 64 per group = 13 groups: hqq's 2-bit packing needs a multiple of 4.

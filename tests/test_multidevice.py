@@ -70,7 +70,7 @@ def test_device_map_generates_like_the_model_in_one_piece(saved, reference, devi
 
     patch_model(model, CONFIG)  # bases fitted from weights accelerate keeps on disk
     assert model.model.layers[1].self_attn.k_proj.weight.device.type == ("meta" if offloaded else model.device.type)  # offloaded again
-    for mine, theirs in zip(model._hf_svdkv_patch.bases.layers, reference["bases"].layers, strict=True):
+    for mine, theirs in zip(model._hf_svdkv_patch.settings.bases.layers, reference["bases"].layers, strict=True):
         torch.testing.assert_close(mine.key.down @ mine.key.up, theirs.key.down @ theirs.key.up, atol=1e-5, rtol=0)
     with torch.no_grad():
         result = model.generate(structured_ids(20), max_new_tokens=12, do_sample=False, return_dict_in_generate=True)

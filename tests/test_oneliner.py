@@ -68,7 +68,7 @@ def test_patch_model_calibrates_by_itself_and_caches(tmp_path, log_lines):
     model = tiny_model("llama", num_heads=4, num_kv_heads=2, head_dim=32, num_layers=2)
     config = CompressionConfig(target_ratio=2.0, window=4)
     patch_model(model, config, calibration_text=calibration_ids(), bases_cache=tmp_path)
-    bases = hf_svdkv.patch.patch_state(model).bases
+    bases = hf_svdkv.patch.patch_state(model).settings.bases
     assert bases.method == "calibrated" and bases.group_size == 2
     assert any("calibrated bases (fast: 2,048 tokens" in line and "cache miss" in line for line in log_lines)
     entries = [p for p in tmp_path.iterdir() if p.is_dir()]
@@ -81,7 +81,7 @@ def test_patch_model_calibrates_by_itself_and_caches(tmp_path, log_lines):
     unpatch_model(model)
     patch_model(model, config, calibration_text=calibration_ids(), bases_cache=tmp_path)
     assert any("loaded from the cache" in line and "cache hit" in line for line in log_lines)
-    again = hf_svdkv.patch.patch_state(model).bases
+    again = hf_svdkv.patch.patch_state(model).settings.bases
     assert all(torch.equal(a.key.down, b.key.down) for a, b in zip(again.layers, bases.layers, strict=True))
 
     # Another text, another config or other weights: another entry.

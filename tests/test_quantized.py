@@ -114,7 +114,7 @@ def patched(bits: int, rank: int = 32, window: int = 0, **kwargs) -> torch.nn.Mo
 
 def unrotated(cache: SVDCompressedCache) -> SVDCompressedCache:
     for layer in cache.layers:
-        layer.rotate = False  # read at lazy init, i.e. on the first update
+        layer.store_options = {"rotate": False}  # read at lazy init, i.e. on the first update
     return cache
 
 
@@ -128,7 +128,7 @@ def test_int8_full_rank_is_close_to_dynamic_cache_and_int4_needs_the_rotation(ar
             model = patched(bits, arch=arch)
             logits[bits] = model(ids, past_key_values=SVDCompressedCache(model)).logits
             logits[bits, "plain"] = model(ids, past_key_values=unrotated(SVDCompressedCache(model))).logits
-    assert isinstance(SVDCompressedCache(model).layers[0].keys, QuantizedLatentStore)
+    assert SVDCompressedCache(model).layers[0].latent_bits == 4
 
     def error(key) -> float:
         return ((logits[key] - reference).abs().max() / reference.std()).item()
@@ -193,7 +193,7 @@ def test_crop_then_refeed(window):
         cache.crop(-8)
         layer = cache.layers[1]
         assert layer.keys.shape[-2] + layer.recent_keys.shape[-2] == 12 == layer.positions.shape[-1]
-        assert layer.keys.scale.shape[-2] == layer.values.data.shape[-2] == layer.keys.shape[-2]
+        assert layer.keys.stored.scale.shape[-2] == layer.values.stored.data.shape[-2] == layer.keys.shape[-2]
         refed = model(ids[:, 12:], past_key_values=cache).logits
         fresh = model(ids, past_key_values=SVDCompressedCache(model)).logits[:, 12:]
     if window == 0:  # per-token codes: the refed tokens are stored exactly as a fresh cache stores them
@@ -237,7 +237,7 @@ def test_beam_search_runs_on_quantized_latents():
         out = model.generate(structured_ids(10, batch=2), max_new_tokens=8, num_beams=3, num_return_sequences=2,
                              do_sample=False, return_dict_in_generate=True)
     assert out.sequences.shape == (4, 18)
-    assert out.past_key_values.layers[0].keys.data.shape[0] == 6  # batch 2 x 3 beams
+    assert out.past_key_values.layers[0].keys.stored.data.shape[0] == 6  # batch 2 x 3 beams
 
 
 # --- the real default model -----------------------------------------------------------------------------------------

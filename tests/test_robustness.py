@@ -45,7 +45,7 @@ def test_16_bit_models_store_latents_in_their_dtype_and_bases_in_fp32(dtype):
     with torch.no_grad():
         expected = model(structured_ids(24)).logits.float()
     patch_model(model, FULL_RANK)
-    bases = model._hf_svdkv_patch.bases
+    bases = model._hf_svdkv_patch.settings.bases
     assert all(t.dtype == torch.float32 for layer in bases.layers for p in (layer.key, layer.value) for t in (p.down, p.up, p.center))
     cache = SVDCompressedCache(model)
     with torch.no_grad():
@@ -66,7 +66,7 @@ def test_4k_token_bf16_generation_stays_finite():
     assert torch.isfinite(torch.stack(out.logits).float()).all()
     cache = out.past_key_values
     assert cache.get_seq_length() == 4095 and cache.layers[0].keys.dtype == torch.bfloat16
-    assert all(torch.isfinite(layer.keys.float()).all() and torch.isfinite(layer.values.float()).all() for layer in cache.layers)
+    assert all(torch.isfinite(layer.keys.read()).all() and torch.isfinite(layer.values.read()).all() for layer in cache.layers)
     with torch.no_grad():  # the same 4096 tokens in one prefill: finite too
         logits = model(out.sequences[:, :-1], past_key_values=SVDCompressedCache(model)).logits
     assert torch.isfinite(logits.float()).all()

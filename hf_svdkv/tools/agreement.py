@@ -10,6 +10,7 @@ where they match: 1.0 = the same greedy text, token for token. Unlike perplexity
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -81,14 +82,16 @@ def spread_prompts(ids: torch.Tensor, count: int, length: int) -> list[torch.Ten
     return [ids[i * step : i * step + length].clone() for i in range(count)]
 
 
+_WORD = re.compile(r"[A-Za-z]{2,}")
+
+
 def non_word_share(text: str, vocabulary: set[str]) -> float:
-    """Share of the alphabetic words of `text` (lower-cased, punctuation stripped) that are not in `vocabulary`
-    (e.g. every word of a corpus): near 0 for fluent text, large for text made of word fragments."""
-    words = [w.strip(".,;:!?\"'()[]{}-").lower() for w in text.split()]
-    words = [w for w in words if w.isalpha()]
+    """Share of the letter runs of `text` (two letters or more, lower-cased) that are not in `vocabulary` (e.g. every
+    word of a corpus, `corpus_vocabulary`): near 0 for fluent text, large for text made of word fragments."""
+    words = [w.lower() for w in _WORD.findall(text)]
     return sum(w not in vocabulary for w in words) / len(words) if words else 1.0
 
 
 def corpus_vocabulary(*texts: str) -> set[str]:
-    """Every alphabetic word (lower-cased, punctuation stripped) of the texts."""
-    return {w for text in texts for w in (t.strip(".,;:!?\"'()[]{}-").lower() for t in text.split()) if w.isalpha()}
+    """Every letter run of two letters or more (lower-cased) of the texts."""
+    return {w.lower() for text in texts for w in _WORD.findall(text)}

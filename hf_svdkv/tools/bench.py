@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import ctypes
 import gc
-import logging
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,8 +29,6 @@ from ..patch import patch_model, unpatch_model
 from ..svd_cache import CacheSettings, cache_settings
 from . import report
 from .memory import cache_nbytes
-
-logger = logging.getLogger("hf_svdkv")
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -102,6 +99,19 @@ class PeakMemory:
             self.bytes = torch.cuda.max_memory_allocated(self.device) - self._start
         elif self._start is not None and (peak := _status_kib("VmHWM")) is not None:
             self.bytes = 1024 * (peak - self._start)
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes a run may still allocate on `device`: free GPU memory, or on CPU Linux's MemAvailable (None elsewhere)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return 1024 * int(line.split()[1])
+    except OSError:
+        pass
+    return None
 
 
 # --- measuring ----------------------------------------------------------------------------------------------------
@@ -203,12 +213,12 @@ def run_rows(
     prefill_chunk: int = 0,
     repeat: int = 1,
     seed: int = 0,
-    progress: bool = True,
+    on_row: Callable[[BenchRow, int], None] | None = None,
 ) -> list[BenchRow]:
     """Every row (an `eval.RowSpec`) at every (context, batch), on the same random prompts (`measure_interleaved`).
 
     With `repeat` > 1 everything runs that many rounds and every row keeps its best: fastest prefill and decode,
-    smallest peak."""
+    smallest peak. `on_row(row, round)` hears each row's own figures as it is measured (the CLI prints them)."""
     generator = torch.Generator().manual_seed(seed)
     vocab = model.config.get_text_config(decoder=True).vocab_size
     prompts = {(c, b): torch.randint(3, vocab, (b, c), generator=generator).to(model.device) for c in contexts for b in batches}
@@ -220,10 +230,8 @@ def run_rows(
         for round_ in range(repeat):
             for (context, batch), ids in prompts.items():
                 for row in measure_interleaved(model, rows, ids, steps=steps, warmup=warmup, prefill_chunk=prefill_chunk):
-                    if progress:  # this round's own figures; the table keeps each row's best round
-                        label = f" (round {round_ + 1}/{repeat})" if repeat > 1 else ""
-                        logger.info(f"{row.name:24s} context {context:6d} batch {batch:3d}: prefill {row.prefill_s:7.2f} s, "
-                                    f"decode {row.decode_tokens_per_s:8.2f} tok/s{label}")
+                    if on_row is not None:  # this round's own figures; the table keeps each row's best round
+                        on_row(row, round_)
                     if (key := (row.name, context, batch)) in best:
                         kept = best[key]
                         peaks = [p for p in (kept.peak_mem_bytes, row.peak_mem_bytes) if p is not None]

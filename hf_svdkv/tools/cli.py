@@ -222,7 +222,7 @@ def _add_eval(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_eval)
 
 
-def _eval_configs(args: argparse.Namespace, num_kv_heads: int) -> list:
+def _eval_configs(args: argparse.Namespace, num_kv_heads: int | None) -> list:
     from ..compression_config import CompressionConfig
     from .eval import parse_ranks
 
@@ -243,6 +243,41 @@ def _eval_configs(args: argparse.Namespace, num_kv_heads: int) -> list:
     ]
 
 
+def _rows(args: argparse.Namespace, model, configs: Sequence, calib_ids, sequence_length: int | None) -> list:
+    """dynamic, a row per config (calibrated bases fitted or loaded from the bases cache first, timed apart;
+    weight-only ones fitted in their row), the --bases-dir rows, then the peers. A target ratio is quoted at
+    `sequence_length` tokens (None: long contexts), so a window's bytes come out of the latents' budget."""
+    from ..allocation import weight_spectrum_ranks
+    from ..bases import SVDBases
+    from .eval import build_rows
+
+    calibrated = [c for c in configs if c.method == "calibrated"]
+    args.calibration_record = {"calibration_tokens": 0, "calibration_seconds": None}
+    fitted = _calibrated_bases(args, model, calib_ids, calibrated, sequence_length) if calibrated else {}
+
+    def weight_bases(model, row_config):
+        ranks = weight_spectrum_ranks(model, row_config, sequence_length) if row_config.target_ratio is not None else None
+        return SVDBases.from_model(model, row_config, layer_ranks=ranks)
+
+    return build_rows(
+        configs=configs,
+        weight_bases=weight_bases,
+        calibrated_bases=lambda model, row_config: fitted[id(row_config)],
+        bases_dirs=args.bases_dir,
+        windows=_ints_or_none(args.window, "--window", [0]),
+        latent_bits=_ints_or_none(args.latent_bits, "--latent-bits", [None]),
+        peers=args.peers,
+        backend=args.peer_backend,
+    )
+
+
+def _check_positions(model, tokens: int, what: str, allowed: bool = False) -> None:
+    """A length past the model's positions is refused (unless `allowed`): its quality is not the model's."""
+    limit = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
+    if limit and tokens > limit and not allowed:
+        raise ValueError(f"{what} = {tokens:,} tokens is beyond the model's {limit:,} positions")
+
+
 def _windows(text: str | None, method: str) -> list[int]:
     return _ints_or_none(text, "--window", [RECOMMENDED_WINDOW if method == "calibrated" else 0])
 
@@ -251,7 +286,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from ..architectures import model_geometry
     from ..assets import MODEL_NAME as DEFAULT_MODEL_NAME
     from ..text import load_text
-    from .eval import build_rows, peer_backend, plot, print_table, run_eval, to_markdown
+    from .eval import peer_backend, plot, print_table, run_eval, to_markdown
 
     # Everything that can be checked without the model is checked first: a typo should cost seconds.
     for flag in ("json", "plot", "markdown"):
@@ -277,32 +312,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                             vocab_size=model.config.get_text_config().vocab_size)
         calib_ids = None
     length = args.context + args.continuation if args.protocol == "continuation" else args.window_len
-    calibrated_bases = None
-    args.calibration_record = {"calibration_tokens": 0, "calibration_seconds": None}
-    if calibrated:
-        fitted = _calibrated_bases(args, model, calib_ids, [c for c in configs if c.method == "calibrated"], length)
-
-        def calibrated_bases(model, row_config):
-            return fitted[id(row_config)]
-
-    def weight_bases(model, row_config):
-        # A target ratio is quoted at the evaluated length, so the window's bytes come out of the latents' budget.
-        from .. import SVDBases
-        from ..allocation import weight_spectrum_ranks
-
-        ranks = weight_spectrum_ranks(model, row_config, length) if row_config.target_ratio is not None else None
-        return SVDBases.from_model(model, row_config, layer_ranks=ranks)
-
-    rows = build_rows(
-        configs=configs,
-        weight_bases=weight_bases,
-        bases_dirs=args.bases_dir,
-        windows=_ints_or_none(args.window, "--window", [0]),
-        latent_bits=_ints_or_none(args.latent_bits, "--latent-bits", [None]),
-        calibrated_bases=calibrated_bases,
-        peers=args.peers,
-        backend=args.peer_backend,
-    )
+    _check_positions(model, length, "--context + --continuation" if args.protocol == "continuation" else "--window-len")
+    rows = _rows(args, model, configs, calib_ids, length)
     result = run_eval(
         model,
         ids,
@@ -451,17 +462,42 @@ def _add_bench(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "bench",
         help="prefill time, decode speed, peak memory and KV bytes vs the dynamic cache",
-        description="Speed and memory of the dynamic cache, SVD-compressed caches (--ranks, --target-ratio; data-free "
-                    "bases) and, with --peers, transformers' int4/int2 QuantizedCache, on random prompts of each "
-                    "--contexts length and --batch size. Ratios are to the dynamic cache.",
+        description="Speed and memory of the dynamic cache, compressed caches (rows as in `eval`: without --profiles, "
+                    f"--ranks, --target-ratio or --bases-dir the recommended ones, {DEFAULT_ROWS_HELP}) and, with "
+                    "--peers, transformers' QuantizedCache, on random prompts of each --contexts length and --batch "
+                    "size. Ratios are to the dynamic cache.",
     )
-    _add_bench_arguments(p)
+    _add_model_arguments(p)
+    p.add_argument("--contexts", default="1024,4096,8192",
+                   help="comma-separated prompt lengths (default: 1024,4096,8192)")
+    p.add_argument("--batch", default="1,4", help="comma-separated batch sizes (default: 1,4)")
+    p.add_argument("--steps", type=int, default=16, help="timed decode steps per run (default: 16)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed decode steps first (default: 2)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="run every row this many rounds and keep its best figures (default: 1; more on a busy machine)")
+    p.add_argument("--prefill-chunk", type=int, default=0,
+                   help="prefill this many tokens per forward (default: 0 = the whole prompt at once)")
+    p.add_argument("--beyond-positions", action="store_true",
+                   help="allow contexts past the model's positions (speed and memory only: its output there is not "
+                        "the model's)")
+    p.add_argument("--dataset", default="wiki", choices=("wiki", "lee", "wikitext"),
+                   help="calibration corpus of calibrated rows (default: wiki)")
+    p.add_argument("--profiles", help="comma-separated SVD profiles (low, med, high)")
+    p.add_argument("--ranks", help="comma-separated KEY:VALUE ranks per KV head, e.g. 32:32,16:48")
+    _add_compression_arguments(p, lists=True)
+    p.add_argument("--bases-dir", action="append", default=[], help="bases saved by `hf-svdkv bases` (repeatable)")
+    p.add_argument("--peers", action="store_true", help="also run transformers' QuantizedCache (see `eval --peers`)")
+    p.add_argument("--peer-backend", choices=("quanto", "hqq"), help="quantization backend (default: quanto, else hqq)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--json", help="write the result as JSON here")
+    p.add_argument("--plot", help="write decode speed and KV size vs context here (PNG, PDF, SVG ...)")
+    p.add_argument("--markdown", help="write the printed table as markdown here")
     p.set_defaults(func=_cmd_bench)
 
 
 def _positive_ints(text: str, flag: str) -> list[int]:
     try:
-        values = [int(item) for item in text.split(",") if item.strip()]
+        values = [int(item) for item in _split(text)]
     except ValueError:
         raise ValueError(f"{flag} takes comma-separated integers, got {text!r}") from None
     if not values or min(values) <= 0:
@@ -469,54 +505,29 @@ def _positive_ints(text: str, flag: str) -> list[int]:
     return values
 
 
-def _ratios(text: str | None) -> list[float]:
-    try:
-        return [float(item) for item in (text or "").split(",") if item.strip()]
-    except ValueError:
-        raise ValueError(f"--target-ratio takes comma-separated numbers above 1, got {text!r}") from None
+def _check_memory(model, contexts: Sequence[int], batches: Sequence[int], rows: int) -> None:
+    """Refuse, before allocating, a run that would not fit: every row keeps its cache until the steps taken in turn
+    are done, and a prefill adds its activations. Counted as if every cache were full size (an upper bound)."""
+    from ..architectures import model_geometry
+    from .bench import available_memory
 
-
-def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of `hf-svdkv bench`."""
-    parser.add_argument("--model", help="Hub id or local directory (default: $HF_SVDKV_MODEL or the embedded SmolLM2-135M)")
-    parser.add_argument("--dtype", help="torch dtype of the weights and the cache (default: bfloat16)")
-    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cpu)")
-    parser.add_argument("--contexts", default="1024,4096,8192,16384",
-                        help="comma-separated prompt lengths (default: 1024,4096,8192,16384)")
-    parser.add_argument("--batch", default="1,4", help="comma-separated batch sizes (default: 1,4)")
-    parser.add_argument("--steps", type=int, default=16, help="timed decode steps per run (default: 16)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed decode steps first (default: 2)")
-    parser.add_argument("--repeat", type=int, default=1,
-                        help="run every row this many rounds and keep its best figures (default: 1; more on a busy machine)")
-    parser.add_argument("--prefill-chunk", type=int, default=0,
-                        help="prefill this many tokens per forward (default: 0 = the whole prompt at once)")
-    parser.add_argument("--ranks", default="32:32",
-                        help="comma-separated KEY:VALUE ranks per KV head, one SVD row each (default: 32:32; 'none' for no rows)")
-    parser.add_argument("--group-size", type=int, default=1, help="KV heads sharing one basis (default: 1)")
-    parser.add_argument("--target-ratio",
-                        help="comma-separated compression targets, one SVD row each, ranks allocated on the weight spectra")
-    parser.add_argument("--latent-bits", type=int, choices=(8, 4), help="store the SVD rows' latents as 8- or 4-bit integers")
-    parser.add_argument("--window", type=int, default=0, help="full-precision window of the SVD rows (default: 0)")
-    parser.add_argument("--peers", action="store_true", help="also run transformers' QuantizedCache int4 and int2")
-    parser.add_argument("--peer-backend", choices=("quanto", "hqq"), help="quantization backend (default: quanto, else hqq)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--json", help="write the result as JSON here")
-    parser.add_argument("--plot", help="write decode speed and KV size vs context here (PNG, PDF, SVG ...)")
-    parser.add_argument("--markdown", help="write the printed table as markdown here")
-
-
-def _bench_rows(args: argparse.Namespace) -> list:
-    """dynamic, then one SVD row per --ranks pair and per --target-ratio, then the quantized peers. SVD rows use
-    data-free "weights" bases (target ratios: ranks allocated on the weight spectra): speed does not depend on basis
-    quality, and no calibration text is needed."""
-    from ..compression_config import CompressionConfig
-    from .eval import build_rows, parse_ranks
-
-    ranks = [] if args.ranks.strip().lower() == "none" else parse_ranks(args.ranks)
-    shapes = [{"key_rank": k, "value_rank": v} for k, v in ranks] + [{"target_ratio": r} for r in _ratios(args.target_ratio)]
-    configs = [CompressionConfig(**shape, method="weights", group_size=args.group_size, window=args.window,
-                                 latent_bits=args.latent_bits) for shape in shapes]
-    return build_rows(configs=configs, peers=args.peers, backend=args.peer_backend)
+    available = available_memory(model.device)
+    if available is None:
+        return
+    geometry = model_geometry(model)
+    config = model.config.get_text_config(decoder=True)
+    element = next(model.parameters()).element_size()
+    for context in contexts:
+        for batch in batches:
+            tokens = context * batch
+            caches = rows * tokens * 2 * geometry.num_layers * geometry.num_kv_heads * geometry.head_dim * element
+            activations = tokens * (4 * config.hidden_size + 2 * getattr(config, "intermediate_size", 0)) * 4
+            if caches + activations > 0.9 * available:
+                raise ValueError(
+                    f"context {context:,} x batch {batch} needs about {(caches + activations) / 2**30:,.1f} GiB "
+                    f"({rows} caches and a prefill), this machine has {available / 2**30:,.1f} GiB available: "
+                    "use shorter --contexts, smaller --batch or fewer rows"
+                )
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -526,8 +537,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     import torch
 
+    from ..architectures import model_geometry
     from ..assets import MODEL_NAME as DEFAULT_MODEL_NAME
     from .bench import BenchResult, markdown_table, plot, print_table, run_rows
+    from .eval import peer_backend
 
     # Everything that can be checked without the model is checked first: a typo should cost seconds.
     contexts, batches = _positive_ints(args.contexts, "--contexts"), _positive_ints(args.batch, "--batch")
@@ -539,16 +552,33 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         _check_output(getattr(args, flag), f"--{flag}")
     if args.plot and find_spec("matplotlib") is None:
         raise ValueError("--plot needs matplotlib (pip install matplotlib)")
-    rows = _bench_rows(args)
+    _floats(args.target_ratio, "--target-ratio")
+    _eval_configs(args, None)  # bad row flags fail before the model loads
+    if args.peers:
+        peer_backend(args.peer_backend)
     if args.threads:
         torch.set_num_threads(args.threads)
-    config, model, _ = _load(args)
+    config, model, tokenizer = _load(args)
+    for context in contexts:
+        _check_positions(model, context + args.warmup + args.steps, "a --contexts prompt and its decoding steps",
+                         allowed=args.beyond_positions)
+    configs = _eval_configs(args, model_geometry(model).num_kv_heads)
+    calib_ids = _token_ids(args, tokenizer, model)[1] if any(c.method == "calibrated" for c in configs) else None
+    # A target ratio is quoted at the longest context: the window's bytes are spread over it.
+    rows = _rows(args, model, configs, calib_ids, max(contexts))
+    _check_memory(model, contexts, batches, len(rows))
+
+    def report_row(row, round_: int) -> None:
+        label = f" (round {round_ + 1}/{args.repeat})" if args.repeat > 1 else ""
+        print(f"  {row.name:24s} context {row.context:6d} batch {row.batch:3d}: prefill {row.prefill_s:7.2f} s, "
+              f"decode {row.decode_tokens_per_s:8.2f} tok/s{label}", flush=True)
 
     measured = run_rows(model, rows, contexts, batches, steps=args.steps, warmup=args.warmup,
-                        prefill_chunk=args.prefill_chunk, repeat=args.repeat)
+                        prefill_chunk=args.prefill_chunk, repeat=args.repeat, on_row=report_row)
     command = "hf-svdkv " + " ".join(sys.argv[1:])
     settings = {"dtype": config.dtype, "steps": args.steps, "warmup": args.warmup, "prefill_chunk": args.prefill_chunk,
-                "threads": torch.get_num_threads(), "repeat": args.repeat, "command": command}
+                "threads": torch.get_num_threads(), "repeat": args.repeat, "command": command,
+                **args.calibration_record}
     result = BenchResult(config.model_path or DEFAULT_MODEL_NAME, str(model.device), measured, settings)
     print_table(result)
     if args.json:

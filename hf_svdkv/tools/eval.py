@@ -40,9 +40,23 @@ from .memory import cache_nbytes
 logger = logging.getLogger("hf_svdkv")
 
 PROTOCOLS = ("continuation", "sliding")
-PEER_BITS = (4, 2)
-# hqq quantizes along the head dim (axis 1) in transformers' own examples; quanto keeps its defaults.
+# transformers' QuantizedCache rows of `--peers`, per backend: (name, bits, QuantizedCache arguments). quanto's defaults
+# quantize keys per token; KIVI (the method QuantizedCache follows) quantizes keys per channel over groups of
+# `q_group_size` tokens and values per token, keeping the last `residual_length` tokens in full precision: with int2
+# that is +13% ppl where the defaults give +283% (REFERENCE), so both are shown. hqq quantizes along the head dim (axis
+# 1) in transformers' own examples; its other axis groups elements far apart, not KIVI's layout.
 HQQ_AXES = {"axis_key": 1, "axis_value": 1}
+
+
+def _kivi(group: int) -> dict[str, int]:
+    return {"axis_key": -1, "axis_value": 0, "q_group_size": group, "residual_length": 128}
+
+
+PEERS = {
+    "quanto": [("quantized-int4", 4, {}), ("quantized-int2", 2, {}), ("kivi-int4", 4, _kivi(64)),
+               ("kivi-int2-g32", 2, _kivi(32)), ("kivi-int2-g64", 2, _kivi(64))],
+    "hqq": [("quantized-int4", 4, HQQ_AXES), ("quantized-int2", 2, HQQ_AXES)],
+}
 # Above this spread of ppl increases (in %), a linear y axis squashes every good row onto 0.
 LOG_Y_SPAN_PCT = 100.0
 
@@ -155,11 +169,9 @@ def svd_row(
     return RowSpec(name, setup=setup, prepare=prepare, teardown=unpatch_model)
 
 
-def quantized_row(backend: str, nbits: int) -> RowSpec:
-    """transformers' QuantizedCache (KIVI-style), the peer a user would pick today."""
+def quantized_row(backend: str, nbits: int, name: str | None = None, **kwargs: Any) -> RowSpec:
+    """transformers' QuantizedCache, the peer a user would pick today, with `kwargs` (axes, group size, residual)."""
     from transformers import QuantizedCache
-
-    kwargs = HQQ_AXES if backend == "hqq" else {}
 
     def make(model: nn.Module) -> Any:
         return QuantizedCache(backend=backend, config=model.config, nbits=nbits, **kwargs)
@@ -176,12 +188,14 @@ def quantized_row(backend: str, nbits: int) -> RowSpec:
                 states = torch.randn(1, config.num_key_value_heads, size, head_dim, dtype=model.dtype, device=model.device)
                 layer.update(states, states)
         except RuntimeError as error:
+            group = kwargs.get("q_group_size")
+            multiple = f"multiples of its {group}-token groups" if kwargs.get("axis_key") == -1 else "multiples of 8"
             raise ValueError(
                 f"the {backend} backend cannot quantize int{nbits} caches filled {list(update_sizes)} tokens at a time "
-                f"({' '.join(str(error).split())}); try token counts that are multiples of 8"
+                f"({' '.join(str(error).split())}); try token counts that are {multiple}"
             ) from error
 
-    return RowSpec(f"quantized-int{nbits}", setup=lambda model: lambda: make(model), prepare=prepare)
+    return RowSpec(name or f"quantized-int{nbits}", setup=lambda model: lambda: make(model), prepare=prepare)
 
 
 def _importable(module: str) -> bool:
@@ -274,7 +288,7 @@ def build_rows(
         if chosen is None:
             logger.warning("neither optimum-quanto nor hqq is installed: skipping the quantized peers")
         else:
-            rows.extend(quantized_row(chosen, nbits) for nbits in PEER_BITS)
+            rows.extend(quantized_row(chosen, nbits, name, **kwargs) for name, nbits, kwargs in PEERS[chosen])
     return rows
 
 
