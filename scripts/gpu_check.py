@@ -1,17 +1,19 @@
 """One self-contained GPU check of hf_svdkv's decode paths: correctness, then timing. Writes gpu_check.json and
 gpu_check.md to --out.
 
-    python scripts/gpu_check.py --out $OUT          # about 6 minutes on an H100; no model download, no network
+    python scripts/gpu_check.py --out $OUT          # at most about 7 minutes; no model download, no network
     TRITON_INTERPRET=1 python scripts/gpu_check.py --dry-run --out /tmp/gc   # the same code on CPU, tiny sizes
 
 (a) correctness on CUDA: a tiny random Llama (GQA) at full rank, patched (latent path as wired, Triton on decode)
     and with the latent path switched off, vs DynamicCache (float32, bf16, fp16), left-padded batch;
 (b) the Triton kernel vs the torch latent path vs the reference path (rebuild everything, RoPE, SDPA) on one layer of
-    the default model's geometry (9 query heads, 3 KV heads, head_dim 64), float32/bf16/fp16, batch 1 and 8;
+    the default model's geometry (9 query heads, 3 KV heads, head_dim 64), float32/bf16/fp16, batch 1 and 8, latents
+    in the model dtype and as int8 and int4 codes;
 (c) timing (CUDA events, warm-up, median; and CUDA-graph replay) of one decode attention step at 32k and 8k tokens,
     batch 1 and 8: SDPA over a full bf16 cache vs the Triton kernel (several launch settings), the torch latent path
     and the reference path, for a 2x cache: the default geometry (per-head 32/32, joint 96/96) and a Llama-3-8B-like
-    layer (32 query heads, 8 KV heads x 128; per-head 64/64);
+    layer (32 query heads, 8 KV heads x 128; per-head 64/64); at 32k the same configs with int8 and int4 latents
+    (the kernel at two launch settings, the Triton and torch steps);
 (d) end to end, if time is left: decode tokens/s of a random-weight model of the default model's size (30 layers)
     with DynamicCache vs the 2x SVD cache at 32k tokens, batch 1 and 8 (hf_svdkv.tools.bench.measure).
 Every section runs under its own try/except: a failure is recorded and the rest still runs; the files are rewritten
@@ -21,6 +23,7 @@ after every section, so a run cut short still leaves what it measured.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -52,19 +55,33 @@ from hf_svdkv.decode.triton_kernel import TritonBackend  # noqa: E402
 RESULTS: dict = {"sections": {}, "errors": {}}
 SECTIONS: list = []
 # --dry-run: the same code on CPU (kernels in Triton's interpreter), tiny sizes, to catch script bugs without a GPU.
-# Timing cases still pending after budget_s seconds are skipped (and listed under errors), to stay within 6 minutes.
+# Timing cases still pending after budget_s seconds are skipped (and listed under errors), and the end-to-end section
+# if it would start after e2e_budget_s, to stay within about 7 minutes.
 RUN = {"device": "cuda", "contexts": (32768, 8192), "batches": (1, 8), "check_context": 5000, "check_batches": (1, 8),
        "model_tokens": 300, "e2e_contexts": (32768,), "e2e_layers": 30, "e2e_steps": 16, "max_iters": 1000,
        "budget_s": 270.0, "e2e_budget_s": 330.0, "start": time.perf_counter()}
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 GEOMETRY = {"num_heads": 9, "num_kv_heads": 3, "head_dim": 64}  # SmolLM2-135M's attention
-CONFIGS = {"per-head 32/32": CompressionConfig(key_rank=32, value_rank=32), "joint 96/96": CompressionConfig(key_rank=32, value_rank=32, group_size=3)}
+
+
+def svd_config(**fields) -> CompressionConfig:
+    """Weight-only bases (a random model has no text to calibrate on), no window and no exact prefill: the checks
+    compare what the latents give, every token read as a latent."""
+    return CompressionConfig(method="weights", window=0, exact_prefill=False, **fields)
+
+
+CONFIGS = {"per-head 32/32": svd_config(key_rank=32, value_rank=32),
+           "joint 96/96": svd_config(key_rank=32, value_rank=32, group_size=3)}
 # Timing also runs on a Llama-3-8B-like layer, where the cache read is 5x larger per token than the default model's.
 TIMED = {
     "smollm2-135m 9q/3kv x64": (GEOMETRY, CONFIGS),
     "llama3-8b-like 32q/8kv x128": ({"num_heads": 32, "num_kv_heads": 8, "head_dim": 128},
-                                    {"per-head 64/64": CompressionConfig(key_rank=64, value_rank=64)}),
+                                    {"per-head 64/64": svd_config(key_rank=64, value_rank=64)}),
 }
+# Integer latents: codes the kernel dequantizes in registers, so its tiles hold more live values than with 16-bit
+# latents; they are timed at a smaller tile too. Only at the first context, which decides whether 4-bit pays.
+LATENT_BITS = (8, 4)
+QUANTIZED_VARIANTS = ("T64 w4 4/SM (default)", "T32 w4 4/SM")
 # Kernel launch settings timed against each other (decode_latents' defaults are the "default" row).
 KERNEL_VARIANTS = {
     "T64 w4 2/SM direct rope": dict(programs_per_sm=2, rope_by_tile=False),  # session 2's kernel, q loads hoisted
@@ -154,7 +171,7 @@ def check_model() -> dict:
         model = tiny_llama(dtype)
         expected, tokens = step_logits(model, ids, DynamicCache(config=model.config), mask)
         for name, group in (("per-head", 1), ("joint", 3)):
-            full = CompressionConfig(key_rank=64, value_rank=64, group_size=group)
+            full = svd_config(key_rank=64, value_rank=64, group_size=group)
             for wiring in ("latent", "reference"):
                 hf_svdkv.attention.use_latent_attention = wired if wiring == "latent" else (lambda *args: False)
                 try:
@@ -215,11 +232,17 @@ def latent_step(attention, layer, query, mask, rotary, use_triton: bool):
     return decode.project_output(attention, state, out)
 
 
+def with_latent_bits(configs: dict) -> dict:
+    """Each config followed by the same with int8 and int4 latents."""
+    return {f"{name}{f' int{bits}' if bits else ''}": dataclasses.replace(config, latent_bits=bits)
+            for name, config in configs.items() for bits in (None, *LATENT_BITS)}
+
+
 @section("kernel_vs_torch_vs_reference")
 def check_kernel() -> dict:
     rows = {}
     context = RUN["check_context"]
-    for name, config in CONFIGS.items():
+    for name, config in with_latent_bits(CONFIGS).items():
         for dtype in DTYPES:
             for batch in RUN["check_batches"]:
                 model, attention, layer, query, mask, _ = filled_layer(config, dtype, batch=batch, context=context, pad=context // 40)
@@ -303,8 +326,10 @@ def time_sdpa(context: int, batch: int, geometry: dict) -> list[dict]:
 
 
 def time_latent(context: int, batch: int, geometry: dict, config: CompressionConfig, base: dict, sdpa_ms: float,
-                sdpa_graph_ms: float | None) -> list[dict]:
-    """The Triton kernel (each of KERNEL_VARIANTS), then whole steps with o_proj: Triton, torch latent path, reference."""
+                sdpa_graph_ms: float | None, variants: tuple[str, ...] = tuple(KERNEL_VARIANTS),
+                reference: bool = True) -> list[dict]:
+    """The Triton kernel (each of `variants`, names in KERNEL_VARIANTS), then whole steps with o_proj: Triton, torch
+    latent path, and the reference path unless `reference` is False."""
     from hf_svdkv.decode import triton_kernel
 
     model, attention, layer, query, _, _ = filled_layer(config, torch.bfloat16, batch, context, geometry=geometry)
@@ -312,9 +337,9 @@ def time_latent(context: int, batch: int, geometry: dict, config: CompressionCon
     state = decode.layer_state(attention, layer)
     inv_freq = rotary.inv_freq.float()
     rows = []
-    for variant, settings in KERNEL_VARIANTS.items():
+    for variant in variants:
         kernel = partial(triton_kernel.decode_latents, query[:, :, 0], layer, state, inv_freq, 1.0, attention.scaling,
-                         None, **settings)
+                         None, **KERNEL_VARIANTS[variant])
         ms, graph_ms = cuda_time(kernel), graph_time(kernel)
         rows.append({**base, "path": f"triton kernel {variant}", "ms": ms, "graph_ms": graph_ms,
                      "speedup_vs_sdpa": sdpa_ms / ms,
@@ -322,8 +347,9 @@ def time_latent(context: int, batch: int, geometry: dict, config: CompressionCon
     steps = {
         "triton step + folded o_proj": partial(latent_step, attention, layer, query, None, rotary, True),
         "torch latent path + o_proj": partial(latent_step, attention, layer, query, None, rotary, False),
-        "reference path + o_proj": partial(reference_step, attention, layer, query, None, rotary),
     }
+    if reference:
+        steps["reference path + o_proj"] = partial(reference_step, attention, layer, query, None, rotary)
     with torch.no_grad():
         for name, fn in steps.items():
             ms = cuda_time(fn, warmup=2, iters=10 if "reference" in name else 20)
@@ -348,6 +374,11 @@ def timing() -> list[dict]:
                 for config_name, config in configs.items():
                     base = {"context": context, "batch": batch, "geometry": geometry_name, "config": config_name}
                     rows += time_latent(context, batch, geometry, config, base, best, best_graph)
+                    for bits in LATENT_BITS if context == RUN["contexts"][0] else ():
+                        quantized = dataclasses.replace(config, latent_bits=bits)
+                        named = {**base, "config": f"{config_name} int{bits}"}
+                        rows += time_latent(context, batch, geometry, quantized, named, best, best_graph,
+                                            QUANTIZED_VARIANTS, reference=False)
                 print(f"   context {context} batch {batch} {geometry_name} done", flush=True)
                 if RUN["device"] == "cuda":
                     torch.cuda.empty_cache()
@@ -363,7 +394,7 @@ def model_decode() -> list[dict]:
     if time.perf_counter() - RUN["start"] > RUN["e2e_budget_s"]:
         raise RuntimeError("skipped: the script's time budget is spent")
     model = tiny_llama(torch.bfloat16, layers=RUN["e2e_layers"], vocab=49152, intermediate=1536)
-    rows = build_rows(configs=[CompressionConfig(key_rank=32, value_rank=32)])
+    rows = build_rows(configs=[svd_config(key_rank=32, value_rank=32)])
     measured = run_rows(model, rows, list(RUN["e2e_contexts"]), list(RUN["batches"]), steps=RUN["e2e_steps"], warmup=3,
                         prefill_chunk=min(8192, min(RUN["e2e_contexts"])))
     base = {(r.context, r.batch): r for r in measured if r.name == "dynamic"}

@@ -64,13 +64,17 @@ def filled_layer(model, batch: int, prompt_len: int, pad: int):
 
 @kernel_test
 @pytest.mark.parametrize(
-    "num_heads,num_kv_heads,group_size,window,pad",
-    [(4, 4, 1, 0, 0), (6, 2, 1, 0, 3), (6, 2, 2, 0, 3), (6, 3, 3, 4, 2), (4, 2, 1, 3, 0)],
-    ids=["mha", "gqa-padded", "gqa-joint-padded", "joint-window-padded", "gqa-window"],
+    "num_heads,num_kv_heads,group_size,window,pad,bits",
+    [(4, 4, 1, 0, 0, None), (6, 2, 1, 0, 3, None), (6, 2, 2, 0, 3, None), (6, 3, 3, 4, 2, None), (4, 2, 1, 3, 0, None),
+     (6, 3, 3, 4, 2, 8), (4, 2, 1, 3, 0, 4)],
+    ids=["mha", "gqa-padded", "gqa-joint-padded", "joint-window-padded", "gqa-window", "joint-window-padded-int8",
+         "gqa-window-int4"],
 )
-def test_kernel_matches_torch_path(num_heads, num_kv_heads, group_size, window, pad):
+def test_kernel_matches_torch_path(num_heads, num_kv_heads, group_size, window, pad, bits):
+    """Through `TritonBackend.attend`, with the window merged afterwards as `decode.attend` does."""
     model = tiny_model("qwen2", num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=32)  # biases: centers
-    patch_model(model, weights_config(key_rank=12, value_rank=10, group_size=group_size, window=window))
+    patch_model(model, weights_config(key_rank=12, value_rank=10, group_size=group_size, window=window,
+                                      latent_bits=bits))
     attention, layer, query, exact, mask = filled_layer(model, batch=2, prompt_len=21, pad=pad)
     state = layer_state(attention, layer)
     rope = Rope(model.model.rotary_emb, layer.positions)
@@ -90,11 +94,12 @@ def test_kernel_matches_torch_path(num_heads, num_kv_heads, group_size, window, 
 
 
 @kernel_test
-def test_kernel_bf16_and_many_splits():
+@pytest.mark.parametrize("bits", [None, 4], ids=["bf16", "int4"])
+def test_kernel_bf16_and_many_splits(bits):
     from hf_svdkv.decode import triton_kernel
 
     model = tiny_model("llama", num_heads=6, num_kv_heads=2, head_dim=32, dtype=torch.bfloat16)
-    patch_model(model, weights_config(key_rank=16, value_rank=16))
+    patch_model(model, weights_config(key_rank=16, value_rank=16, latent_bits=bits))
     attention, layer, query, _, mask = filled_layer(model, batch=2, prompt_len=45, pad=5)
     state = layer_state(attention, layer)
     rotary = model.model.rotary_emb
@@ -129,3 +134,33 @@ def test_kernel_rotation_with_and_without_gaps(rope_by_tile):
                                             attention.scaling, valid, block_t=16, rope_by_tile=rope_by_tile)
     torch.testing.assert_close(out, expected[:, 0], atol=1e-5, rtol=1e-4)
     assert torch.isfinite(lse).all()
+
+
+@kernel_test
+@pytest.mark.parametrize("bits", [8, 4], ids=["int8", "int4"])
+@pytest.mark.parametrize(
+    "num_heads,num_kv_heads,group_size,key_rank,value_rank,pad",
+    [(4, 4, 1, 12, 10, 0), (6, 2, 1, 9, 13, 3), (6, 2, 2, 13, 9, 0), (6, 3, 3, 13, 12, 2)],
+    ids=["mha", "gqa-odd-padded", "gqa-joint", "joint-odd-two-groups-padded"],
+)
+def test_kernel_reads_integer_latents(bits, num_heads, num_kv_heads, group_size, key_rank, value_rank, pad):
+    """Codes, scales and zero points dequantized in the kernel match the torch path, which dequantizes them with
+    `QuantizedTensor.dequantize`: odd ranks (a 4-bit row's padding code, a partial group of 32 channels), latents over
+    one group (3 joint heads at 13/12: keys of rank 39 in two chunks, value tiles of rank 36 across two groups), left
+    padding, several splits of 16 tokens."""
+    from hf_svdkv.decode import triton_kernel
+
+    model = tiny_model("qwen2", num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=32)
+    patch_model(model, weights_config(key_rank=key_rank, value_rank=value_rank, group_size=group_size,
+                                      latent_bits=bits))
+    attention, layer, query, _, mask = filled_layer(model, batch=2, prompt_len=45, pad=pad)
+    assert layer.keys.bits == layer.values.bits == bits and layer.keys.rank == key_rank * group_size
+    state = layer_state(attention, layer)
+    rotary = model.model.rotary_emb
+    expected, expected_lse = blockwise_attention(query, layer, state, Rope(rotary, layer.positions).factors,
+                                                 scaling=attention.scaling, attention_mask=mask)
+    valid = None if mask is None else mask[:, 0, 0, : layer.keys.length].to(torch.uint8)
+    out, lse = triton_kernel.decode_latents(query[:, :, 0], layer, state, rotary.inv_freq.float(),
+                                            rotary.attention_scaling, attention.scaling, valid, block_t=16)
+    torch.testing.assert_close(out, expected[:, 0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(lse, expected_lse[..., 0], atol=1e-5, rtol=1e-4)

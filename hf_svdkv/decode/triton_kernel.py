@@ -5,6 +5,8 @@ rotate them at their stored positions (cos/sin computed in the kernel from the r
 attention_scaling; a tile of consecutive positions by angle addition from its first one), score them against every query head reading that KV head, and fold the tile into an online
 softmax over the *value latents*. Nothing full-size is ever written to memory: per token the kernel reads
 key_rank + value_rank latent numbers and one int32 position, where SDPA over a full cache reads 2 * kv_heads * d.
+Integer latents (8- or 4-bit codes, `quantization`) are read as stored, codes plus a float16 scale and zero point per
+token and group of channels, and dequantized in registers: a 4-bit cache is read at a quarter of a 16-bit one's bytes.
 
 Flash-decoding layout: the sequence is split across programs (so one batch row still fills the GPU), each writes
 a partial (max, sum, accumulator) per query head, and a second small kernel merges the splits. The output is the
@@ -12,17 +14,19 @@ attention over value latents per query head plus its log-sum-exp; `state` folds 
 `window` merges the full-precision window (a few tokens) in torch.
 
 Works on any batch, GQA ratio and head grouping (a program handles the KV heads that share both a key and a value
-group), fp16/bf16/fp32 latents (fp32 accumulation), and a per-token validity mask for left padding. Runs on CPU
-tensors under TRITON_INTERPRET=1 (slowly), which is how the tests check it.
+group), fp16/bf16/fp32 latents or int8/int4 codes (fp32 accumulation), and a per-token validity mask for left
+padding. Runs on CPU tensors under TRITON_INTERPRET=1 (slowly), which is how the tests check it.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import torch
 
+from ..latents import LatentStore
 from ..svd_cache import SVDCacheLayer
 from .base import DecodeBackend, Unsupported
 from .rope import Rope, is_dynamic
@@ -53,16 +57,37 @@ if triton is not None:
         return tl.cos(angle) * rope_scale, tl.sin(angle) * rope_scale
 
     @triton.jit
+    def _read_latents(LAT, SCALE, ZERO, rows, scale_rows, channels, ok, BITS: tl.constexpr, GROUP: tl.constexpr):
+        """A tile's latents [tokens, channels]: as stored (BITS 0), or dequantized from BITS-bit codes exactly as
+        `QuantizedTensor.dequantize` does, code * scale + zero in float32. `rows` and `scale_rows` [tokens, 1] are each
+        token's offsets into the latents (or codes) and into the scales and zero points; `ok` masks both."""
+        if BITS == 0:
+            latents = tl.load(LAT + rows + channels[None, :], mask=ok, other=0.0)
+        else:
+            # Channel c's code is bits [c * BITS % 8, + BITS) of byte c * BITS // 8: 4-bit codes share a byte, low
+            # nibble first. Masked channels (an odd rank's padding code, past the rank) get scale and zero 0, so 0.
+            bit = channels * BITS
+            packed = tl.load(LAT + rows + (bit // 8)[None, :], mask=ok, other=0).to(tl.int32)
+            codes = (packed >> (bit % 8)[None, :]) & ((1 << BITS) - 1)
+            at = scale_rows + (channels // GROUP)[None, :]
+            scale = tl.load(SCALE + at, mask=ok, other=0.0).to(tl.float32)
+            zero = tl.load(ZERO + at, mask=ok, other=0.0).to(tl.float32)
+            latents = codes.to(tl.float32) * scale + zero
+        return latents
+
+    @triton.jit
     def _partial_kernel(
-        Q, KL, VL, KW, KB, POS, VALID, INV_FREQ,  # inputs
+        Q, KL, KS, KZ, VL, VS, VZ, KW, KB, POS, VALID, INV_FREQ,  # inputs; KS..VZ: integer latents' scales, zeros
         M, L, ACC,  # per split: running max (log2 units), sum of exponentials, unnormalised output
-        sq_b, sq_h, sk_b, sk_g, sk_t, sv_b, sv_g, sv_t, sw_g, sw_n, sb_g, sp_b, sm_b,
+        sq_b, sq_h, sk_b, sk_g, sk_t, sks_b, sks_g, sks_t, sv_b, sv_g, sv_t, svs_b, svs_g, svs_t,
+        sw_g, sw_n, sb_g, sp_b, sm_b,
         latent_len, split_len, num_units, qk_scale, rope_scale,
         U: tl.constexpr, HQ: tl.constexpr, GK: tl.constexpr, GV: tl.constexpr,
         HALF: tl.constexpr, HALF_P: tl.constexpr, RK: tl.constexpr, RKC: tl.constexpr,
         RV: tl.constexpr, RV_P: tl.constexpr, QP: tl.constexpr, BLOCK_T: tl.constexpr,
         HAS_BIAS: tl.constexpr, HAS_VALID: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
-        ROPE_BY_TILE: tl.constexpr,
+        ROPE_BY_TILE: tl.constexpr, K_BITS: tl.constexpr, K_GROUP: tl.constexpr, V_BITS: tl.constexpr,
+        V_GROUP: tl.constexpr,
     ):
         split = tl.program_id(0)
         unit_id = tl.program_id(1)
@@ -108,6 +133,8 @@ if triton is not None:
                     cos, sin = _rotation(positions, inv_freq, rope_scale)
             else:
                 cos, sin = _rotation(positions, inv_freq, rope_scale)
+            key_rows = (batch * sk_b + key_group * sk_g + tokens * sk_t)[:, None]
+            key_scale_rows = (batch * sks_b + key_group * sks_g + tokens * sks_t)[:, None]
             scores = tl.zeros([QP, BLOCK_T], tl.float32)
             for u in tl.static_range(U):
                 # Interleaved basis columns of KV head (slot0 + u): x1 of frequency f at 2f, x2 at 2f + 1.
@@ -116,10 +143,8 @@ if triton is not None:
                 key2 = tl.zeros([BLOCK_T, HALF_P], tl.float32)
                 for r0 in tl.static_range(0, RK, RKC):
                     rank_ok = (r0 + rk) < RK
-                    latents = tl.load(
-                        KL + batch * sk_b + key_group * sk_g + tokens[:, None] * sk_t + (r0 + rk)[None, :],
-                        mask=token_ok[:, None] & rank_ok[None, :], other=0.0,
-                    ).to(DOT)
+                    latents = _read_latents(KL, KS, KZ, key_rows, key_scale_rows, r0 + rk,
+                                            token_ok[:, None] & rank_ok[None, :], K_BITS, K_GROUP).to(DOT)
                     basis = KW + key_group * sw_g + (r0 + rk)[:, None] + col1[None, :] * sw_n
                     basis_ok = rank_ok[:, None] & freq_ok[None, :]
                     basis1 = tl.load(basis, mask=basis_ok, other=0.0).to(DOT)
@@ -145,9 +170,10 @@ if triton is not None:
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(scores - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            values = tl.load(
-                VL + batch * sv_b + value_group * sv_g + tokens[:, None] * sv_t + rv[None, :],
-                mask=token_ok[:, None] & rv_ok[None, :], other=0.0,
+            values = _read_latents(
+                VL, VS, VZ, (batch * sv_b + value_group * sv_g + tokens * sv_t)[:, None],
+                (batch * svs_b + value_group * svs_g + tokens * svs_t)[:, None], rv,
+                token_ok[:, None] & rv_ok[None, :], V_BITS, V_GROUP,
             ).to(DOT)
             acc = acc * alpha[:, None] + tl.dot(p.to(DOT), values, input_precision=PRECISION)
             m_i = m_new
@@ -205,6 +231,29 @@ def _num_splits(latent_len: int, units: int, block_t: int, device: torch.device,
     return max(1, min(tiles, triton.cdiv(programs_per_sm * sms, units), 1024))
 
 
+class _KernelView(NamedTuple):
+    """A latent store as the kernel reads it: latents (or codes), scales and zero points with their batch, group and
+    token strides, and bits (0 for floating-point latents, whose scale and zero are any pointer, never read)."""
+
+    latents: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    strides: tuple[int, ...]
+    bits: int
+    group: int
+
+
+def _kernel_view(store: LatentStore) -> _KernelView:
+    stored = store.stored
+    if store.bits is None:
+        assert stored.stride(-1) == 1
+        return _KernelView(stored, stored, stored, (*stored.stride()[:3], 0, 0, 0), 0, 1)
+    # One set of strides serves scales and zero points: they grow and are cropped and reordered together.
+    assert stored.data.stride(-1) == stored.scale.stride(-1) == 1 and stored.zero.stride() == stored.scale.stride()
+    return _KernelView(stored.data, stored.scale, stored.zero, (*stored.data.stride()[:3], *stored.scale.stride()[:3]),
+                       stored.bits, stored.group)
+
+
 def decode_latents(
     query: torch.Tensor,
     layer: SVDCacheLayer,
@@ -224,12 +273,12 @@ def decode_latents(
     log-sum-exp [batch, heads] (-inf where `valid` [batch, latent_len] hides every token). The tuning arguments
     exist for scripts/gpu_check.py, which times them; `rope_by_tile=False` computes every token's angles directly."""
     batch, num_heads, head_dim = query.shape
-    keys, values = layer.keys.stored, layer.values.stored
-    latent_len, key_rank, value_rank = keys.shape[-2], keys.shape[-1], values.shape[-1]
+    keys, values = _kernel_view(layer.keys), _kernel_view(layer.values)
+    latent_len, key_rank, value_rank = layer.keys.length, layer.keys.rank, layer.values.rank
     num_kv_heads = state.value_center.shape[0]
     per_kv = num_heads // num_kv_heads
     heads_per_key_group = num_kv_heads // state.key_weight.shape[0]
-    heads_per_value_group = num_kv_heads // values.shape[1]
+    heads_per_value_group = num_kv_heads // layer.values.shape[1]
     unit = math.gcd(heads_per_key_group, heads_per_value_group)  # KV heads sharing one key and one value group
     num_units = num_kv_heads // unit
     qp, rv_p = _pow2(unit * per_kv), _pow2(value_rank)
@@ -244,22 +293,24 @@ def decode_latents(
     bias = state.key_bias if state.key_bias is not None else state.key_weight  # any pointer when unused
     mask = valid if valid is not None else layer.positions  # any pointer when unused
     positions = layer.positions
-    # Tensor cores take the latents' own 16-bit type. float32 latents (and the CPU interpreter, whose dot cannot
-    # read 16-bit floats) use exact float32 products.
-    dot_dtype = _DOT_TYPES.get(keys.dtype, tl.float32) if query.device.type == "cuda" else tl.float32
-    assert query.stride(-1) == keys.stride(-1) == values.stride(-1) == positions.stride(-1) == 1
+    # Tensor cores take the model's 16-bit type (that of float latents, and that integer latents are dequantized
+    # to on the torch path). float32 models (and the CPU interpreter, whose dot cannot read 16-bit floats) use exact
+    # float32 products.
+    dot_dtype = _DOT_TYPES.get(state.key_weight.dtype, tl.float32) if query.device.type == "cuda" else tl.float32
+    assert query.stride(-1) == positions.stride(-1) == 1
     _partial_kernel[(splits, batch * num_units)](
-        query, keys, values, state.key_weight, bias, positions, mask, inv_freq,
+        query, keys.latents, keys.scale, keys.zero, values.latents, values.scale, values.zero, state.key_weight, bias,
+        positions, mask, inv_freq,
         m, sums, acc,
-        query.stride(0), query.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
-        values.stride(0), values.stride(1), values.stride(2), state.key_weight.stride(0), state.key_weight.stride(1),
-        bias.stride(0), positions.stride(0), mask.stride(0),
+        query.stride(0), query.stride(1), *keys.strides, *values.strides,
+        state.key_weight.stride(0), state.key_weight.stride(1), bias.stride(0), positions.stride(0), mask.stride(0),
         latent_len, split_len, num_units, scaling * LOG2E, rope_scale,
         U=unit, HQ=per_kv, GK=heads_per_key_group, GV=heads_per_value_group,
         HALF=head_dim // 2, HALF_P=_pow2(head_dim // 2), RK=key_rank, RKC=min(32, _pow2(key_rank)),
         RV=value_rank, RV_P=rv_p, QP=qp, BLOCK_T=block_t,
         HAS_BIAS=state.key_bias is not None, HAS_VALID=valid is not None,
         DOT=dot_dtype, PRECISION="ieee" if dot_dtype == tl.float32 else None, ROPE_BY_TILE=rope_by_tile,
+        K_BITS=keys.bits, K_GROUP=keys.group, V_BITS=values.bits, V_GROUP=values.group,
         num_warps=num_warps,
     )
     out = torch.empty((batch, num_heads, value_rank), **f32)
@@ -273,9 +324,9 @@ def decode_latents(
 
 
 class TritonBackend(DecodeBackend):
-    """Single-token steps on CUDA through the Triton kernel: latents in a floating-point dtype, a rope type whose
-    frequencies do not depend on the length. Ranks whose tiles exceed the GPU's shared memory are left to the torch
-    path (remembered per shape)."""
+    """Single-token steps on CUDA through the Triton kernel: latents in a floating-point dtype or as 8- or 4-bit codes,
+    a rope type whose frequencies do not depend on the length. Ranks whose tiles exceed the GPU's shared memory are
+    left to the torch path (remembered per shape)."""
 
     name = "triton"
 
@@ -287,7 +338,7 @@ class TritonBackend(DecodeBackend):
         return (
             query.device.type == "cuda"
             and query.shape[2] == 1
-            and layer.keys.bits is None
+            and all(store.bits in (None, 8, 4) for store in (layer.keys, layer.values))
             and not is_dynamic(rope.rotary)
             and shape not in self.too_large
             and available()
