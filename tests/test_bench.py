@@ -79,7 +79,7 @@ def test_bench_runs_on_a_tiny_model(tiny_model_dir, tmp_path, capsys, monkeypatc
         (["--batch", "0"], "--batch"),
         (["--ranks", "32"], "bad --ranks entry"),
         (["--target-ratio", "0.5"], "target_ratio"),
-        (["--latent-bits", "3"], "latent_bits"),
+        (["--ranks", "8:8", "--latent-bits", "3"], "latent_bits must be one of"),
         (["--steps", "0"], "--steps"),
         (["--repeat", "0"], "--repeat"),
         (["--json", "/no/such/dir/b.json"], "does not exist"),
