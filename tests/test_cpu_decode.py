@@ -1,8 +1,10 @@
 """The fused CPU decode kernel (decode/cpu_decode.cpp): what it computes is the torch path's function (an invariant
 over every cache variant: tests/test_invariants.py); here, what is particular to it: every head size it compiles,
-bfloat16, AMX tiles, and the torch path taking over where it cannot be built or is switched off."""
+bfloat16, integer latents, AMX tiles, and the torch path taking over where it cannot be built or is switched off."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ from hf_svdkv.decode import Rope, layer_state
 from hf_svdkv.decode import cpu as cpu_decode
 from hf_svdkv.decode.blockwise import BlockwiseBackend, blockwise_attention
 from hf_svdkv.decode.cpu import CpuKernelBackend
+from hf_svdkv.latents import LatentStore
 
 pytestmark = pytest.mark.skipif(not cpu_decode.available(), reason="no C++ compiler: the CPU kernel cannot be built")
 
@@ -33,9 +36,10 @@ def decode(model, ids: torch.Tensor, kernel: bool, monkeypatch, steps: int = 5) 
     return torch.cat(logits, dim=1).float()
 
 
-def test_bfloat16_close_to_torch_path(monkeypatch):
+@pytest.mark.parametrize("bits", [None, 8, 4])
+def test_bfloat16_close_to_torch_path(bits, monkeypatch):
     model = tiny_model("llama", num_heads=6, num_kv_heads=2, head_dim=64, dtype=torch.bfloat16)
-    patch_model(model, weights_config(key_rank=24, value_rank=20))
+    patch_model(model, weights_config(key_rank=24, value_rank=20, latent_bits=bits))
     ids = structured_ids(300)
     expected = decode(model, ids, kernel=False, monkeypatch=monkeypatch)
     got = decode(model, ids, kernel=True, monkeypatch=monkeypatch)
@@ -61,6 +65,85 @@ def test_kernel_handles_each_head_size_it_claims():
             got, lse = CpuKernelBackend().attend(query, layer, state, rope, scaling=attention.scaling, attention_mask=None)
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
         torch.testing.assert_close(lse, expected_lse, atol=1e-5, rtol=0)
+
+
+def prefilled_layer(num_heads, num_kv_heads, head_dim, key_rank, value_rank, group_size, bits, dtype=torch.float32):
+    """A one-layer model's cache layer after a prompt of two rows longer than a kernel span, with what attending over
+    it takes: (layer, state, rope, scaling, a query [2, heads, 1, d], a mask hiding row 1's first 13 tokens)."""
+    model = tiny_model("llama", num_heads, num_kv_heads, head_dim, num_layers=1, dtype=dtype)
+    config = weights_config(key_rank=key_rank, value_rank=value_rank, group_size=group_size, latent_bits=bits)
+    patch_model(model, config)
+    cache = SVDCompressedCache(model)
+    with torch.inference_mode():
+        model(structured_ids(cpu_decode.SPAN + 90, batch=2), past_key_values=cache)
+    layer, attention = cache.layers[0], model.model.layers[0].self_attn
+    state = layer_state(attention, layer)
+    rope = Rope(model.model.rotary_emb, layer.positions)
+    query = torch.randn(2, num_heads, 1, head_dim, generator=torch.Generator().manual_seed(head_dim)).to(dtype)
+    mask = torch.ones(2, 1, 1, layer.get_seq_length(), dtype=torch.bool)
+    mask[1, ..., :13] = False  # left padding
+    return layer, state, rope, attention.scaling, query, mask
+
+
+# (heads, KV heads, head_dim, key rank, value rank, group size): every compiled head size; ranks with a partial group
+# of 32 channels, odd (an odd number of 4-bit codes: the last byte half padding); joint bases.
+INTEGER_GEOMETRIES = {
+    "d32-odd": (4, 2, 32, 9, 13, 1),
+    "d64-joint-3": (6, 3, 64, 40, 33, 3),
+    "d80-joint-odd": (4, 2, 80, 13, 9, 2),
+    "d96-mha": (4, 4, 96, 32, 17, 1),
+    "d128-joint": (4, 2, 128, 64, 48, 2),
+    "d256-odd": (4, 2, 256, 9, 13, 1),
+}
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("geometry", INTEGER_GEOMETRIES.values(), ids=INTEGER_GEOMETRIES.keys())
+def test_integer_latents_match_torch_path(geometry, bits):
+    """8- and 4-bit latents read by the kernel as codes against the torch path (which dequantizes them first), over
+    two spans and left padding, a float32 model: the same to float32 rounding."""
+    layer, state, rope, scaling, query, mask = prefilled_layer(*geometry, bits)
+    assert layer.keys.bits == bits and CpuKernelBackend().supports(query, layer, state, rope)
+    kwargs = {"scaling": scaling, "attention_mask": mask}
+    with torch.inference_mode():
+        expected, expected_lse = BlockwiseBackend().attend(query, layer, state, rope, **kwargs)
+        got, lse = CpuKernelBackend().attend(query, layer, state, rope, **kwargs)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(lse, expected_lse, atol=1e-5, rtol=0)
+
+
+def read_as_float_latents(layer):
+    """A shallow copy of `layer` whose keys and values are float latents holding what its integer latents read as in
+    the model dtype (what the torch path computes with)."""
+    floats = copy.copy(layer)
+    for name in ("keys", "values"):
+        store = getattr(layer, name)
+        batch, groups = store.shape[:2]
+        float_store = LatentStore(batch, groups, store.rank, store.dtype, store.device)
+        float_store.stored = store.read(dtype=store.dtype)
+        setattr(floats, name, float_store)
+    return floats
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("geometry", ["d64-joint-3", "d80-joint-odd"])
+def test_integer_latents_read_as_the_torch_path_reads_them(geometry, bits, dtype):
+    """The kernel on codes equals, bit for bit, the kernel on float latents holding the torch path's dequantization
+    (float32, rounded to bfloat16 for a bfloat16 model), vector and AMX rebuilds alike: the dequantization is exact,
+    float16 subnormal zero points included (the kernel runs with denormals read as zero)."""
+    layer, state, rope, scaling, query, mask = prefilled_layer(*INTEGER_GEOMETRIES[geometry], bits, dtype)
+    valid = mask[:, 0, 0, : layer.keys.length].to(torch.uint8)
+    with torch.inference_mode():
+        for store in (layer.keys, layer.values):
+            store.stored.zero[..., ::5, -1] = 2.0**-20  # float16 subnormals
+            store.stored.zero[..., 1::5, 0] = -(2.0**-23)
+        floats = read_as_float_latents(layer)
+        for tiles in [False, True] if dtype == torch.bfloat16 and cpu_decode.tiles_available() else [False]:
+            expected = cpu_decode.decode_latents(query[:, :, 0], floats, state, rope.factors, scaling, valid, tiles)
+            got = cpu_decode.decode_latents(query[:, :, 0], layer, state, rope.factors, scaling, valid, tiles)
+            for a, b in zip(got, expected, strict=True):
+                torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
 def test_up_tiles_layout():

@@ -10,9 +10,16 @@ C++ compiler (about 10 s) into the cache folder (`$HF_SVDKV_CACHE/kernels`, keye
 processes load it with ctypes. Without a compiler, or with HF_SVDKV_CPU_KERNEL=0, `available()` is False and the
 torch path serves (same function, slower).
 
-On CPUs with AMX tiles (Intel Sapphire Rapids and later, Linux) bfloat16 latents are rebuilt by the tile unit, from
-the up projection split into two bfloat16 parts (`up_tiles`): the same keys to float32 rounding, and the kernel
-about 1.3x faster on the default model. HF_SVDKV_CPU_TILES=0 keeps the vector rebuild.
+Integer latents (8-bit, or 4-bit two to a byte) are read as codes: the kernel dequantizes a span of a group's tokens
+at a time into a per-thread buffer that stays in cache, to the same numbers the torch path reads (float32, rounded
+to bfloat16 for a bfloat16 model), and the group's KV heads read them there as float latents. A step reads half or a
+quarter of the bytes of bfloat16 latents (and a float16 scale and zero point per 32 channels) at about the speed of
+bfloat16 latents on the default model; the torch path, which dequantizes whole blocks in memory first, is 3-4x slower.
+
+On CPUs with AMX tiles (Intel Sapphire Rapids and later, Linux) bfloat16 latents, and integer latents of a bfloat16
+model, are rebuilt by the tile unit, from the up projection split into two bfloat16 parts (`up_tiles`): the same
+keys to float32 rounding, and the kernel about 1.3x faster on the default model. HF_SVDKV_CPU_TILES=0 keeps the
+vector rebuild.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from ..latents import LatentStore
 from ..svd_cache import SVDCacheLayer
 from .base import DecodeBackend
 from .rope import Rope
@@ -41,7 +49,8 @@ SOURCE = Path(__file__).with_name("cpu_decode.cpp")
 # or NaNs (hidden tokens are skipped, not given -inf scores).
 FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 HEAD_DIMS = (32, 64, 80, 96, 128, 256)  # the kernel's compiled head sizes
-LATENT_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+LATENT_DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # of float latents, or that integer latents are read as
+LATENT_BITS = (None, 8, 4)
 MAX_VALUE_RANK = 512
 MAX_QUERY_HEADS_PER_KV_HEAD = 32
 SPAN = 512  # tokens per work item: enough to amortise a span's setup, small enough to share 8k tokens among threads
@@ -79,6 +88,16 @@ def _build(compiler: str) -> Path:
     return library
 
 
+class _Latents(ctypes.Structure):
+    """A store's latents as the kernel reads them: `Latents` in cpu_decode.cpp."""
+
+    _fields_ = [
+        ("data", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("zero", ctypes.c_void_p),
+        ("bits", ctypes.c_int64), ("group", ctypes.c_int64),
+        ("stride", ctypes.c_int64 * 3), ("scale_stride", ctypes.c_int64 * 3),
+    ]
+
+
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     if os.environ.get("HF_SVDKV_CPU_KERNEL", "1") == "0":
@@ -94,7 +113,8 @@ def _library() -> ctypes.CDLL | None:
         return None
     function = library.hf_svdkv_latent_decode
     function.restype = ctypes.c_int
-    function.argtypes = [ctypes.c_void_p] * 14 + [ctypes.c_int64] * 20 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
+    function.argtypes = ([ctypes.POINTER(_Latents)] * 2 + [ctypes.c_void_p] * 12 + [ctypes.c_int64] * 14
+                         + [ctypes.c_float, ctypes.c_int, ctypes.c_int])
     library.hf_svdkv_tiles_available.restype = ctypes.c_int
     return library
 
@@ -135,6 +155,26 @@ def _pointer(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def _latents(store: LatentStore) -> _Latents:
+    """The kernel's description of `store`. It holds the tensors it points into (`held`): a contiguous copy would
+    otherwise be freed before the kernel reads it."""
+    strides = ctypes.c_int64 * 3
+    if store.bits is None:
+        data = store.stored if store.stored.stride(-1) == 1 else store.stored.contiguous()
+        latents = _Latents(data.data_ptr(), None, None, 0, 0, strides(*data.stride()[:3]))
+        latents.held = (data,)
+        return latents
+    data, scale, zero = store.stored.data, store.stored.scale, store.stored.zero
+    if data.stride(-1) != 1:
+        data = data.contiguous()
+    if scale.stride() != zero.stride() or scale.stride(-1) != 1:  # the kernel reads both with scale's strides
+        scale, zero = scale.contiguous(), zero.contiguous()
+    latents = _Latents(data.data_ptr(), scale.data_ptr(), zero.data_ptr(), store.bits, store.group,
+                       strides(*data.stride()[:3]), strides(*scale.stride()[:3]))
+    latents.held = (data, scale, zero)
+    return latents
+
+
 def decode_latents(
     query: torch.Tensor,
     layer: SVDCacheLayer,
@@ -149,15 +189,15 @@ def decode_latents(
     `rope` = `rope.rope_factors` of the layer's positions [batch, >= latent tokens, d/2] complex64;
     `valid` [batch, latent tokens] uint8 hides tokens (left padding). Returns the output over value latents
     [batch, heads, value_rank] float32 (normalised) and its natural-log log-sum-exp [batch, heads] (-inf where every
-    token is hidden), as `triton_kernel.decode_latents`. `tiles`: rebuild bfloat16 latents with AMX (default: where
-    `tiles_available()`)."""
+    token is hidden), as `triton_kernel.decode_latents`. `tiles`: rebuild latents read as bfloat16 with AMX
+    (default: where `tiles_available()`)."""
     batch, num_heads, head_dim = query.shape
-    keys, values = layer.keys.stored, layer.values.stored
-    latent_len, key_rank, value_rank = keys.shape[-2], keys.shape[-1], values.shape[-1]
+    value_groups, latent_len, value_rank = layer.values.shape[1:]
+    key_rank = layer.keys.shape[-1]
     num_kv_heads = state.value_center.shape[0]
     up = state.key_rows
     key_groups, width = up.shape[0], up.shape[-1]
-    use_tiles = keys.dtype == torch.bfloat16 and (tiles_available() if tiles is None else tiles)
+    use_tiles = layer.keys.dtype == torch.bfloat16 and (tiles_available() if tiles is None else tiles)
     if use_tiles and not tiles_available():
         raise RuntimeError("hf_svdkv CPU kernel: AMX tiles are not available on this machine (see tiles_available())")
     tile_tensor = None
@@ -165,8 +205,7 @@ def decode_latents(
         if "amx_tiles" not in state.kernel_data:
             state.kernel_data["amx_tiles"] = up_tiles(state.key_rows)
         tile_tensor = state.kernel_data["amx_tiles"]
-    if keys.stride(-1) != 1 or values.stride(-1) != 1:
-        keys, values = keys.contiguous(), values.contiguous()
+    keys, values = _latents(layer.keys), _latents(layer.values)
     queries = query.float().contiguous()  # [batch, heads, d]: a KV head's query heads adjacent; scaled in the kernel
     cos_sin = torch.view_as_real(rope.contiguous())  # [batch, positions, d/2, 2]
     if valid is not None:
@@ -179,15 +218,14 @@ def decode_latents(
     sizes = [partial, partial, partial * value_rank, batch * num_heads * value_rank, batch * num_heads, batch * num_heads]
     part_max, part_sum, part_acc, out, out_max, out_sum = torch.empty(sum(sizes), dtype=torch.float32, device=query.device).split(sizes)
     status = _library().hf_svdkv_latent_decode(
-        keys.data_ptr(), values.data_ptr(), up.data_ptr(), _pointer(tile_tensor), _pointer(state.key_bias), cos_sin.data_ptr(),
-        queries.data_ptr(),
+        ctypes.byref(keys), ctypes.byref(values), up.data_ptr(), _pointer(tile_tensor), _pointer(state.key_bias),
+        cos_sin.data_ptr(), queries.data_ptr(),
         _pointer(valid), part_max.data_ptr(), part_sum.data_ptr(), part_acc.data_ptr(),
         out_max.data_ptr(), out_sum.data_ptr(), out.data_ptr(),
-        batch, latent_len, num_kv_heads, per_kv, num_kv_heads // key_groups, num_kv_heads // values.shape[1],
+        batch, latent_len, num_kv_heads, per_kv, num_kv_heads // key_groups, num_kv_heads // value_groups,
         key_rank, value_rank, width, head_dim, SPAN, -(-key_rank // TILE_RANK) * TILE_RANK,
-        keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
         cos_sin.stride(0), 0 if valid is None else valid.stride(0),
-        ctypes.c_float(scaling), LATENT_DTYPES[keys.dtype], torch.get_num_threads(),
+        ctypes.c_float(scaling), LATENT_DTYPES[layer.keys.dtype], torch.get_num_threads(),
     )
     if status:
         raise ValueError(f"hf_svdkv CPU kernel: unsupported shape (head_dim {head_dim}, {per_kv} query heads per KV head, value rank {value_rank})")
@@ -196,8 +234,10 @@ def decode_latents(
 
 
 class CpuKernelBackend(DecodeBackend):
-    """Single-token steps on CPU through the fused kernel: float32 or bfloat16 latents (not integer codes), a compiled
-    head size, at most MAX_QUERY_HEADS_PER_KV_HEAD query heads per KV head, value rank at most MAX_VALUE_RANK."""
+    """Single-token steps on CPU through the fused kernel: float32 or bfloat16 latents, or 8- or 4-bit codes of a
+    float32 or bfloat16 model (in groups of an even number of channels: 4-bit codes of a group start on a byte), a
+    compiled head size, at most MAX_QUERY_HEADS_PER_KV_HEAD query heads per KV head, value rank at most
+    MAX_VALUE_RANK."""
 
     name = "cpu"
 
@@ -207,7 +247,9 @@ class CpuKernelBackend(DecodeBackend):
         return (
             query.device.type == "cpu"
             and query_len == 1
-            and keys.bits is None
+            and keys.bits in LATENT_BITS
+            and values.bits == keys.bits
+            and (keys.bits is None or keys.group % 2 == 0 and values.group % 2 == 0)
             and keys.dtype in LATENT_DTYPES
             and values.dtype == keys.dtype
             and head_dim in HEAD_DIMS

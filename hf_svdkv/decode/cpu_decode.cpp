@@ -14,12 +14,18 @@
 // latents times the up projection split in two bfloat16 parts (hi + lo, together float32 to 2^-17), accumulated in
 // float32, so the keys agree with the vector path to float32 rounding while the rebuild's multiply-adds leave the
 // vector units (about 1.3x faster per step on the default model's geometry).
+//
+// Integer latents (8-bit codes, or 4-bit codes two to a byte) are dequantized a span at a time into the latents the
+// torch path reads (QuantizedTensor.dequantize: code * scale + zero in float32, rounded to bfloat16 for a bfloat16
+// model), which the span then reads as it reads float latents (AMX tiles included). A thread takes the KV heads of a
+// group in turn, so they share one dequantization (joint bases: every KV head of the group reads the same latents).
 
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
 
 #include <algorithm>
+#include <numeric>
 #include <vector>
 
 #if defined(__SSE__)
@@ -46,6 +52,9 @@ typedef float Vec __attribute__((vector_size(64)));
 typedef float UnalignedVec __attribute__((vector_size(64), aligned(4)));
 typedef uint16_t Bf16x16 __attribute__((vector_size(32), aligned(2)));
 typedef uint32_t U32x16 __attribute__((vector_size(64)));
+typedef int32_t I32x16 __attribute__((vector_size(64)));
+typedef uint8_t U8x8 __attribute__((vector_size(8), aligned(1)));
+typedef uint8_t U8x16 __attribute__((vector_size(16), aligned(1)));
 
 inline Vec load(const float* p) { return *reinterpret_cast<const UnalignedVec*>(p); }
 inline Vec load(const uint16_t* p) {  // 16 bfloat16 -> float32: the bits are the top half of a float's
@@ -93,8 +102,118 @@ inline void row_to_float(const T* row, int64_t n, float* out) {
   for (; x < n; ++x) out[x] = to_float(row[x]);
 }
 
+// A float16 scale or zero point as float32 (exact). F16C converts float16 subnormals whatever the denormals-are-zero
+// flag the kernel runs with; without it, integer arithmetic (the usual bit trick would go through float32 denormals).
+inline float half_to_float(uint16_t h) {
+#if defined(__F16C__)
+  return _cvtsh_ss(h);
+#else
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000) << 16, magnitude = h & 0x7fff;
+  if (magnitude < 0x0400) {  // zero or subnormal: a whole number of 2^-24, a normal float32
+    const float x = static_cast<float>(magnitude) * 0x1p-24f;
+    return sign ? -x : x;
+  }
+  // Exponent rebiased from 15 to 127; infinities and NaNs keep an all-ones exponent.
+  const uint32_t bits = sign | ((magnitude << 13) + (magnitude >= 0x7c00 ? 0x70000000u : 0x38000000u));
+  float out;
+  memcpy(&out, &bits, sizeof(out));
+  return out;
+#endif
+}
+
+// Dequantized latents stored as float32, or as bfloat16 rounded to nearest, ties to even (as torch rounds).
+inline void store(float* p, Vec v) { *reinterpret_cast<UnalignedVec*>(p) = v; }
+inline void store(float* p, float v) { *p = v; }
+inline void store(uint16_t* p, Vec v) {
+  const U32x16 bits = (U32x16)v;
+  *reinterpret_cast<Bf16x16*>(p) = __builtin_convertvector((bits + 0x7fff + ((bits >> 16) & 1)) >> 16, Bf16x16);
+}
+inline void store(uint16_t* p, float v) {
+  uint32_t bits;
+  memcpy(&bits, &v, sizeof(bits));
+  *p = static_cast<uint16_t>((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
+}
+
+// 16 bytes as int32 lanes (GCC widens a byte vector one lane at a time).
+inline I32x16 widen(U8x16 bytes) {
+#if defined(__AVX512F__)
+  return (I32x16)_mm512_cvtepu8_epi32((__m128i)bytes);
+#else
+  return __builtin_convertvector(bytes, I32x16);
+#endif
+}
+
+// 16 codes of a row from channel x as float32; 4-bit codes start on a byte (x even).
+inline Vec codes16(const uint8_t* row, int64_t x, int64_t bits) {
+  if (bits == 8) return __builtin_convertvector(widen(*reinterpret_cast<const U8x16*>(row + x)), Vec);
+  // Byte i holds channels 2i (low nibble) and 2i + 1 (high nibble): each byte in two lanes, shifted by 0 and 4.
+  const U8x8 packed = *reinterpret_cast<const U8x8*>(row + x / 2);
+  const U8x16 twice = __builtin_shufflevector(packed, packed, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+  const I32x16 shift = {0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4};
+  return __builtin_convertvector((widen(twice) >> shift) & 15, Vec);
+}
+inline float code(const uint8_t* row, int64_t x, int64_t bits) {
+  return bits == 8 ? row[x] : (row[x / 2] >> (4 * (x % 2))) & 15;
+}
+
+// One kind of latents (keys or values) as stored, [B, groups, n, rank]: numbers of the latent dtype, or (bits 8 or 4)
+// integer codes [B, groups, n, ceil(rank * bits / 8)] with float16 scales and zero points [B, groups, n,
+// ceil(rank / group)] that share one set of strides. Strides in elements: batch, group, token.
+struct Latents {
+  const void* data; const uint16_t* scale; const uint16_t* zero;
+  int64_t bits, group;
+  int64_t stride[3], scale_stride[3];
+};
+
+// Latent rows of dtype T (float32, or bfloat16 as uint16_t): token t's at base + (t - first) * stride.
+template <typename T>
+struct Rows {
+  const T* base;
+  int64_t stride, first;
+  const T* row(int64_t t) const { return base + (t - first) * stride; }
+};
+
+// A batch row and group of stored latents.
+template <typename T>
+Rows<T> stored_rows(const Latents& l, int64_t b, int64_t g) {
+  return {static_cast<const T*>(l.data) + b * l.stride[0] + g * l.stride[1], l.stride[2], 0};
+}
+
+// Integer latents of one span, batch row and group as latents of dtype T, dequantized as the torch path reads them:
+// code * scale + zero in float32 (the product is exact, so a fused multiply-add rounds the same), then stored as T.
+// Kept for the next KV head of the group.
+template <typename T>
+struct Dequantized {
+  std::vector<T> rows;                // [span][rank]
+  int64_t held[3] = {-1, -1, -1};     // batch row, group, span
+
+  // Not inlined: one copy serves every head size (inlined into each, it doubled the build time).
+  __attribute__((noinline)) Rows<T> read(const Latents& l, int64_t rank, int64_t span, int64_t n, int64_t b, int64_t g,
+                                         int64_t s) {
+    const int64_t begin = s * span, end = std::min(n, begin + span);
+    if (held[0] == b && held[1] == g && held[2] == s) return {rows.data(), rank, begin};
+    held[0] = b, held[1] = g, held[2] = s;
+    rows.resize(span * rank);
+    const uint8_t* data = static_cast<const uint8_t*>(l.data) + b * l.stride[0] + g * l.stride[1];
+    const int64_t scales = b * l.scale_stride[0] + g * l.scale_stride[1];
+    for (int64_t t = begin; t < end; ++t) {
+      const uint8_t* codes = data + t * l.stride[2];
+      const uint16_t* scale = l.scale + scales + t * l.scale_stride[2];
+      const uint16_t* zero = l.zero + scales + t * l.scale_stride[2];
+      T* out = rows.data() + (t - begin) * rank;
+      for (int64_t group = 0, x = 0; x < rank; ++group) {
+        const float step = half_to_float(scale[group]), offset = half_to_float(zero[group]);
+        const int64_t group_end = std::min(rank, x + l.group);
+        for (; x + 16 <= group_end; x += 16) store(out + x, codes16(codes, x, l.bits) * step + offset);
+        for (; x < group_end; ++x) store(out + x, code(codes, x, l.bits) * step + offset);
+      }
+    }
+    return {rows.data(), rank, begin};
+  }
+};
+
 struct Args {
-  const void* keys; const void* values;  // latents [B, key groups, n, rk] / [B, value groups, n, rv]
+  Latents keys, values;                   // [B, key groups, n, rk] / [B, value groups, n, rv]
   const float* up;                        // [key groups, rk, width] float32, each head's RoPE pairs interleaved
   const uint16_t* up_tiles;               // AMX only: [key groups, rank_pad / 32, width / 16, hi|lo, 16, 16, 2]
   const float* bias;                      // [key groups, width] (the key center) or null
@@ -104,7 +223,7 @@ struct Args {
   float* part_max; float* part_sum; float* part_acc;  // [B, kv heads, spans, per_kv (, rv)]
   float* out_max; float* out_sum; float* out;         // [B, kv heads, per_kv (, rv)]
   int64_t batch, n, kv_heads, per_kv, heads_per_key_group, heads_per_value_group, rk, rv, width, span, rank_pad;
-  int64_t sk_b, sk_g, sk_t, sv_b, sv_g, sv_t, rope_stride, valid_stride;
+  int64_t rope_stride, valid_stride;
   float scaling;
 };
 
@@ -184,14 +303,12 @@ void rebuild_tiles(const uint16_t* latents, int64_t stride, int64_t rank_pad, co
 #endif
 
 template <int D, typename T, bool Tiles>
-void span_kernel(const Args& a, int64_t b, int64_t h, int64_t s, float* scratch) {
+void span_kernel(const Args& a, const Rows<T>& keys, const Rows<T>& values, int64_t b, int64_t h, int64_t s,
+                 float* scratch) {
   constexpr int V = D / 16;
   const int64_t per_kv = a.per_kv, rk = a.rk, rv = a.rv;
   const int64_t key_group = h / a.heads_per_key_group, column = (h % a.heads_per_key_group) * D;
-  const int64_t value_group = h / a.heads_per_value_group;
-  const T* keys = static_cast<const T*>(a.keys) + b * a.sk_b + key_group * a.sk_g;
   const float* up = a.up + key_group * rk * a.width + column;
-  const T* values = static_cast<const T*>(a.values) + b * a.sv_b + value_group * a.sv_g;
   const float* bias = a.bias ? a.bias + key_group * a.width + column : nullptr;
   const float* rope = a.rope + b * a.rope_stride;
   const uint8_t* valid = a.valid ? a.valid + b * a.valid_stride : nullptr;
@@ -228,10 +345,10 @@ void span_kernel(const Args& a, int64_t b, int64_t h, int64_t s, float* scratch)
 #if HF_SVDKV_TILES
     if (Tiles) {
       // Whole blocks of whole tile steps are read in place; a partial block or rank goes through a zero-padded copy.
-      const uint16_t* block = reinterpret_cast<const uint16_t*>(keys + t0 * a.sk_t);
-      int64_t stride = a.sk_t;
+      const uint16_t* block = reinterpret_cast<const uint16_t*>(keys.row(t0));
+      int64_t stride = keys.stride;
       if (count < kBlock || rk != a.rank_pad) {
-        for (int64_t t = 0; t < count; ++t) memcpy(tile_latents + t * a.rank_pad, keys + (t0 + t) * a.sk_t, rk * sizeof(T));
+        for (int64_t t = 0; t < count; ++t) memcpy(tile_latents + t * a.rank_pad, keys.row(t0 + t), rk * sizeof(T));
         for (int64_t t = count; t < kBlock; ++t) memset(tile_latents + t * a.rank_pad, 0, rk * sizeof(T));
         block = tile_latents;
         stride = a.rank_pad;
@@ -241,7 +358,7 @@ void span_kernel(const Args& a, int64_t b, int64_t h, int64_t s, float* scratch)
     }
 #endif
     if (!Tiles && sizeof(T) != sizeof(float))
-      for (int64_t t = 0; t < count; ++t) row_to_float(keys + (t0 + t) * a.sk_t, rk, rows + t * rk);
+      for (int64_t t = 0; t < count; ++t) row_to_float(keys.row(t0 + t), rk, rows + t * rk);
     for (int64_t u = 0; u < count; u += kUnroll) {
       Vec k[kUnroll][V];
       if (Tiles) {
@@ -251,7 +368,7 @@ void span_kernel(const Args& a, int64_t b, int64_t h, int64_t s, float* scratch)
         const float* latent_rows[kUnroll];
         for (int i = 0; i < kUnroll; ++i)
           latent_rows[i] = u + i >= count          ? zero_row
-                           : sizeof(T) == sizeof(float) ? reinterpret_cast<const float*>(keys + (t0 + u + i) * a.sk_t)
+                           : sizeof(T) == sizeof(float) ? reinterpret_cast<const float*>(keys.row(t0 + u + i))
                                                         : rows + (u + i) * rk;
         for (int i = 0; i < kUnroll; ++i)
           for (int v = 0; v < V; ++v) k[i][v] = center[v];
@@ -304,7 +421,7 @@ void span_kernel(const Args& a, int64_t b, int64_t h, int64_t s, float* scratch)
       running_sum[j] += block_sum;
     }
     // Value latents: the block's rows as float32 once, then each query head's output is accumulated in registers.
-    for (int64_t t = 0; t < count; ++t) row_to_float(values + (t0 + t) * a.sv_t, rv, value_rows + t * rv);
+    for (int64_t t = 0; t < count; ++t) row_to_float(values.row(t0 + t), rv, value_rows + t * rv);
     for (int64_t j = 0; j < per_kv; ++j) {
       float* out = acc + j * rv;
       int64_t x = 0;
@@ -363,10 +480,14 @@ struct DenormalsAreZero {
 #endif
 };
 
-template <int D, typename T, bool Tiles>
+// T: the latents' dtype, or with Quantized the dtype integer latents are read as (the model's).
+template <int D, typename T, bool Quantized, bool Tiles>
 void run(const Args& a, int threads) {
   const int64_t spans = (a.n + a.span - 1) / a.span;
   const int64_t items = a.batch * a.kv_heads * spans;
+  // Integer latents: a thread takes every KV head of a key group and of a value group of a span, in turn, so that
+  // they dequantize the group's span once.
+  const int64_t chunk = Quantized ? std::lcm(a.heads_per_key_group, a.heads_per_value_group) : 1;
 #pragma omp parallel num_threads(threads)
   {
     const DenormalsAreZero denormals_are_zero;
@@ -375,11 +496,18 @@ void run(const Args& a, int threads) {
 #endif
     std::vector<float> scratch(a.per_kv * a.rv + (kBlock + 1) * a.rk + kBlock * a.rv +
                                (Tiles ? kBlock * D + kBlock * a.rank_pad / 2 : 0));
-#pragma omp for schedule(dynamic, 1)
+    Dequantized<T> keys, values;
+#pragma omp for schedule(dynamic, chunk)
     for (int64_t item = 0; item < items; ++item) {
       // The KV heads of one span run one after another: they read the same cos/sin rows, still in cache.
       const int64_t h = item % a.kv_heads, s = (item / a.kv_heads) % spans, b = item / (a.kv_heads * spans);
-      span_kernel<D, T, Tiles>(a, b, h, s, scratch.data());
+      const int64_t key_group = h / a.heads_per_key_group, value_group = h / a.heads_per_value_group;
+      if constexpr (Quantized)
+        span_kernel<D, T, Tiles>(a, keys.read(a.keys, a.rk, a.span, a.n, b, key_group, s),
+                                 values.read(a.values, a.rv, a.span, a.n, b, value_group, s), b, h, s, scratch.data());
+      else
+        span_kernel<D, T, Tiles>(a, stored_rows<T>(a.keys, b, key_group), stored_rows<T>(a.values, b, value_group), b,
+                                 h, s, scratch.data());
     }
 #if HF_SVDKV_TILES
     if (Tiles) _tile_release();
@@ -389,17 +517,27 @@ void run(const Args& a, int threads) {
   }
 }
 
-template <typename T, bool Tiles>
+template <typename T, bool Quantized, bool Tiles>
 int dispatch(const Args& a, int64_t head_dim, int threads) {
   switch (head_dim) {
-    case 32: run<32, T, Tiles>(a, threads); return 0;
-    case 64: run<64, T, Tiles>(a, threads); return 0;
-    case 80: run<80, T, Tiles>(a, threads); return 0;
-    case 96: run<96, T, Tiles>(a, threads); return 0;
-    case 128: run<128, T, Tiles>(a, threads); return 0;
-    case 256: run<256, T, Tiles>(a, threads); return 0;
+    case 32: run<32, T, Quantized, Tiles>(a, threads); return 0;
+    case 64: run<64, T, Quantized, Tiles>(a, threads); return 0;
+    case 80: run<80, T, Quantized, Tiles>(a, threads); return 0;
+    case 96: run<96, T, Quantized, Tiles>(a, threads); return 0;
+    case 128: run<128, T, Quantized, Tiles>(a, threads); return 0;
+    case 256: run<256, T, Quantized, Tiles>(a, threads); return 0;
     default: return 1;
   }
+}
+
+// dtype: 0 float32, 1 bfloat16 (AMX tiles where the up projection's were given).
+template <bool Quantized>
+int dispatch(const Args& a, int64_t head_dim, int dtype, int threads) {
+  if (dtype != 1) return dispatch<float, Quantized, false>(a, head_dim, threads);
+#if HF_SVDKV_TILES
+  if (a.up_tiles) return dispatch<uint16_t, Quantized, true>(a, head_dim, threads);
+#endif
+  return dispatch<uint16_t, Quantized, false>(a, head_dim, threads);
 }
 
 }  // namespace
@@ -417,26 +555,21 @@ int hf_svdkv_tiles_available() {
 #endif
 }
 
-// dtype (of the key and value latents): 0 float32, 1 bfloat16. up_tiles: null, or (bfloat16 latents, after
-// hf_svdkv_tiles_available() said 1) the up projection as AMX tiles over rank_pad ranks.
-// Returns 0 on success, 1 for a shape it does not handle.
+// keys, values: both latents of `dtype` (bits 0) or both integer codes read as `dtype` (the model's): 0 float32,
+// 1 bfloat16. up_tiles: null, or (read as bfloat16, after hf_svdkv_tiles_available() said 1) the up projection as
+// AMX tiles over rank_pad ranks. Returns 0 on success, 1 for a shape it does not handle.
 int hf_svdkv_latent_decode(
-    const void* keys, const void* values, const float* up, const uint16_t* up_tiles, const float* bias,
+    const Latents* keys, const Latents* values, const float* up, const uint16_t* up_tiles, const float* bias,
     const float* rope, const float* query, const uint8_t* valid, float* part_max, float* part_sum, float* part_acc,
     float* out_max, float* out_sum, float* out,
     int64_t batch, int64_t n, int64_t kv_heads, int64_t per_kv, int64_t heads_per_key_group,
     int64_t heads_per_value_group, int64_t rk, int64_t rv, int64_t width, int64_t head_dim, int64_t span,
-    int64_t rank_pad, int64_t sk_b, int64_t sk_g, int64_t sk_t, int64_t sv_b, int64_t sv_g, int64_t sv_t, int64_t rope_stride,
-    int64_t valid_stride, float scaling, int dtype, int threads) {
+    int64_t rank_pad, int64_t rope_stride, int64_t valid_stride, float scaling, int dtype, int threads) {
   if (per_kv > kMaxPerKv || rv > kMaxRank) return 1;
-  Args a{keys, values, up, up_tiles, bias, rope, query, valid, part_max, part_sum, part_acc, out_max, out_sum, out,
+  Args a{*keys, *values, up, up_tiles, bias, rope, query, valid, part_max, part_sum, part_acc, out_max, out_sum, out,
          batch, n, kv_heads, per_kv, heads_per_key_group, heads_per_value_group, rk, rv, width, span, rank_pad,
-         sk_b, sk_g, sk_t, sv_b, sv_g, sv_t, rope_stride, valid_stride, scaling};
-  if (dtype != 1) return dispatch<float, false>(a, head_dim, threads);
-#if HF_SVDKV_TILES
-  if (up_tiles) return dispatch<uint16_t, true>(a, head_dim, threads);
-#endif
-  return dispatch<uint16_t, false>(a, head_dim, threads);
+         rope_stride, valid_stride, scaling};
+  return keys->bits ? dispatch<true>(a, head_dim, dtype, threads) : dispatch<false>(a, head_dim, dtype, threads);
 }
 
 }  // extern "C"
