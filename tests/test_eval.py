@@ -336,7 +336,7 @@ def test_cli_text_too_short(capsys, tiny_model_dir, tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("w1 w2 w3")
     code, err = run_cli(["eval", "--model", str(tiny_model_dir), "--text-file", str(short), "--ranks", "8:8",
-                        "--method", "weights"], capsys)
+                        "--method", "weights", "--context", "64", "--continuation", "32"], capsys)
     assert code == 2
     assert_one_line_error(err, "too short")
 

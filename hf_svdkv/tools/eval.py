@@ -170,8 +170,11 @@ def svd_row(
 
 
 def quantized_row(backend: str, nbits: int, name: str | None = None, **kwargs: Any) -> RowSpec:
-    """transformers' QuantizedCache, the peer a user would pick today, with `kwargs` (axes, group size, residual)."""
+    """transformers' QuantizedCache, the peer a user would pick today, with `kwargs` (axes, group size, residual;
+    hqq's head-dim axes by default)."""
     from transformers import QuantizedCache
+
+    kwargs = kwargs or (HQQ_AXES if backend == "hqq" else {})
 
     def make(model: nn.Module) -> Any:
         return QuantizedCache(backend=backend, config=model.config, nbits=nbits, **kwargs)
@@ -187,7 +190,7 @@ def quantized_row(backend: str, nbits: int, name: str | None = None, **kwargs: A
             for size in update_sizes:
                 states = torch.randn(1, config.num_key_value_heads, size, head_dim, dtype=model.dtype, device=model.device)
                 layer.update(states, states)
-        except RuntimeError as error:
+        except (RuntimeError, ValueError) as error:  # quanto raises ValueError for a group size that does not divide
             group = kwargs.get("q_group_size")
             multiple = f"multiples of its {group}-token groups" if kwargs.get("axis_key") == -1 else "multiples of 8"
             raise ValueError(
