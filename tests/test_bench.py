@@ -95,7 +95,7 @@ def test_bench_refuses_what_would_not_fit_before_allocating(capsys, tiny_model_d
     base = ["bench", "--model", str(tiny_model_dir), "--contexts", "9000000", "--batch", "1", "--ranks", "16:16",
             "--method", "weights"]
     code, err = run_cli(base, capsys)
-    assert code == 2 and "9,000,018 tokens is beyond the model's 512 positions" in err
+    assert code == 2 and "a --contexts prompt = 9,000,000 tokens is beyond the model's 512 positions" in err
     code, err = run_cli([*base, "--beyond-positions"], capsys)
     assert code == 2 and "GiB available" in err and "context 9,000,000 x batch 1 needs about" in err
 

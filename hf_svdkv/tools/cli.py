@@ -560,8 +560,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     config, model, tokenizer = _load(args)
     for context in contexts:
-        _check_positions(model, context + args.warmup + args.steps, "a --contexts prompt and its decoding steps",
-                         allowed=args.beyond_positions)
+        _check_positions(model, context, "a --contexts prompt", allowed=args.beyond_positions)
     configs = _eval_configs(args, model_geometry(model).num_kv_heads)
     calib_ids = _token_ids(args, tokenizer, model)[1] if any(c.method == "calibrated" for c in configs) else None
     # A target ratio is quoted at the longest context: the window's bytes are spread over it.
