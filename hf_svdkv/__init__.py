@@ -43,10 +43,24 @@ __all__ = [
 # The seed API's names: importable from here as before, loaded only when asked for. Its CompressionConfig is
 # `hf_svdkv.config.CompressionConfig`; the one here is the core's.
 _COMPAT_NAMES = {
-    "CompressedAutoregressiveDecoder", "CompressionInterface", "InferenceConfig", "LLaMA3Loader",
-    "LLaMACompressionInference", "LLaMACompressionProfileBuilder", "LLaMACompressionProfiles", "LLaMADatasetProcessor",
-    "LLaMAFullForward", "LLaMAKVCache", "LLaMAModelLoader", "LegacyCompressionWrapper", "MemoryManager", "ModelConfig",
-    "ModelConfigWrapper", "ModelLoaderInterface", "SVDCompressionAlgorithm", "StandardKVCache",
+    "CompressedAutoregressiveDecoder",
+    "CompressionInterface",
+    "InferenceConfig",
+    "LLaMA3Loader",
+    "LLaMACompressionInference",
+    "LLaMACompressionProfileBuilder",
+    "LLaMACompressionProfiles",
+    "LLaMADatasetProcessor",
+    "LLaMAFullForward",
+    "LLaMAKVCache",
+    "LLaMAModelLoader",
+    "LegacyCompressionWrapper",
+    "MemoryManager",
+    "ModelConfig",
+    "ModelConfigWrapper",
+    "ModelLoaderInterface",
+    "SVDCompressionAlgorithm",
+    "StandardKVCache",
 }
 
 

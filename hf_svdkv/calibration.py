@@ -98,8 +98,12 @@ class LayerStatistics:
     @classmethod
     def zeros(cls, hidden: int, device: torch.device, with_first: bool = True) -> LayerStatistics:
         first = cls.zeros(hidden, device, with_first=False) if with_first else None
-        return cls(0, torch.zeros(hidden, dtype=torch.float64, device=device),
-                   torch.zeros(hidden, hidden, dtype=torch.float64, device=device), first)
+        return cls(
+            0,
+            torch.zeros(hidden, dtype=torch.float64, device=device),
+            torch.zeros(hidden, hidden, dtype=torch.float64, device=device),
+            first,
+        )
 
     def add(self, x: torch.Tensor) -> None:
         """Accumulate rows x [n, hidden] (any dtype: summed in float64)."""
@@ -146,7 +150,11 @@ def _batches(token_ids: torch.Tensor, seq_len: int, batch_size: int) -> list[tor
 
 
 def collect_statistics(
-    model: nn.Module, token_ids: torch.Tensor, seq_len: int = 512, batch_size: int = 4, progress: bool = True,
+    model: nn.Module,
+    token_ids: torch.Tensor,
+    seq_len: int = 512,
+    batch_size: int = 4,
+    progress: bool = True,
     first_tokens: int = 0,
 ) -> list[LayerStatistics]:
     """Mean and covariance sums of every layer's k_proj/v_proj input over `token_ids` (1-D), in `seq_len` chunks.
@@ -165,10 +173,14 @@ def collect_statistics(
     handles = []
     try:
         for attn, stats in zip(modules, statistics, strict=True):
-            handles.append(attn.k_proj.register_forward_pre_hook(lambda _, args, stats=stats: _accumulate(stats, args[0])))
+            handles.append(
+                attn.k_proj.register_forward_pre_hook(lambda _, args, stats=stats: _accumulate(stats, args[0]))
+            )
         decoder = decoder_model(model)  # the LM head is not needed: skipping it saves most of the forward
         with torch.inference_mode():
-            for batch in tqdm(_batches(token_ids, seq_len, batch_size), desc="calibration", unit="batch", disable=not progress):
+            for batch in tqdm(
+                _batches(token_ids, seq_len, batch_size), desc="calibration", unit="batch", disable=not progress
+            ):
                 decoder(input_ids=batch.to(device), use_cache=False)
             if first_tokens:
                 step = max(token_ids.numel() // first_tokens, 1)
@@ -244,7 +256,12 @@ class CalibratedPCA:
 
     name = "calibrated"
 
-    def __init__(self, statistics: Sequence[LayerStatistics], value_metric: str = "output", sink_weight: float = DEFAULT_SINK_WEIGHT):
+    def __init__(
+        self,
+        statistics: Sequence[LayerStatistics],
+        value_metric: str = "output",
+        sink_weight: float = DEFAULT_SINK_WEIGHT,
+    ):
         if value_metric not in VALUE_METRICS:
             raise ValueError(f"unknown value_metric {value_metric!r}: choose one of {', '.join(VALUE_METRICS)}")
         if not 0 <= sink_weight < 1:
@@ -255,7 +272,9 @@ class CalibratedPCA:
         # Spectra (for allocation), probes and the final fit all need the same decompositions: compute each once.
         self._decompositions: dict[tuple[int, int], tuple[_Decomposition, _Decomposition]] = {}
 
-    def _decompose(self, layer_idx: int, attention: nn.Module, group_size: int) -> tuple[_Decomposition, _Decomposition]:
+    def _decompose(
+        self, layer_idx: int, attention: nn.Module, group_size: int
+    ) -> tuple[_Decomposition, _Decomposition]:
         key = (layer_idx, group_size)
         if key not in self._decompositions:
             self._decompositions[key] = self._compute_decomposition(layer_idx, attention, group_size)
@@ -265,7 +284,9 @@ class CalibratedPCA:
         self, layer_idx: int, attention: nn.Module, group_size: int
     ) -> tuple[_Decomposition, _Decomposition]:
         if layer_idx >= len(self.statistics):
-            raise ValueError(f"no calibration statistics for layer {layer_idx}: {len(self.statistics)} layers were calibrated")
+            raise ValueError(
+                f"no calibration statistics for layer {layer_idx}: {len(self.statistics)} layers were calibrated"
+            )
         stats = self.statistics[layer_idx]
         mean, covariance = stats.moments(self.sink_weight)
         parts = []
@@ -273,7 +294,9 @@ class CalibratedPCA:
             weight, bias = grouped_weight(linear, group_size, attention.head_dim)
             weight = weight.cpu()
             if weight.shape[-1] != mean.shape[0]:
-                raise ValueError(f"layer {layer_idx} statistics are {mean.shape[0]}-dimensional, its k/v input is {weight.shape[-1]}")
+                raise ValueError(
+                    f"layer {layer_idx} statistics are {mean.shape[0]}-dimensional, its k/v input is {weight.shape[-1]}"
+                )
             parts.append((weight @ covariance @ weight.transpose(1, 2), weight @ mean + bias.cpu()))
         (key_cov, key_center), (value_cov, value_center) = parts
         key = _Decomposition(*_descending_eigh(key_cov), key_center)
@@ -317,7 +340,9 @@ def probe_weights(
     def fit(i: int, attn: nn.Module, key_rank: int, value_rank: int) -> LayerBases:
         return algorithm.fit(i, attn, key_rank, value_rank, group_size)
 
-    kl = measure_sensitivity(model, fit, token_ids[:probe_tokens], probe, seq_len=min(seq_len, probe_tokens), progress=progress)
+    kl = measure_sensitivity(
+        model, fit, token_ids[:probe_tokens], probe, seq_len=min(seq_len, probe_tokens), progress=progress
+    )
     return sensitivity_weights(spectra, kl, probe)
 
 
@@ -347,8 +372,16 @@ def plan_ranks(
     if allocation == "uniform":
         return uniform_ranks(spectra, target_ratio, cost)
     if allocation == "sensitivity" and weights is None:
-        weights = probe_weights(model, algorithm, token_ids, group_size, PROBE_RATIO,
-                                probe_tokens=probe_tokens, seq_len=seq_len, progress=progress)
+        weights = probe_weights(
+            model,
+            algorithm,
+            token_ids,
+            group_size,
+            PROBE_RATIO,
+            probe_tokens=probe_tokens,
+            seq_len=seq_len,
+            progress=progress,
+        )
     return allocate_ranks(spectra, target_ratio, weights if allocation == "sensitivity" else None, cost)
 
 
@@ -379,14 +412,24 @@ class Calibrator:
         self.progress = progress
         self.allocation = allocation
         self.probe_tokens = probe_tokens
-        self.algorithm = CalibratedPCA(collect_statistics(model, token_ids, seq_len, batch_size, progress), value_metric, sink_weight)
+        self.algorithm = CalibratedPCA(
+            collect_statistics(model, token_ids, seq_len, batch_size, progress), value_metric, sink_weight
+        )
         self._weights: dict[tuple[int, float], list[tuple[float, float]]] = {}
 
     def _probe_weights(self, group_size: int, probe_ratio: float) -> list[tuple[float, float]]:
         key = (group_size, probe_ratio)
         if key not in self._weights:
-            self._weights[key] = probe_weights(self.model, self.algorithm, self.token_ids, group_size, probe_ratio,
-                                               probe_tokens=self.probe_tokens, seq_len=self.seq_len, progress=self.progress)
+            self._weights[key] = probe_weights(
+                self.model,
+                self.algorithm,
+                self.token_ids,
+                group_size,
+                probe_ratio,
+                probe_tokens=self.probe_tokens,
+                seq_len=self.seq_len,
+                progress=self.progress,
+            )
         return self._weights[key]
 
     def measure(self, configs: Sequence[CompressionConfig]) -> None:
@@ -397,7 +440,9 @@ class Calibrator:
                 if config.target_ratio is not None:
                     self._probe_weights(config.heads_per_group(num_kv_heads), PROBE_RATIO)
 
-    def layer_ranks(self, config: CompressionConfig, sequence_length: int | None = None) -> list[tuple[int, int]] | None:
+    def layer_ranks(
+        self, config: CompressionConfig, sequence_length: int | None = None
+    ) -> list[tuple[int, int]] | None:
         """(key, value) ranks per group and layer for `config`: None for its uniform ranks, else allocated for its
         target_ratio, counting its latent_bits and (over `sequence_length` tokens) its window. The bases are then
         `SVDBases.from_calibrator(self, config)`."""
@@ -407,5 +452,13 @@ class Calibrator:
             return None
         group = config.heads_per_group(geometry.num_kv_heads)
         weights = self._probe_weights(group, PROBE_RATIO) if self.allocation == "sensitivity" else None
-        return plan_ranks(self.model, self.algorithm, self.token_ids, group, config.target_ratio, self.allocation,
-                          cost=storage_cost(config, sequence_length), weights=weights)
+        return plan_ranks(
+            self.model,
+            self.algorithm,
+            self.token_ids,
+            group,
+            config.target_ratio,
+            self.allocation,
+            cost=storage_cost(config, sequence_length),
+            weights=weights,
+        )

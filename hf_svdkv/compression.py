@@ -1,6 +1,6 @@
 """The seed's `core.compression` import path (compat/)."""
 
-from .compat import (  # noqa: F401,E501
+from .compat import (  # noqa: F401
     LegacyCompressionWrapper,
     LLaMACompressionProfileBuilder,
     LLaMACompressionProfiles,

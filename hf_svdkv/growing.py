@@ -1,9 +1,10 @@
 """Appending to a cache tensor without copying what it already holds.
 
-`torch.cat([stored, new])` copies the whole cache on every decoding step: at 8k tokens that copy costs as much as
-the attention itself. Here a tensor lives in a buffer with a little spare room along the sequence; a step writes its
-token into the room and hands out a longer view of the same buffer. When the room runs out, the buffer is copied
-once into a larger one (amortised: a constant number of tokens copied per step). Views handed out earlier are never written through: new tokens go past their end.
+`torch.cat([stored, new])` copies the whole cache on every decoding step: at 8k tokens that copy costs as much as the
+attention itself. Here a tensor lives in a buffer with a little spare room along the sequence; a step writes its token
+into the room and hands out a longer view of the same buffer. When the room runs out, the buffer is copied once into a
+larger one (amortised: a constant number of tokens copied per step). Views handed out earlier are never written through:
+new tokens go past their end.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ class Buffer:
     used: int
 
 
-def append_along(buffer: Buffer | None, stored: torch.Tensor, new: torch.Tensor, dim: int = -2) -> tuple[torch.Tensor, Buffer]:
+def append_along(
+    buffer: Buffer | None, stored: torch.Tensor, new: torch.Tensor, dim: int = -2
+) -> tuple[torch.Tensor, Buffer]:
     """(`stored` followed by `new` along `dim`, the buffer that view lives in).
 
     `new` is written in place when `stored` is the view this function returned last time with `buffer` and there is
@@ -56,7 +59,9 @@ def _has_room(buffer: Buffer | None, stored: torch.Tensor, needed: int, dim: int
     if buffer.data.is_inference() and not torch.is_inference_mode_enabled():
         return False  # an inference tensor may not be written outside inference mode
     prefix = buffer.data.narrow(dim, 0, buffer.used)
-    return stored.data_ptr() == prefix.data_ptr() and stored.shape == prefix.shape and stored.stride() == prefix.stride()
+    return (
+        stored.data_ptr() == prefix.data_ptr() and stored.shape == prefix.shape and stored.stride() == prefix.stride()
+    )
 
 
 def held_nbytes(view: torch.Tensor, buffer: Buffer | None) -> int:

@@ -104,8 +104,18 @@ class QuantizedLatentStore(LatentStore):
     projection is rotated once (`prepare`), so latents are born rotated at no per-token cost (`rotate=False` skips
     it, for measuring what it buys)."""
 
-    def __init__(self, batch: int, groups: int, rank: int, dtype: torch.dtype, device: torch.device, *, bits: int,
-                 group: int = 32, rotate: bool = True):
+    def __init__(
+        self,
+        batch: int,
+        groups: int,
+        rank: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        *,
+        bits: int,
+        group: int = 32,
+        rotate: bool = True,
+    ):
         self.bits, self.group, self.rotate = bits, group, rotate
         super().__init__(batch, groups, rank, dtype, device)
 

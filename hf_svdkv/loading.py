@@ -1,3 +1,3 @@
-"""`hf_svdkv.loading`, the import path the README's quickstart used: `ModelConfig` and `load_model` (`tools.loading`)."""
+"""`hf_svdkv.loading`, the import path older quickstarts used: `ModelConfig` and `load_model` (`tools.loading`)."""
 
 from .tools.loading import ModelConfig, load_model  # noqa: F401

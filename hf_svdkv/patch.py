@@ -128,7 +128,9 @@ def patch_model(
         unpatch_model(model)
     with onloaded_kv_weights(model):
         if bases is None:
-            bases = fit_bases(model, config, tokenizer=tokenizer, calibration_text=calibration_text, bases_cache=bases_cache)
+            bases = fit_bases(
+                model, config, tokenizer=tokenizer, calibration_text=calibration_text, bases_cache=bases_cache
+            )
         else:
             bases.validate(model)
 
@@ -136,7 +138,10 @@ def patch_model(
         window = config.window if config is not None else 0
     check_window(window)
     if window and getattr(model.config, "_attn_implementation", None) not in ("eager", "sdpa"):
-        raise ValueError(f"a full-precision window needs the eager or sdpa attention backend, not {model.config._attn_implementation!r}")
+        raise ValueError(
+            "a full-precision window needs the eager or sdpa attention backend, "
+            f"not {model.config._attn_implementation!r}"
+        )
     if latent_bits is None and config is not None:
         latent_bits = config.latent_bits
     check_latent_bits(latent_bits)
@@ -148,12 +153,20 @@ def patch_model(
     for module in modules:
         attribute = _forward_attribute(module)
         original_forward = getattr(module, attribute)
-        patch = AttentionPatch(original_forward=original_forward, rotary_emb=rotary_emb, bases=bases,
-                               cache_argument=cache_argument(original_forward))
+        patch = AttentionPatch(
+            original_forward=original_forward,
+            rotary_emb=rotary_emb,
+            bases=bases,
+            cache_argument=cache_argument(original_forward),
+        )
         state.replace(module, attribute, partial(compressed_attention_forward, module, patch))
     if hasattr(model, "_prepare_cache_for_generation"):
         original = model._prepare_cache_for_generation
-        state.replace(model, "_prepare_cache_for_generation", partial(_prepare_compressed_cache, model, original, cache_argument(model.forward)))
+        state.replace(
+            model,
+            "_prepare_cache_for_generation",
+            partial(_prepare_compressed_cache, model, original, cache_argument(model.forward)),
+        )
     model.__dict__[STATE_ATTRIBUTE] = state
     model.__dict__[SETTINGS_ATTRIBUTE] = settings  # what SVDCompressedCache(model) is built with
     return model

@@ -104,7 +104,9 @@ def concat(tensors: Sequence[QuantizedTensor]) -> QuantizedTensor:
     if any((t.bits, t.group, t.dim) != (first.bits, first.group, first.dim) for t in tensors):
         raise ValueError("cannot concatenate quantized tensors of different bits, group or dim")
     data, scale, zero = ([getattr(t, name) for t in tensors] for name in ("data", "scale", "zero"))
-    return QuantizedTensor(torch.cat(data, -2), torch.cat(scale, -2), torch.cat(zero, -2), first.bits, first.group, first.dim)
+    return QuantizedTensor(
+        torch.cat(data, -2), torch.cat(scale, -2), torch.cat(zero, -2), first.bits, first.group, first.dim
+    )
 
 
 def _round_toward(x: torch.Tensor, direction: float) -> torch.Tensor:

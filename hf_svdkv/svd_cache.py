@@ -99,8 +99,10 @@ class SVDCacheLayer(CacheLayerMixin):
         old_keys, old_values = self.keys.read(dtype=dtype), self.values.read(dtype=dtype)
         exact_keys, exact_values, new_keys, new_values = self._store(key_states, value_states, positions)
         rebuilt = []
-        for projection, store, old, new in ((self.projection.key, self.keys, old_keys, new_keys),
-                                            (self.projection.value, self.values, old_values, new_values)):
+        for projection, store, old, new in (
+            (self.projection.key, self.keys, old_keys, new_keys),
+            (self.projection.value, self.values, old_values, new_values),
+        ):
             latents = torch.cat([old, store.decode(new, old.dtype)], dim=-2)
             rebuilt.append(projection.decode(latents, self.head_dim).to(self.dtype))
         if not self.exact_tail:
@@ -125,7 +127,12 @@ class SVDCacheLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         if self.projection.key.down.is_inference() and not torch.is_inference_mode_enabled():
             # Bases made or moved under torch.inference_mode are inference tensors, which autograd may not save.
-            self.projection = LayerBases(*(Projection(*(t.clone() for t in (p.down, p.up, p.center))) for p in (self.projection.key, self.projection.value)))
+            self.projection = LayerBases(
+                *(
+                    Projection(*(t.clone() for t in (p.down, p.up, p.center)))
+                    for p in (self.projection.key, self.projection.value)
+                )
+            )
         self.positions, self._positions_buffer = append_along(
             self._positions_buffer, self.positions, positions.to(self.device, torch.int32), dim=-1
         )
@@ -141,7 +148,9 @@ class SVDCacheLayer(CacheLayerMixin):
         self.keys.append(new_keys, aged)
         self.values.append(new_values, aged)
         # A slice would keep the whole span's storage alive (a prefill's full-size keys and values): keep a copy.
-        self.recent_keys, self.recent_values = (t[..., aged:, :].clone() if aged else t for t in (exact_keys, exact_values))
+        self.recent_keys, self.recent_values = (
+            t[..., aged:, :].clone() if aged else t for t in (exact_keys, exact_values)
+        )
         self.exact_tail = exact_keys.shape[-2] if self.window else 0
         return exact_keys, exact_values, new_keys, new_values
 
@@ -175,7 +184,10 @@ class SVDCacheLayer(CacheLayerMixin):
         remove = min(-tokens_to_remove, self.get_seq_length())
         from_recent = min(remove, self.recent_keys.shape[-2])
         keep_recent = self.recent_keys.shape[-2] - from_recent
-        self.recent_keys, self.recent_values = self.recent_keys[..., :keep_recent, :], self.recent_values[..., :keep_recent, :]
+        self.recent_keys, self.recent_values = (
+            self.recent_keys[..., :keep_recent, :],
+            self.recent_values[..., :keep_recent, :],
+        )
         keep_latent = self.keys.length - (remove - from_recent)
         self.keys.crop(keep_latent)
         self.values.crop(keep_latent)

@@ -64,12 +64,15 @@ def tokenize_text(tokenizer: PreTrainedTokenizerBase, text: str, vocab_size: int
     limit = vocab_size if vocab_size is not None else tokenizer.vocab_size
     if ids.numel() and int(ids.max()) >= limit:
         bad = sorted(set(ids[ids >= limit].tolist()))[:5]
-        raise ValueError(f"text tokenizes to ids {bad} >= vocab size {limit} (added/special tokens the model cannot embed)")
+        raise ValueError(
+            f"text tokenizes to ids {bad} >= vocab size {limit} (added/special tokens the model cannot embed)"
+        )
     return ids
 
 
-def make_windows(ids: torch.Tensor, window_len: int, n_windows: int, *, start: int = 0,
-                 stop: int | None = None) -> list[torch.Tensor]:
+def make_windows(
+    ids: torch.Tensor, window_len: int, n_windows: int, *, start: int = 0, stop: int | None = None
+) -> list[torch.Tensor]:
     """``n_windows`` non-overlapping windows of ``window_len`` tokens, evenly spread over ``ids[start:stop]``.
 
     The first window starts at ``start`` and the last ends at ``stop``, so runs are reproducible and
@@ -82,16 +85,21 @@ def make_windows(ids: torch.Tensor, window_len: int, n_windows: int, *, start: i
     start, stop, _ = slice(start, stop).indices(ids.numel())
     available = max(stop - start, 0)
     if available < window_len:
-        raise ValueError(f"text too short: {available} tokens, need at least {window_len} for one window of "
-                         f"{window_len} tokens; use a longer text or a shorter window")
+        raise ValueError(
+            f"text too short: {available} tokens, need at least {window_len} for one window of "
+            f"{window_len} tokens; use a longer text or a shorter window"
+        )
     fit = available // window_len
     if fit < n_windows:
-        warnings.warn(f"only {fit} windows of {window_len} tokens fit in {available} tokens (asked for {n_windows})",
-                      stacklevel=2)
+        warnings.warn(
+            f"only {fit} windows of {window_len} tokens fit in {available} tokens (asked for {n_windows})", stacklevel=2
+        )
         n_windows = fit
     slack = available - n_windows * window_len
     gaps = [0 if n_windows == 1 else i * slack // (n_windows - 1) for i in range(n_windows)]
-    return [ids[start + i * window_len + gap:start + (i + 1) * window_len + gap].clone() for i, gap in enumerate(gaps)]
+    return [
+        ids[start + i * window_len + gap : start + (i + 1) * window_len + gap].clone() for i, gap in enumerate(gaps)
+    ]
 
 
 def split_calibration(ids: torch.Tensor, calib_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,4 +114,3 @@ def split_calibration(ids: torch.Tensor, calib_tokens: int) -> tuple[torch.Tenso
         raise ValueError(f"calib_tokens must be in [1, {ids.numel() - 1}] for {ids.numel()} tokens, got {calib_tokens}")
     cut = ids.numel() - calib_tokens
     return ids[cut:], ids[:cut]
-

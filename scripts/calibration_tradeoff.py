@@ -88,8 +88,9 @@ def main() -> None:
         source = corpora[variant.corpus]
         token_ids = spread_tokens(source, variant.tokens) if variant.spread else source[-variant.tokens :]
         start = time.perf_counter()
-        calibrator = Calibrator(model, token_ids, allocation=variant.allocation, probe_tokens=variant.probe_tokens,
-                                progress=False)
+        calibrator = Calibrator(
+            model, token_ids, allocation=variant.allocation, probe_tokens=variant.probe_tokens, progress=False
+        )
         for index, (name, fields) in enumerate(ROWS):
             config = CompressionConfig(**fields, group_size=3)
             bases = SVDBases.from_calibrator(calibrator, config, length)
@@ -98,13 +99,25 @@ def main() -> None:
             rows.append(svd_row(f"{variant.label} | {name}", config=config, bases_factory=lambda m, c, b=bases: b))
         print(f"{variant.label}: {seconds[variant.label]:.1f} s", flush=True)
 
-    result = run_eval(model, eval_ids, rows, context=args.context, continuation=args.continuation, n_windows=args.windows,
-                      model_name="smollm2-135m-instruct", dataset_name="wiki", settings={"dtype": "bfloat16"},
-                      progress=False)
+    result = run_eval(
+        model,
+        eval_ids,
+        rows,
+        context=args.context,
+        continuation=args.continuation,
+        n_windows=args.windows,
+        model_name="smollm2-135m-instruct",
+        dataset_name="wiki",
+        settings={"dtype": "bfloat16"},
+        progress=False,
+    )
     report = result.to_dict()
-    report["settings"].update(calibration_seconds=seconds, load_average=[load_start, os.getloadavg()[0]],
-                              command="python scripts/calibration_tradeoff.py " + " ".join(
-                                  f"--{k} {v}" for k, v in (("json", args.json), ("markdown", args.markdown))))
+    report["settings"].update(
+        calibration_seconds=seconds,
+        load_average=[load_start, os.getloadavg()[0]],
+        command="python scripts/calibration_tradeoff.py "
+        + " ".join(f"--{k} {v}" for k, v in (("json", args.json), ("markdown", args.markdown))),
+    )
     args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     args.markdown.write_text(to_markdown(report, [v.label for v in chosen]), encoding="utf-8")
     print(args.markdown.read_text())

@@ -1,4 +1,5 @@
 """Perplexity of compressed KV caches vs the dynamic cache: same flags as `hf-svdkv eval`."""
+
 import sys
 
 from hf_svdkv.tools.cli import main

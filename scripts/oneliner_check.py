@@ -43,10 +43,19 @@ ANSWER_TOKENS = 64
 ONE_LINERS = [
     ("CompressionConfig(target_ratio=2.0)", {"target_ratio": 2.0}),
     ("CompressionConfig(target_ratio=3.0)", {"target_ratio": 3.0}),
-    ("CompressionConfig(target_ratio=6.0, latent_bits=4, window=64)", {"target_ratio": 6.0, "latent_bits": 4, "window": 64}),
-    ("CompressionConfig(target_ratio=2.0, calibration=\"full\")", {"target_ratio": 2.0, "calibration": "full"}),
-    ("CompressionConfig(key_rank=32, value_rank=32, method=\"weights\")", {"key_rank": 32, "value_rank": 32, "method": "weights"}),
-    ("weight-only k32/v32, no window (the old quickstart line)", {"key_rank": 32, "value_rank": 32, "method": "weights", "window": 0}),
+    (
+        "CompressionConfig(target_ratio=6.0, latent_bits=4, window=64)",
+        {"target_ratio": 6.0, "latent_bits": 4, "window": 64},
+    ),
+    ('CompressionConfig(target_ratio=2.0, calibration="full")', {"target_ratio": 2.0, "calibration": "full"}),
+    (
+        'CompressionConfig(key_rank=32, value_rank=32, method="weights")',
+        {"key_rank": 32, "value_rank": 32, "method": "weights"},
+    ),
+    (
+        "weight-only k32/v32, no window (the old quickstart line)",
+        {"key_rank": 32, "value_rank": 32, "method": "weights", "window": 0},
+    ),
 ]
 # transformers' QuantizedCache with KIVI's axes (keys per channel, values per token), the strongest peer setting.
 PEERS = [("QuantizedCache quanto int4, KIVI axes", 4, 64), ("QuantizedCache quanto int2, KIVI axes, group 32", 2, 32)]
@@ -77,15 +86,25 @@ def main() -> None:
     rows = []
 
     def measure(label: str, make_cache, patch_seconds: float | None, cached_seconds: float | None = None) -> None:
-        agreement = {name: next_token_agreement(model, prompts, make_cache, references[name]) for name, prompts in sets.items()}
+        agreement = {
+            name: next_token_agreement(model, prompts, make_cache, references[name]) for name, prompts in sets.items()
+        }
         cache = make_cache()
         answer, _, _ = greedy(model, sets["lee"][0][None], cache, ANSWER_TOKENS, eos)
         text = tokenizer.decode(answer, skip_special_tokens=True)
         ratio = full_bytes / (cache_nbytes(cache) / (PROMPT_TOKENS + len(answer)))
-        rows.append({"row": label, "patch_seconds": patch_seconds, "cached_seconds": cached_seconds,
-                     **{f"agreement_{name}": a.mean for name, a in agreement.items()},
-                     **{f"agreement_{name}_per_prompt": a.per_prompt for name, a in agreement.items()},
-                     "kv_ratio": ratio, "non_words": non_word_share(text, vocabulary), "answer": text})
+        rows.append(
+            {
+                "row": label,
+                "patch_seconds": patch_seconds,
+                "cached_seconds": cached_seconds,
+                **{f"agreement_{name}": a.mean for name, a in agreement.items()},
+                **{f"agreement_{name}_per_prompt": a.per_prompt for name, a in agreement.items()},
+                "kv_ratio": ratio,
+                "non_words": non_word_share(text, vocabulary),
+                "answer": text,
+            }
+        )
         print(f"{label}: {rows[-1]['agreement_lee']:.3f} / {rows[-1]['agreement_wiki']:.3f}, {ratio:.2f}x", flush=True)
 
     measure("DynamicCache", lambda: DynamicCache(config=model.config), None)
@@ -103,9 +122,19 @@ def main() -> None:
             finally:
                 unpatch_model(model)
     for label, bits, group in PEERS:
-        measure(label, lambda bits=bits, group=group: QuantizedCache(
-            backend="quanto", config=model.config, nbits=bits, axis_key=-1, axis_value=0, q_group_size=group,
-            residual_length=128), None)
+        measure(
+            label,
+            lambda bits=bits, group=group: QuantizedCache(
+                backend="quanto",
+                config=model.config,
+                nbits=bits,
+                axis_key=-1,
+                axis_value=0,
+                q_group_size=group,
+                residual_length=128,
+            ),
+            None,
+        )
 
     command = f"python scripts/oneliner_check.py --json {args.json} --markdown {args.markdown}"
     args.json.write_text(json.dumps({"command": command, "rows": rows}, indent=2) + "\n", encoding="utf-8")
@@ -124,15 +153,22 @@ def to_markdown(rows: list[dict], command: str) -> str:
         f"smollm2-135m-instruct · bfloat16 · {PROMPTS_PER_SET} + {PROMPTS_PER_SET} held-out prompts of "
         f"{PROMPT_TOKENS:,} tokens · {NEW_TOKENS} teacher-forced tokens each",
         "",
-        "| cache | patch_model s (cold) | patch_model s (cached) | agreement, Lee | agreement, wiki | KV ratio | non-words |",
+        "| cache | patch_model s (cold) | patch_model s (cached) | agreement, Lee | agreement, wiki | KV ratio "
+        "| non-words |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
-        lines.append(f"| {row['row']} | {_seconds(row['patch_seconds'])} | {_seconds(row['cached_seconds'])} | "
-                     f"{row['agreement_lee']:.2f} | {row['agreement_wiki']:.2f} | {row['kv_ratio']:.2f}x | "
-                     f"{row['non_words']:.0%} |")
-    lines += ["", "KV ratio: bytes of a 16-bit full cache over the bytes each cache held after a 1,536-token prompt and "
-              f"its {ANSWER_TOKENS}-token answer (window and positions included). Answers to the first Lee prompt:", ""]
+        lines.append(
+            f"| {row['row']} | {_seconds(row['patch_seconds'])} | {_seconds(row['cached_seconds'])} | "
+            f"{row['agreement_lee']:.2f} | {row['agreement_wiki']:.2f} | {row['kv_ratio']:.2f}x | "
+            f"{row['non_words']:.0%} |"
+        )
+    lines += [
+        "",
+        "KV ratio: bytes of a 16-bit full cache over the bytes each cache held after a 1,536-token prompt and "
+        f"its {ANSWER_TOKENS}-token answer (window and positions included). Answers to the first Lee prompt:",
+        "",
+    ]
     lines += [f"- {row['row']}: {json.dumps(row['answer'][:160])}" for row in rows]
     return "\n".join(lines) + "\n"
 

@@ -87,7 +87,9 @@ def main() -> None:
             start = time.perf_counter()
             if method == "weights":
                 spectra = weight_spectra(model, group)
-                ranks = uniform_ranks(spectra, ratio) if allocation == "uniform" else weight_spectrum_ranks(model, config)
+                ranks = (
+                    uniform_ranks(spectra, ratio) if allocation == "uniform" else weight_spectrum_ranks(model, config)
+                )
                 bases = SVDBases.from_model(model, config, layer_ranks=ranks)
             else:
                 algorithm = algorithms[metric]
@@ -97,21 +99,36 @@ def main() -> None:
                     key = (metric, group, max(ratio, PROBE_RATIO))
                     if key not in weights:
                         probe_start = time.perf_counter()
-                        weights[key] = probe_weights(model, algorithm, calib_ids, group, key[2], probe_tokens=args.probe_tokens)
+                        weights[key] = probe_weights(
+                            model, algorithm, calib_ids, group, key[2], probe_tokens=args.probe_tokens
+                        )
                         timings[f"probe_seconds_{metric}_g{group}_{key[2]:g}x"] = time.perf_counter() - probe_start
                     ranks = allocate_ranks(spectra, ratio, weights[key])
                 else:
                     ranks = plan_ranks(model, algorithm, calib_ids, group, ratio, allocation)
                 bases = SVDBases.from_model(model, config, algorithm=algorithm, layer_ranks=ranks)
             name = f"{ratio:g}x | {label}"
-            plans[name] = {"ratio": ratio, "variant": label, "ranks": ranks, "planned_bytes_per_token": budget_bytes(ranks, spectra),
-                           "plan_seconds": time.perf_counter() - start}
+            plans[name] = {
+                "ratio": ratio,
+                "variant": label,
+                "ranks": ranks,
+                "planned_bytes_per_token": budget_bytes(ranks, spectra),
+                "plan_seconds": time.perf_counter() - start,
+            }
             rows.append(bases_row(name, bases))
 
-    result = run_eval(model, eval_ids, rows, protocol="continuation", context=args.context,
-                      continuation=args.continuation, n_windows=args.windows, model_name="SmolLM2-135M-Instruct bf16",
-                      dataset_name="wiki", settings={"calib_tokens": args.calib_tokens, **timings,
-                                                     "load_average_end": os.getloadavg()[0]})
+    result = run_eval(
+        model,
+        eval_ids,
+        rows,
+        protocol="continuation",
+        context=args.context,
+        continuation=args.continuation,
+        n_windows=args.windows,
+        model_name="SmolLM2-135M-Instruct bf16",
+        dataset_name="wiki",
+        settings={"calib_tokens": args.calib_tokens, **timings, "load_average_end": os.getloadavg()[0]},
+    )
     report = result.to_dict()
     for row in report["rows"]:
         row.update(plans.get(row["name"], {}))
@@ -126,8 +143,11 @@ def to_markdown(report: dict, ratios: list[float], labels: list[str]) -> str:
     rows = {(r.get("variant"), r.get("ratio")): r for r in report["rows"]}
     base = report["rows"][0]
     settings = report["settings"]
-    seconds = ", ".join(f"{k.removesuffix('_seconds').replace('_', ' ')} {v:.0f} s" for k, v in settings.items()
-                        if k.endswith("_seconds") and k != "total_seconds")
+    seconds = ", ".join(
+        f"{k.removesuffix('_seconds').replace('_', ' ')} {v:.0f} s"
+        for k, v in settings.items()
+        if k.endswith("_seconds") and k != "total_seconds"
+    )
     lines = [
         f"Baseline (DynamicCache) ppl {base['ppl']:.3f}; {settings['windows']} windows, "
         f"context {settings['context']} + {settings['continuation']} scored tokens; calibration on "

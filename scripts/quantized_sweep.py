@@ -60,7 +60,9 @@ def latent_target_ratio(model: nn.Module, ratio: float, bits: int) -> float:
     return full / (2 * dims + POSITION_BYTES * g.num_layers)
 
 
-def calibrated_row(name: str, calib_ids: torch.Tensor, ratio: float, bits: int, group_size: int, window: int) -> RowSpec:
+def calibrated_row(
+    name: str, calib_ids: torch.Tensor, ratio: float, bits: int, group_size: int, window: int
+) -> RowSpec:
     from hf_svdkv.bases import calibrate_bases
 
     bases = {}
@@ -125,8 +127,10 @@ def markdown(result: EvalResult) -> str:
     ]
     for row in result.rows:
         delta = f"{row.delta_pct:+.2f}%" if math.isfinite(row.delta_pct) else "diverged"
-        lines.append(f"| {row.name} | {row.ppl:.3f} | {delta} | {row.kv_bytes_per_token:,.1f} | "
-                     f"{row.compression_ratio:.2f}x | {row.seconds:.0f} |")
+        lines.append(
+            f"| {row.name} | {row.ppl:.3f} | {delta} | {row.kv_bytes_per_token:,.1f} | "
+            f"{row.compression_ratio:.2f}x | {row.seconds:.0f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -149,11 +153,22 @@ def main() -> None:
     calibrated = has_calibration() and not args.no_calibrated
     rows = build_rows(model_geometry(model).head_dim, calib_ids if calibrated else None, args.window)
     rows = rows[:1] + [row for row in rows[1:] if any(fnmatch(row.name, pattern) for pattern in args.rows)]
-    settings = {"dtype": str(model.dtype).removeprefix("torch."), "calibration_tokens": calib_ids.numel(),
-                "window": args.window}
-    result = run_eval(model, ids, rows, context=args.context, continuation=args.continuation, n_windows=args.windows,
-                      model_name=model.config.name_or_path.rstrip("/").split("/")[-1], dataset_name="wiki",
-                      settings=settings)
+    settings = {
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "calibration_tokens": calib_ids.numel(),
+        "window": args.window,
+    }
+    result = run_eval(
+        model,
+        ids,
+        rows,
+        context=args.context,
+        continuation=args.continuation,
+        n_windows=args.windows,
+        model_name=model.config.name_or_path.rstrip("/").split("/")[-1],
+        dataset_name="wiki",
+        settings=settings,
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "quantized_sweep.json").write_text(result.to_json())
     (args.out / "quantized_sweep.md").write_text(markdown(result))

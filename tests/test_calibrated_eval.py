@@ -38,8 +38,17 @@ def test_calibration_tokens_are_never_scored(monkeypatch):
 
 
 def test_cli_rows_are_the_product_of_the_flags():
-    args = argparse.Namespace(target_ratio=["2,3"], profiles=None, ranks="32:32", bases_dir=[], method="weights,calibrated",
-                              window="0,64", latent_bits="none,4", group_size=None, calibration="fast")
+    args = argparse.Namespace(
+        target_ratio=["2,3"],
+        profiles=None,
+        ranks="32:32",
+        bases_dir=[],
+        method="weights,calibrated",
+        window="0,64",
+        latent_bits="none,4",
+        group_size=None,
+        calibration="fast",
+    )
     configs = _eval_configs(args, num_kv_heads=3)
     assert len(configs) == 3 * 2 * 2 * 2
     calibrated = [c for c in configs if c.method == "calibrated"]
@@ -80,8 +89,9 @@ def test_saved_calibrated_bases_reproduce_the_same_ppl(default_model, wiki_text,
         svd_row("memory", config=config, bases_factory=lambda model, config: bases),
         svd_row("disk", bases_dir=tmp_path, window=16),
     ]
-    result = run_eval(model, eval_ids, [*build_rows(), *rows][:1] + rows, context=384, continuation=128, n_windows=1,
-                      progress=False)
+    result = run_eval(
+        model, eval_ids, [*build_rows(), *rows][:1] + rows, context=384, continuation=128, n_windows=1, progress=False
+    )
     ppl = {row.name: row.ppl for row in result.rows}
     assert ppl["memory"] == ppl["disk"]
     assert reloaded.method == "calibrated" and reloaded.key_ranks == bases.key_ranks

@@ -136,7 +136,10 @@ def synthetic_spectra(layers: int = 6, groups: int = 2, dim: int = 64, seed: int
         pair = []
         for _ in range(2):
             decay = 0.8 + 0.19 * torch.rand(groups, 1, generator=generator, dtype=torch.float64)
-            pair.append(decay ** torch.arange(dim, dtype=torch.float64) * torch.rand(groups, 1, generator=generator, dtype=torch.float64))
+            pair.append(
+                decay ** torch.arange(dim, dtype=torch.float64)
+                * torch.rand(groups, 1, generator=generator, dtype=torch.float64)
+            )
         spectra.append(LayerSpectrum(*pair))
     return spectra
 
@@ -151,7 +154,11 @@ def test_allocation_respects_the_byte_budget_and_rank_range(ratio, groups, dim):
             allocate_ranks(spectra, ratio)
         return
     weights = [(1.0 + i, 2.0) for i in range(6)]
-    for ranks in (allocate_ranks(spectra, ratio), allocate_ranks(spectra, ratio, weights), uniform_ranks(spectra, ratio)):
+    for ranks in (
+        allocate_ranks(spectra, ratio),
+        allocate_ranks(spectra, ratio, weights),
+        uniform_ranks(spectra, ratio),
+    ):
         assert budget_bytes(ranks, spectra) <= full_bytes / ratio
         assert all(8 <= r <= dim for pair in ranks for r in pair)
     allocated = allocate_ranks(spectra, ratio)
@@ -218,7 +225,9 @@ def test_calibrating_twice_gives_identical_bases(allocation):
     model = tiny_model("qwen2", num_heads=4, num_kv_heads=2, head_dim=32, num_layers=2)
     config = CompressionConfig(target_ratio=2.5, group_size=2, method="calibrated")
     first, second = (
-        calibrate_bases(model, calibration_ids(), config, seq_len=64, progress=False, allocation=allocation, probe_tokens=128)
+        calibrate_bases(
+            model, calibration_ids(), config, seq_len=64, progress=False, allocation=allocation, probe_tokens=128
+        )
         for _ in range(2)
     )
     assert first.key_ranks == second.key_ranks and first.value_ranks == second.value_ranks
@@ -249,8 +258,15 @@ def test_calibrated_bases_beat_weight_bases_on_the_default_model(default_model, 
         return RowSpec(name, setup=setup, teardown=unpatch_model)
 
     window = make_windows(eval_ids, 1024, 1)[0]
-    result = run_eval(model, window, [dynamic_row(), row("weights"), row("calibrated")], context=768, continuation=256,
-                      n_windows=1, progress=False)
+    result = run_eval(
+        model,
+        window,
+        [dynamic_row(), row("weights"), row("calibrated")],
+        context=768,
+        continuation=256,
+        n_windows=1,
+        progress=False,
+    )
     delta = {r.name: r.delta_pct for r in result.rows}
     assert delta["calibrated"] < delta["weights"] / 10
     assert delta["calibrated"] < 100.0

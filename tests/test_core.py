@@ -139,13 +139,15 @@ def test_patch_leaves_other_models_and_unpatch_restores_exactly():
     ids = structured_ids(16)
     with torch.no_grad():
         before = model(ids).logits
-        bystander_before = bystander.generate(ids, max_new_tokens=8, do_sample=False, output_logits=True,
-                                              return_dict_in_generate=True)
+        bystander_before = bystander.generate(
+            ids, max_new_tokens=8, do_sample=False, output_logits=True, return_dict_in_generate=True
+        )
         state = {k: v.clone() for k, v in model.state_dict().items()}
         patch_model(model, weights_config(key_rank=8, value_rank=8))
         assert is_patched(model) and not is_patched(bystander)
-        bystander_after = bystander.generate(ids, max_new_tokens=8, do_sample=False, output_logits=True,
-                                             return_dict_in_generate=True)
+        bystander_after = bystander.generate(
+            ids, max_new_tokens=8, do_sample=False, output_logits=True, return_dict_in_generate=True
+        )
         assert isinstance(bystander_after.past_key_values, DynamicCache)
         for a, b in zip(bystander_before.logits, bystander_after.logits, strict=True):
             assert torch.equal(a, b)

@@ -62,7 +62,9 @@ def test_kernel_handles_each_head_size_it_claims():
             rope = Rope(model.model.rotary_emb, layer.positions)
             query = torch.randn(1, 4, 1, head_dim, generator=torch.Generator().manual_seed(head_dim))
             expected, expected_lse = blockwise_attention(query, layer, state, rope.factors, scaling=attention.scaling)
-            got, lse = CpuKernelBackend().attend(query, layer, state, rope, scaling=attention.scaling, attention_mask=None)
+            got, lse = CpuKernelBackend().attend(
+                query, layer, state, rope, scaling=attention.scaling, attention_mask=None
+            )
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
         torch.testing.assert_close(lse, expected_lse, atol=1e-5, rtol=0)
 

@@ -48,7 +48,11 @@ def test_ranks_checked_against_the_model():
     with pytest.raises(ValueError, match="group_size 3 does not divide the model's 2 KV heads"):
         patch_model(model, weights_config(key_rank=8, value_rank=8, group_size=3))
     with pytest.raises(ValueError, match="not both"):
-        patch_model(model, weights_config(key_rank=8, value_rank=8), bases=SVDBases.from_model(model, weights_config(key_rank=8, value_rank=8)))
+        patch_model(
+            model,
+            weights_config(key_rank=8, value_rank=8),
+            bases=SVDBases.from_model(model, weights_config(key_rank=8, value_rank=8)),
+        )
     # A tiny random model has no tokenizer to calibrate with: the default (calibrated) config says what to pass.
     with pytest.raises(ValueError, match="needs a tokenizer.*pass tokenizer="):
         patch_model(model)

@@ -169,8 +169,9 @@ def test_continuation_protocol_scores_the_continuation(model, ids):
 def test_sliding_protocol_skips_the_first_chunk(model, ids):
     from hf_svdkv.text import make_windows
 
-    result = run_eval(model, ids, [dynamic_row()], protocol="sliding", window_len=100, chunk=32, n_windows=2,
-                      progress=False)
+    result = run_eval(
+        model, ids, [dynamic_row()], protocol="sliding", window_len=100, chunk=32, n_windows=2, progress=False
+    )
     expected = reference_ppl(model, make_windows(ids, 100, 2), first_scored=32)
     assert result.rows[0].ppl == pytest.approx(expected, rel=1e-5)
     assert result.settings["scored_tokens_per_window"] == 68
@@ -228,8 +229,13 @@ def test_kivi_axes_peer_rows(model, ids):
     from hf_svdkv.tools.eval import PEERS
 
     rows = [dynamic_row(), *(quantized_row("quanto", bits, name, **kwargs) for name, bits, kwargs in PEERS["quanto"])]
-    assert [row.name for row in rows[1:]] == ["quantized-int4", "quantized-int2", "kivi-int4", "kivi-int2-g32",
-                                              "kivi-int2-g64"]
+    assert [row.name for row in rows[1:]] == [
+        "quantized-int4",
+        "quantized-int2",
+        "kivi-int4",
+        "kivi-int2-g32",
+        "kivi-int2-g64",
+    ]
     result = run_eval(model, ids, rows, context=128, continuation=128, n_windows=1, progress=False)
     assert all(math.isfinite(row.ppl) and row.compression_ratio > 1 for row in result.rows[1:])
     kivi = [quantized_row("quanto", 2, "kivi-int2-g64", **PEERS["quanto"][4][2])]
@@ -259,8 +265,11 @@ def test_build_rows_names():
 
 
 def sample_result() -> EvalResult:
-    rows = [EvalRow("dynamic", 10.0, 0.0, 100.0, 1.0, 1.5), EvalRow("svd-low", 2e4, 2e5, 25.0, 4.0, 2.0),
-            EvalRow("bad", math.inf, math.inf, 10.0, 10.0, 1.0)]
+    rows = [
+        EvalRow("dynamic", 10.0, 0.0, 100.0, 1.0, 1.5),
+        EvalRow("svd-low", 2e4, 2e5, 25.0, 4.0, 2.0),
+        EvalRow("bad", math.inf, math.inf, 10.0, 10.0, 1.0),
+    ]
     return EvalResult("tiny", "wiki", "continuation", rows, {"windows": 3})
 
 
@@ -335,16 +344,48 @@ def test_cli_unknown_model(capsys, text_file, tmp_path):
 def test_cli_text_too_short(capsys, tiny_model_dir, tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("w1 w2 w3")
-    code, err = run_cli(["eval", "--model", str(tiny_model_dir), "--text-file", str(short), "--ranks", "8:8",
-                        "--method", "weights", "--context", "64", "--continuation", "32"], capsys)
+    code, err = run_cli(
+        [
+            "eval",
+            "--model",
+            str(tiny_model_dir),
+            "--text-file",
+            str(short),
+            "--ranks",
+            "8:8",
+            "--method",
+            "weights",
+            "--context",
+            "64",
+            "--continuation",
+            "32",
+        ],
+        capsys,
+    )
     assert code == 2
     assert_one_line_error(err, "too short")
 
 
 def test_cli_ranks_too_big_for_model(capsys, tiny_model_dir, text_file):
-    args = ["eval", "--model", str(tiny_model_dir), "--text-file", str(text_file), "--dtype", "float32",
-            "--context", "64", "--continuation", "32", "--windows", "1", "--ranks", f"{HEAD_DIM + 1}:{HEAD_DIM}",
-            "--method", "weights"]
+    args = [
+        "eval",
+        "--model",
+        str(tiny_model_dir),
+        "--text-file",
+        str(text_file),
+        "--dtype",
+        "float32",
+        "--context",
+        "64",
+        "--continuation",
+        "32",
+        "--windows",
+        "1",
+        "--ranks",
+        f"{HEAD_DIM + 1}:{HEAD_DIM}",
+        "--method",
+        "weights",
+    ]
     code, err = run_cli(args, capsys)
     assert code == 2
     assert_one_line_error(err, "head_dim")
@@ -352,9 +393,29 @@ def test_cli_ranks_too_big_for_model(capsys, tiny_model_dir, text_file):
 
 def test_cli_runs_on_a_local_model(capsys, tiny_model_dir, text_file, tmp_path):
     out = tmp_path / "eval.json"
-    args = ["eval", "--model", str(tiny_model_dir), "--text-file", str(text_file), "--dtype", "float32",
-            "--context", "64", "--continuation", "32", "--windows", "2", "--ranks", f"{HEAD_DIM}:{HEAD_DIM},4:4",
-            "--method", "weights", "--json", str(out), "--plot", str(tmp_path / "eval.png")]
+    args = [
+        "eval",
+        "--model",
+        str(tiny_model_dir),
+        "--text-file",
+        str(text_file),
+        "--dtype",
+        "float32",
+        "--context",
+        "64",
+        "--continuation",
+        "32",
+        "--windows",
+        "2",
+        "--ranks",
+        f"{HEAD_DIM}:{HEAD_DIM},4:4",
+        "--method",
+        "weights",
+        "--json",
+        str(out),
+        "--plot",
+        str(tmp_path / "eval.png"),
+    ]
     assert main(args) == 0
     data = json.loads(out.read_text())
     assert [row["name"] for row in data["rows"]] == ["dynamic", f"svd-k{HEAD_DIM}-v{HEAD_DIM}", "svd-k4-v4"]
@@ -368,8 +429,28 @@ def test_cli_end_to_end_on_default_model(tmp_path):
     out = tmp_path / "eval.json"
     # float32: in bfloat16 the latents are rounded to bf16 and the rebuilt K/V again, which alone moves ppl
     # by a few tenths of a percent even at full rank; float32 isolates the mechanism, which must be exact.
-    assert main(["eval", "--windows", "1", "--context", "256", "--continuation", "128", "--ranks", "64:64",
-                 "--method", "weights", "--dtype", "float32", "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--windows",
+                "1",
+                "--context",
+                "256",
+                "--continuation",
+                "128",
+                "--ranks",
+                "64:64",
+                "--method",
+                "weights",
+                "--dtype",
+                "float32",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     data = json.loads(out.read_text())
     assert {"model", "dataset", "protocol", "rows"} <= set(data)
     assert all(set(row) == ROW_KEYS for row in data["rows"])

@@ -28,8 +28,9 @@ def test_a_forward_of_many_tokens_equals_them_one_by_one(variant, attn):
     ids = structured_ids(40)
     with torch.no_grad():
         cache = SVDCompressedCache(model)
-        together = torch.cat([model(ids[:, :10], past_key_values=cache).logits,
-                              model(ids[:, 10:], past_key_values=cache).logits], dim=1)
+        together = torch.cat(
+            [model(ids[:, :10], past_key_values=cache).logits, model(ids[:, 10:], past_key_values=cache).logits], dim=1
+        )
         cache = SVDCompressedCache(model)
         one_by_one = [model(ids[:, :10], past_key_values=cache).logits]
         one_by_one += [model(ids[:, t : t + 1], past_key_values=cache).logits for t in range(10, 40)]
@@ -56,8 +57,10 @@ def test_latent_path_equals_reference_path(variant, attn, monkeypatch):
     def run() -> torch.Tensor:
         cache = SVDCompressedCache(model)
         with torch.no_grad():
-            chunks = [model(ids[:, s:e], attention_mask=mask[:, :e], past_key_values=cache).logits
-                      for s, e in ((0, 40), (40, 70), (70, 71), (71, 90))]
+            chunks = [
+                model(ids[:, s:e], attention_mask=mask[:, :e], past_key_values=cache).logits
+                for s, e in ((0, 40), (40, 70), (70, 71), (71, 90))
+            ]
         return torch.cat(chunks, dim=1)
 
     monkeypatch.setattr(hf_svdkv.decode.blockwise, "CHUNK_ELEMENTS", 64)
@@ -111,8 +114,15 @@ def test_full_rank_equals_dynamic_cache(variant):
     outputs = {}
     with torch.no_grad():
         for name, cache in (("dynamic", DynamicCache(config=model.config)), ("svd", SVDCompressedCache(model))):
-            outputs[name] = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=10,
-                                           do_sample=False, return_dict_in_generate=True, output_logits=True)
+            outputs[name] = model.generate(
+                ids,
+                attention_mask=mask,
+                past_key_values=cache,
+                max_new_tokens=10,
+                do_sample=False,
+                return_dict_in_generate=True,
+                output_logits=True,
+            )
     assert torch.equal(outputs["svd"].sequences, outputs["dynamic"].sequences)
     for got, expected in zip(outputs["svd"].logits, outputs["dynamic"].logits, strict=True):
         torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)

@@ -22,13 +22,17 @@ def patch_both(model, config: CompressionConfig, monkeypatch, **kwargs):
     bases = SVDBases.from_model(model, config)
 
     def patch(latent: bool):
-        monkeypatch.setattr(hf_svdkv.attention, "use_latent_attention", use_latent_attention if latent else lambda *args: False)
+        monkeypatch.setattr(
+            hf_svdkv.attention, "use_latent_attention", use_latent_attention if latent else lambda *args: False
+        )
         return patch_model(model, bases=bases, window=config.window, latent_bits=config.latent_bits, **kwargs)
 
     return (lambda: patch(False)), (lambda: patch(True))
 
 
-def decode_logits(model, ids: torch.Tensor, steps: int = 6, piece: int = 1, mask: torch.Tensor | None = None) -> torch.Tensor:
+def decode_logits(
+    model, ids: torch.Tensor, steps: int = 6, piece: int = 1, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Prefill ids, then `steps` forwards of `piece` greedy tokens each; all logits, concatenated."""
     cache = SVDCompressedCache(model)
     with torch.no_grad():
@@ -74,8 +78,13 @@ def test_attention_module_output_matches_directly(monkeypatch):
         with torch.no_grad():
             for start, end in ((0, 30), (30, 31)):
                 cos, sin = rotary(hidden, position_ids[:, start:end])
-                out, _ = attention(hidden[:, start:end], position_embeddings=(cos, sin), attention_mask=None,
-                                   past_key_values=cache, position_ids=position_ids[:, start:end])
+                out, _ = attention(
+                    hidden[:, start:end],
+                    position_embeddings=(cos, sin),
+                    attention_mask=None,
+                    past_key_values=cache,
+                    position_ids=position_ids[:, start:end],
+                )
         outputs.append(out)
     torch.testing.assert_close(outputs[1], outputs[0], atol=1e-5, rtol=0)
 
@@ -138,4 +147,6 @@ def test_rope_factors_extend_the_previous_forwards():
     extended = rope_factors(rotary, positions, memo_key=object())
     torch.testing.assert_close(extended, rope_factors(rotary, positions), atol=1e-6, rtol=0)
     other = positions.flip(0)  # rows reordered (beam search): not an extension
-    torch.testing.assert_close(rope_factors(rotary, other, memo_key=object()), rope_factors(rotary, other), atol=0, rtol=0)
+    torch.testing.assert_close(
+        rope_factors(rotary, other, memo_key=object()), rope_factors(rotary, other), atol=0, rtol=0
+    )

@@ -33,7 +33,9 @@ def import_graph() -> dict[str, set[str]]:
                 if node.level:
                     anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                     base = ".".join([*anchor, base] if base else anchor)
-                targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base for alias in node.names]
+                targets = [
+                    f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base for alias in node.names
+                ]
             graph[name] |= {t for t in targets if t in modules and t != name}
     return graph
 
@@ -48,7 +50,7 @@ def test_no_import_cycles():
         stack.append(node)
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                cycle = stack[stack.index(nxt):] + [nxt]
+                cycle = stack[stack.index(nxt) :] + [nxt]
                 pytest.fail("import cycle: " + " -> ".join(cycle))
             if nxt not in state:
                 visit(nxt)
@@ -63,8 +65,17 @@ def test_no_import_cycles():
 def test_the_library_does_not_import_its_tools_or_the_older_api():
     graph = import_graph()
     library = [m for m in graph if not m.startswith(("hf_svdkv.tools", "hf_svdkv.compat")) and m != "hf_svdkv"]
-    shims = {"hf_svdkv.config", "hf_svdkv.model", "hf_svdkv.utils", "hf_svdkv.inference", "hf_svdkv.interfaces",
-             "hf_svdkv.compression", "hf_svdkv.cache", "hf_svdkv.data", "hf_svdkv.loading"}
+    shims = {
+        "hf_svdkv.config",
+        "hf_svdkv.model",
+        "hf_svdkv.utils",
+        "hf_svdkv.inference",
+        "hf_svdkv.interfaces",
+        "hf_svdkv.compression",
+        "hf_svdkv.cache",
+        "hf_svdkv.data",
+        "hf_svdkv.loading",
+    }
     for module in library:
         if module in shims:
             continue

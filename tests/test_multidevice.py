@@ -50,8 +50,9 @@ def offloaded_map(layers_on_disk: set[int]) -> dict[str, str]:
 
 
 def load(directory: str, device_map: str | dict, tmp_path) -> torch.nn.Module:
-    return AutoModelForCausalLM.from_pretrained(directory, device_map=device_map, offload_folder=str(tmp_path / "offload"),
-                                                attn_implementation="sdpa").eval()
+    return AutoModelForCausalLM.from_pretrained(
+        directory, device_map=device_map, offload_folder=str(tmp_path / "offload"), attn_implementation="sdpa"
+    ).eval()
 
 
 def generate(model: torch.nn.Module, **kwargs) -> torch.Tensor:
@@ -60,7 +61,12 @@ def generate(model: torch.nn.Module, **kwargs) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(
-    "device_map", ["auto", pytest.param(offloaded_map({1}), id="layer1-on-disk"), pytest.param(offloaded_map({0, 1, 2}), id="all-on-disk")]
+    "device_map",
+    [
+        "auto",
+        pytest.param(offloaded_map({1}), id="layer1-on-disk"),
+        pytest.param(offloaded_map({0, 1, 2}), id="all-on-disk"),
+    ],
 )
 def test_device_map_generates_like_the_model_in_one_piece(saved, reference, device_map, tmp_path):
     model = load(saved[0], device_map, tmp_path)
@@ -69,7 +75,9 @@ def test_device_map_generates_like_the_model_in_one_piece(saved, reference, devi
     assert torch.equal(generate(model), reference["plain"])
 
     patch_model(model, CONFIG)  # bases fitted from weights accelerate keeps on disk
-    assert model.model.layers[1].self_attn.k_proj.weight.device.type == ("meta" if offloaded else model.device.type)  # offloaded again
+    assert model.model.layers[1].self_attn.k_proj.weight.device.type == (
+        "meta" if offloaded else model.device.type
+    )  # offloaded again
     for mine, theirs in zip(model._hf_svdkv_patch.settings.bases.layers, reference["bases"].layers, strict=True):
         torch.testing.assert_close(mine.key.down @ mine.key.up, theirs.key.down @ theirs.key.up, atol=1e-5, rtol=0)
     with torch.no_grad():
@@ -106,7 +114,9 @@ def test_layers_offloaded_as_blocks(saved, reference, tmp_path):
     model = load(saved[0], None, tmp_path)
     device_map = offloaded_map({0, 2})
     device_map["lm_head"] = "cpu"
-    dispatch_model(model, device_map, offload_dir=str(tmp_path / "blocks"), preload_module_classes=["LlamaDecoderLayer"])
+    dispatch_model(
+        model, device_map, offload_dir=str(tmp_path / "blocks"), preload_module_classes=["LlamaDecoderLayer"]
+    )
     layer = model.model.layers[2]
     assert layer._hf_hook.offload and layer.self_attn.k_proj.weight.device.type == "meta"
     patch_model(model, CONFIG)
@@ -118,12 +128,21 @@ def test_layers_offloaded_as_blocks(saved, reference, tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on a lent GPU)")
 def test_layers_split_between_cuda_and_cpu(saved, reference, tmp_path):
-    device_map = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0, "model.layers.1": "cpu",
-                  "model.layers.2": 0, "model.norm": 0, "lm_head": 0}
+    device_map = {
+        "model.embed_tokens": 0,
+        "model.rotary_emb": 0,
+        "model.layers.0": 0,
+        "model.layers.1": "cpu",
+        "model.layers.2": 0,
+        "model.norm": 0,
+        "lm_head": 0,
+    }
     model = load(saved[0], device_map, tmp_path)
     patch_model(model, CONFIG)
     with torch.no_grad():
-        result = model.generate(structured_ids(20).to(0), max_new_tokens=12, do_sample=False, return_dict_in_generate=True)
+        result = model.generate(
+            structured_ids(20).to(0), max_new_tokens=12, do_sample=False, return_dict_in_generate=True
+        )
     assert torch.equal(result.sequences.cpu(), reference["patched-w0"])
     # With a GPU, accelerate runs a layer mapped to "cpu" on the GPU (its weights are offloaded to CPU memory).
     assert model.model.layers[1].self_attn.k_proj.weight.device.type == "meta"

@@ -29,14 +29,18 @@ def test_quickstart_notebook_executes(tmp_path, monkeypatch):
     for name in ("MODEL", "DEVICE", "DTYPE", "ATTN"):
         monkeypatch.delenv(f"HF_SVDKV_{name}", raising=False)
     notebook = nbformat.read(NOTEBOOK, as_version=4)
-    client = NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
+    client = NotebookClient(
+        notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    )
     client.execute()  # raises CellExecutionError, with the cell and its traceback, if any cell fails
 
     text = outputs_text(notebook)
     assert "LlamaForCausalLM: 30 layers, 3 KV heads of dim 64, torch.bfloat16" in text
     full, compressed = (re.search(f"{name}: (.*)", text).group(1) for name in ("full cache", "compressed"))
     assert len(compressed.split()) >= 8 and compressed.split()[:3] == full.split()[:3]  # words, starting alike
-    per_token, full_bytes = map(int, re.search(r"SVDCompressedCache: (\d+) bytes per token .* a full cache (\d+)", text).groups())
+    per_token, full_bytes = map(
+        int, re.search(r"SVDCompressedCache: (\d+) bytes per token .* a full cache (\d+)", text).groups()
+    )
     assert full_bytes == 23040 and per_token < full_bytes / 1.5
     for row in ("dynamic", "calib-2x-w128", "calib-3x-w128", "calib-6x-w64-int4", "svd-2x-w128"):
         assert row in text

@@ -52,7 +52,12 @@ def word_text(tokens: int) -> str:
 def test_a_bare_config_is_calibrated_2x_with_a_window():
     config = CompressionConfig()
     assert (config.method, config.target_ratio, config.window, config.calibration, config.exact_prefill) == (
-        "calibrated", 2.0, 128, "fast", True)
+        "calibrated",
+        2.0,
+        128,
+        "fast",
+        True,
+    )
     assert config.heads_per_group(4) == 4  # calibrated: the whole layer shares a basis
     assert CompressionConfig(method="weights", target_ratio=2).heads_per_group(4) == 1
     # The older API keeps its own defaults: weight-only bases, no window, no default ratio.
@@ -85,18 +90,26 @@ def test_patch_model_calibrates_by_itself_and_caches(tmp_path, log_lines):
     assert all(torch.equal(a.key.down, b.key.down) for a, b in zip(again.layers, bases.layers, strict=True))
 
     # Another text, another config or other weights: another entry.
-    keys = {entry_key(model, config, calibration_ids()), entry_key(model, CompressionConfig(target_ratio=3.0), calibration_ids()),
-            entry_key(model, config, calibration_ids(4096)), entry_key(tiny_model("llama", seed=1), config, calibration_ids())}
+    keys = {
+        entry_key(model, config, calibration_ids()),
+        entry_key(model, CompressionConfig(target_ratio=3.0), calibration_ids()),
+        entry_key(model, config, calibration_ids(4096)),
+        entry_key(tiny_model("llama", seed=1), config, calibration_ids()),
+    }
     assert len(keys) == 4
 
 
 def test_the_cache_can_be_turned_off(tmp_path, monkeypatch, log_lines):
     model = tiny_model("llama", num_layers=2)
-    fit_bases(model, CompressionConfig(key_rank=16, value_rank=16), calibration_text=calibration_ids(), bases_cache=False)
+    fit_bases(
+        model, CompressionConfig(key_rank=16, value_rank=16), calibration_text=calibration_ids(), bases_cache=False
+    )
     assert any("bases cache off" in line for line in log_lines)
     monkeypatch.setenv("HF_SVDKV_BASES_CACHE", "0")
     assert cache_folder(True) is None and cache_folder(tmp_path) is None
-    fit_bases(model, CompressionConfig(key_rank=16, value_rank=16), calibration_text=calibration_ids(), bases_cache=tmp_path)
+    fit_bases(
+        model, CompressionConfig(key_rank=16, value_rank=16), calibration_text=calibration_ids(), bases_cache=tmp_path
+    )
     assert not any(tmp_path.iterdir())
     monkeypatch.setenv("HF_SVDKV_BASES_CACHE", str(tmp_path / "elsewhere"))
     assert cache_folder(True) == tmp_path / "elsewhere"
@@ -125,15 +138,24 @@ def test_a_corrupt_or_foreign_entry_is_refitted(tmp_path, log_lines):
 def test_calibration_text_as_strings_with_a_tokenizer(tmp_path):
     model = tiny_model("llama", num_layers=2)
     tokenizer = word_tokenizer()
-    bases = fit_bases(model, CompressionConfig(key_rank=16, value_rank=16), tokenizer=tokenizer,
-                      calibration_text=[word_text(1200), word_text(1200)], bases_cache=False)
+    bases = fit_bases(
+        model,
+        CompressionConfig(key_rank=16, value_rank=16),
+        tokenizer=tokenizer,
+        calibration_text=[word_text(1200), word_text(1200)],
+        bases_cache=False,
+    )
     assert bases.method == "calibrated"
     # The tokenizer saved with the model is found through name_or_path.
     model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     model.name_or_path = str(tmp_path)
-    assert fit_bases(model, CompressionConfig(key_rank=16, value_rank=16), calibration_text=word_text(2500),
-                     bases_cache=False).method == "calibrated"
+    assert (
+        fit_bases(
+            model, CompressionConfig(key_rank=16, value_rank=16), calibration_text=word_text(2500), bases_cache=False
+        ).method
+        == "calibrated"
+    )
 
 
 def test_bad_input_says_what_to_do():
@@ -145,7 +167,9 @@ def test_bad_input_says_what_to_do():
     with pytest.raises(ValueError, match="unknown calibration 'slow'"):
         CompressionConfig(calibration="slow")
     with pytest.raises(ValueError, match="not both"):
-        patch_model(model, CompressionConfig(), bases=SVDBases.from_model(model, weights_config(key_rank=8, value_rank=8)))
+        patch_model(
+            model, CompressionConfig(), bases=SVDBases.from_model(model, weights_config(key_rank=8, value_rank=8))
+        )
 
 
 def test_progress_follows_transformers_switch(capsys):
@@ -154,11 +178,15 @@ def test_progress_follows_transformers_switch(capsys):
     model = tiny_model("llama", num_layers=2)
     hf_logging.disable_progress_bar()
     try:
-        fit_bases(model, CompressionConfig(key_rank=16, value_rank=16), calibration_text=calibration_ids(), bases_cache=False)
+        fit_bases(
+            model, CompressionConfig(key_rank=16, value_rank=16), calibration_text=calibration_ids(), bases_cache=False
+        )
     finally:
         hf_logging.enable_progress_bar()
     assert "calibration" not in capsys.readouterr().err
-    fit_bases(model, CompressionConfig(key_rank=16, value_rank=16), calibration_text=calibration_ids(), bases_cache=False)
+    fit_bases(
+        model, CompressionConfig(key_rank=16, value_rank=16), calibration_text=calibration_ids(), bases_cache=False
+    )
     assert "calibration" in capsys.readouterr().err
 
 
@@ -192,8 +220,10 @@ def test_one_liner_says_what_the_full_cache_says(bf16_model, tmp_path_factory):
     vocabulary = corpus_vocabulary(lee, load_text("wiki"))
     folder = tmp_path_factory.mktemp("bases")
     measured = {}
-    for name, config in (("one-liner", CompressionConfig(target_ratio=2.0)),
-                         ("weights", CompressionConfig(key_rank=32, value_rank=32, method="weights"))):
+    for name, config in (
+        ("one-liner", CompressionConfig(target_ratio=2.0)),
+        ("weights", CompressionConfig(key_rank=32, value_rank=32, method="weights")),
+    ):
         patch_model(model, config, tokenizer=tokenizer, bases_cache=folder)
         try:
             agreement = next_token_agreement(model, prompts, lambda: SVDCompressedCache(model), references)

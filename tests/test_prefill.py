@@ -29,15 +29,20 @@ def test_exact_prefill_is_the_full_precision_prompt_and_stores_the_same_latents(
     mask = torch.ones_like(ids)
     mask[1, :7] = 0  # left padding
     states = {}
-    hooks = [linear.register_forward_hook(lambda m, a, out, key=(i, kind): states.__setitem__(key, out))
-             for i, layer in enumerate(model.model.layers) for kind, linear in (("k", layer.self_attn.k_proj), ("v", layer.self_attn.v_proj))]
+    hooks = [
+        linear.register_forward_hook(lambda m, a, out, key=(i, kind): states.__setitem__(key, out))
+        for i, layer in enumerate(model.model.layers)
+        for kind, linear in (("k", layer.self_attn.k_proj), ("v", layer.self_attn.v_proj))
+    ]
     with torch.no_grad():
         exact_cache = SVDCompressedCache(model)
         got = model(ids, attention_mask=mask, past_key_values=exact_cache).logits
         for hook in hooks:
             hook.remove()
         expected = model(ids, attention_mask=mask, past_key_values=DynamicCache(config=model.config)).logits
-        compressed = model(ids, attention_mask=mask, past_key_values=SVDCompressedCache(model, exact_prefill=False)).logits
+        compressed = model(
+            ids, attention_mask=mask, past_key_values=SVDCompressedCache(model, exact_prefill=False)
+        ).logits
     valid = mask.bool()
     torch.testing.assert_close(got[valid], expected[valid], atol=1e-5, rtol=0)
     assert (compressed[valid] - expected[valid]).abs().max() > 1e-5  # a compressed prompt does differ

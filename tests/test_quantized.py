@@ -94,7 +94,9 @@ def test_folding_the_rotation_leaves_reconstructions_unchanged(rank):
     states = torch.randn(3, groups, 9, dim, generator=generator) * 3
     latents = projection.encode(states)
     torch.testing.assert_close(rotated.encode(states), latents @ hadamard(rank, torch.float32), atol=1e-5, rtol=0)
-    torch.testing.assert_close(rotated.decode(rotated.encode(states), dim), projection.decode(latents, dim), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        rotated.decode(rotated.encode(states), dim), projection.decode(latents, dim), atol=1e-5, rtol=0
+    )
 
 
 def test_rotation_spreads_an_outlier_channel():
@@ -139,8 +141,11 @@ def test_int8_full_rank_is_close_to_dynamic_cache_and_int4_needs_the_rotation(ar
 
 
 def stored(layer: SVDCacheLayer) -> dict[str, torch.Tensor]:
-    tensors = {f"{kind}.{part}": getattr(getattr(layer, kind).stored, part) for kind in ("keys", "values")
-               for part in ("data", "scale", "zero")}
+    tensors = {
+        f"{kind}.{part}": getattr(getattr(layer, kind).stored, part)
+        for kind in ("keys", "values")
+        for part in ("data", "scale", "zero")
+    }
     return tensors | {name: getattr(layer, name) for name in ("recent_keys", "recent_values", "positions")}
 
 
@@ -171,8 +176,11 @@ def test_batch_operations_keep_codes_scales_and_positions_aligned():
         layer.prefetch()
     check([2, 0, 1])
     # Decoding after the reorder gives each row what it would have got in its original place.
-    step = {"input_ids": ids[:, :1], "position_ids": positions[:, -1:] + 1,
-            "attention_mask": torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], dim=1)}
+    step = {
+        "input_ids": ids[:, :1],
+        "position_ids": positions[:, -1:] + 1,
+        "attention_mask": torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], dim=1),
+    }
     with torch.no_grad():
         moved = model(**{k: v[[2, 0, 1]] for k, v in step.items()}, past_key_values=cache).logits
         fresh = SVDCompressedCache(model)
@@ -206,8 +214,9 @@ def test_crop_then_refeed(window):
 @pytest.mark.parametrize("key_rank,value_rank,group_size,window", [(24, 20, 2, 0), (32, 8, 1, 5), (7, 13, 1, 0)])
 def test_memory_accounting_matches_the_shapes(bits, key_rank, value_rank, group_size, window):
     model = tiny_model("llama", num_heads=4, num_kv_heads=2, head_dim=32, num_layers=3, dtype=torch.bfloat16)
-    config = weights_config(key_rank=key_rank, value_rank=value_rank, group_size=group_size, window=window,
-                               latent_bits=bits)
+    config = weights_config(
+        key_rank=key_rank, value_rank=value_rank, group_size=group_size, window=window, latent_bits=bits
+    )
     patch_model(model, config)
     cache = SVDCompressedCache(model)
     batch, tokens = 2, 20
@@ -234,8 +243,14 @@ def test_generate_uses_quantized_latents_and_left_padded_rows_equal_single_runs(
 def test_beam_search_runs_on_quantized_latents():
     model = patched(4)
     with torch.no_grad():
-        out = model.generate(structured_ids(10, batch=2), max_new_tokens=8, num_beams=3, num_return_sequences=2,
-                             do_sample=False, return_dict_in_generate=True)
+        out = model.generate(
+            structured_ids(10, batch=2),
+            max_new_tokens=8,
+            num_beams=3,
+            num_return_sequences=2,
+            do_sample=False,
+            return_dict_in_generate=True,
+        )
     assert out.sequences.shape == (4, 18)
     assert out.past_key_values.layers[0].keys.stored.data.shape[0] == 6  # batch 2 x 3 beams
 
@@ -250,8 +265,15 @@ def test_int8_full_rank_keeps_perplexity_on_the_default_model():
     model, tokenizer = load_model()  # bfloat16
     ids = tokenize_text(tokenizer, load_text("wiki"), model.config.vocab_size)
     config = weights_config(key_rank=64, value_rank=64, latent_bits=8)
-    result = run_eval(model, ids, [dynamic_row(), svd_row("int8", config=config)], context=512, continuation=128,
-                      n_windows=2, progress=False)
+    result = run_eval(
+        model,
+        ids,
+        [dynamic_row(), svd_row("int8", config=config)],
+        context=512,
+        continuation=128,
+        n_windows=2,
+        progress=False,
+    )
     base, int8 = result.rows
     assert 3 < base.ppl < 100
     assert abs(int8.delta_pct) < 0.5

@@ -38,7 +38,7 @@ def greedy(model, ids: torch.Tensor, new: int, **kwargs) -> torch.Tensor:
         return model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, **kwargs)
 
 
-# --- dtypes ------------------------------------------------------------------------------------------------------------
+# --- dtypes -----------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_16_bit_models_store_latents_in_their_dtype_and_bases_in_fp32(dtype):
     model = tiny_model("llama", dtype=dtype)
@@ -46,7 +46,12 @@ def test_16_bit_models_store_latents_in_their_dtype_and_bases_in_fp32(dtype):
         expected = model(structured_ids(24)).logits.float()
     patch_model(model, FULL_RANK)
     bases = model._hf_svdkv_patch.settings.bases
-    assert all(t.dtype == torch.float32 for layer in bases.layers for p in (layer.key, layer.value) for t in (p.down, p.up, p.center))
+    assert all(
+        t.dtype == torch.float32
+        for layer in bases.layers
+        for p in (layer.key, layer.value)
+        for t in (p.down, p.up, p.center)
+    )
     cache = SVDCompressedCache(model)
     with torch.no_grad():
         logits = model(structured_ids(24), past_key_values=cache).logits.float()
@@ -66,13 +71,15 @@ def test_4k_token_bf16_generation_stays_finite():
     assert torch.isfinite(torch.stack(out.logits).float()).all()
     cache = out.past_key_values
     assert cache.get_seq_length() == 4095 and cache.layers[0].keys.dtype == torch.bfloat16
-    assert all(torch.isfinite(layer.keys.read()).all() and torch.isfinite(layer.values.read()).all() for layer in cache.layers)
+    assert all(
+        torch.isfinite(layer.keys.read()).all() and torch.isfinite(layer.values.read()).all() for layer in cache.layers
+    )
     with torch.no_grad():  # the same 4096 tokens in one prefill: finite too
         logits = model(out.sequences[:, :-1], past_key_values=SVDCompressedCache(model)).logits
     assert torch.isfinite(logits.float()).all()
 
 
-# --- prompts and lengths -----------------------------------------------------------------------------------------------
+# --- prompts and lengths ----------------------------------------------------------------------------------------------
 def test_empty_prompt_is_a_clear_error():
     model = patch_model(tiny_model("llama"), REDUCED)
     empty = torch.zeros((1, 0), dtype=torch.long)
@@ -105,7 +112,7 @@ def test_generation_past_max_positions_matches_the_uncompressed_model():
     assert out.past_key_values.layers[0].positions.max().item() == model.config.max_position_embeddings + 28
 
 
-# --- bases files ---------------------------------------------------------------------------------------------------------
+# --- bases files ------------------------------------------------------------------------------------------------------
 @pytest.fixture()
 def bases_file(tmp_path):
     model = tiny_model("llama")
@@ -125,7 +132,9 @@ def test_truncated_bases_files(bases_file, tmp_path):
     raw = path.read_bytes()
     header_end = 8 + int.from_bytes(raw[:8], "little")
     for cut in (0, 4, 8, header_end // 2, header_end, header_end + 1, len(raw) // 2, len(raw) - 1):
-        with pytest.raises(ValueError, match="is corrupted or not a safetensors file: Error while deserializing header"):
+        with pytest.raises(
+            ValueError, match="is corrupted or not a safetensors file: Error while deserializing header"
+        ):
             SVDBases.from_pretrained(write(tmp_path, f"cut{cut}", raw[:cut]))
 
 
@@ -185,9 +194,12 @@ def test_bases_for_another_model(bases_file):
     patch_model(model, bases=bases)  # the right model takes them
 
 
-# --- one cache, several generate() calls ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("config", [FULL_RANK, REDUCED, weights_config(key_rank=16, value_rank=16, window=4)],
-                         ids=["full-rank", "reduced", "window"])
+# --- one cache, several generate() calls ------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "config",
+    [FULL_RANK, REDUCED, weights_config(key_rank=16, value_rank=16, window=4)],
+    ids=["full-rank", "reduced", "window"],
+)
 def test_cache_reused_to_continue_a_conversation(config):
     model = tiny_model("llama")
     first, reply = structured_ids(20), structured_ids(6, seed=3)
@@ -210,7 +222,7 @@ def test_cache_reused_to_continue_a_conversation(config):
         assert torch.equal(turn1, expected[0]) and torch.equal(turn2, expected[1])
 
 
-# --- autograd modes ----------------------------------------------------------------------------------------------------
+# --- autograd modes ---------------------------------------------------------------------------------------------------
 def test_inference_mode_no_grad_and_grad():
     model = tiny_model("llama")
     ids = structured_ids(16)

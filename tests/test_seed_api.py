@@ -36,7 +36,7 @@ from hf_svdkv.config import CompressionConfig  # the seed's: its spelling of ran
 pytest_plugins = ["fixtures_real"]
 
 # The seed's examples as documented (core_modules.md, "Common Usage Patterns"; blank lines without trailing spaces).
-COMPLETE_WORKFLOW_EXAMPLE = '''
+COMPLETE_WORKFLOW_EXAMPLE = """
 from core.config import ModelConfig, CompressionConfig
 from core.model import LLaMAModelLoader
 from core.compression import LLaMACompressionProfileBuilder
@@ -69,9 +69,9 @@ with memory_manager.managed_computation():
     results = inference.run_compression_benchmark()
 
     print(f"Compression successful: {results['aggregate_metrics']}")
-'''
+"""
 
-CUSTOM_IMPLEMENTATION_EXAMPLE = '''
+CUSTOM_IMPLEMENTATION_EXAMPLE = """
 from core.interfaces import CompressionInterface
 from core.compression import SVDCompressionAlgorithm
 
@@ -89,7 +89,7 @@ class CustomCompressionAlgorithm(CompressionInterface):
         )
 
         return compressed
-'''
+"""
 
 
 def run_seed_example(source: str, namespace: dict | None = None) -> dict:
@@ -116,16 +116,18 @@ def first_layer_values(loader) -> torch.Tensor:
     captured = []
     v_proj = loader.model.model.layers[0].self_attn.v_proj
     handle = v_proj.register_forward_hook(lambda module, args, out: captured.append(out.detach()))
-    ids = loader.tokenizer("The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. "
-                           "It is named after the engineer Gustave Eiffel, whose company designed and built it. " * 2,
-                           return_tensors="pt")["input_ids"]
+    ids = loader.tokenizer(
+        "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. "
+        "It is named after the engineer Gustave Eiffel, whose company designed and built it. " * 2,
+        return_tensors="pt",
+    )["input_ids"]
     with torch.no_grad():
         loader.model(ids)
     handle.remove()
     return captured[0][0].reshape(ids.shape[1], loader.num_key_value_heads, loader.head_dim)
 
 
-# --- the seed's examples ------------------------------------------------------------------------------------------------
+# --- the seed's examples ----------------------------------------------------------------------------------------------
 def test_complete_workflow_example(monkeypatch, capsys):
     for name in ("MODEL", "DEVICE", "DTYPE", "ATTN"):
         monkeypatch.delenv(f"HF_SVDKV_{name}", raising=False)
@@ -177,27 +179,37 @@ def test_custom_implementation_example(first_layer_values, capsys):
         algorithm.compress_values(values, "ultra")
 
 
-# --- the seed's classes --------------------------------------------------------------------------------------------------
+# --- the seed's classes -----------------------------------------------------------------------------------------------
 def test_configs_are_the_core_dataclasses(monkeypatch):
     from hf_svdkv import config, loading
 
     # The seed's CompressionConfig is the core one with the seed's spelling and defaults (weight-only, no window).
     assert issubclass(config.CompressionConfig, hf_svdkv.CompressionConfig)
     assert (config.CompressionConfig(profile="med").method, hf_svdkv.CompressionConfig(profile="med").method) == (
-        "weights", "calibrated")
+        "weights",
+        "calibrated",
+    )
     assert config.ModelConfig is loading.ModelConfig is ModelConfig
     assert config.InferenceConfig is InferenceConfig
     monkeypatch.setenv("HF_SVDKV_DTYPE", "fp16")
     monkeypatch.setenv("HF_SVDKV_DEVICE", "cpu")
     assert ModelConfig.from_env() == ModelConfig(device="cpu", dtype="float16")
 
-    seed = CompressionConfig(value_compression_ranks={"low": 8, "med": 16, "high": 24}, key_compression_rank=12,
-                             use_memory_efficient_svd=True)
+    seed = CompressionConfig(
+        value_compression_ranks={"low": 8, "med": 16, "high": 24},
+        key_compression_rank=12,
+        use_memory_efficient_svd=True,
+    )
     assert seed.resolve_ranks(head_dim=32, num_kv_heads=2) == (12, 16)  # "med" unless told
     assert CompressionConfig(value_compression_ranks={"tiny": 4}).resolve_ranks(32, 2) == (32, 4)  # seed key rank 32
-    assert CompressionConfig(profile="low", value_compression_ranks={"low": 8, "med": 16}).resolve_ranks(32, 2) == (32, 8)
+    assert CompressionConfig(profile="low", value_compression_ranks={"low": 8, "med": 16}).resolve_ranks(32, 2) == (
+        32,
+        8,
+    )
     model = tiny_model("llama", num_heads=4, num_kv_heads=2, head_dim=32)
-    seed_bases = SVDBases.from_model(model, CompressionConfig(value_compression_ranks={"med": 16}, key_compression_rank=12))
+    seed_bases = SVDBases.from_model(
+        model, CompressionConfig(value_compression_ranks={"med": 16}, key_compression_rank=12)
+    )
     core_bases = SVDBases.from_model(model, CompressionConfig(key_rank=12, value_rank=16))
     assert seed_bases.key_ranks == core_bases.key_ranks == [12, 12]
     assert seed_bases.value_ranks == core_bases.value_ranks == [16, 16]
@@ -211,7 +223,10 @@ def test_configs_are_the_core_dataclasses(monkeypatch):
         (dict(value_compression_ranks={}), "non-empty dict"),
         (dict(value_compression_ranks={"med": 0}), "value_compression_ranks\\['med'\\] must be positive"),
         (dict(key_rank=8, value_rank=8, key_compression_rank=16), "key_rank=8 contradicts the seed spelling's rank 16"),
-        (dict(profile="ultra", value_compression_ranks={"med": 8}), "profile 'ultra' is not one of value_compression_ranks"),
+        (
+            dict(profile="ultra", value_compression_ranks={"med": 8}),
+            "profile 'ultra' is not one of value_compression_ranks",
+        ),
         (dict(profile="med", use_memory_efficient_svd="yes"), "use_memory_efficient_svd must be True or False"),
         (dict(key_compression_rank=8), "give both key_rank and value_rank"),
     ]:
@@ -227,9 +242,15 @@ def test_model_loader_weights(loader):
     weights = loader.get_attention_weights(layer_idx=0)
     attn = loader.model.model.layers[0].self_attn
     assert {k: tuple(v.shape) for k, v in weights.items()} == {
-        "q_proj": (576, 576), "k_proj": (192, 576), "v_proj": (192, 576), "o_proj": (576, 576)}
+        "q_proj": (576, 576),
+        "k_proj": (192, 576),
+        "v_proj": (192, 576),
+        "o_proj": (576, 576),
+    }
     assert torch.equal(weights["k_proj"], attn.k_proj.weight)
-    assert torch.equal(loader.get_attention_weights(-1)["v_proj"], loader.model.model.layers[29].self_attn.v_proj.weight)
+    assert torch.equal(
+        loader.get_attention_weights(-1)["v_proj"], loader.model.model.layers[29].self_attn.v_proj.weight
+    )
     assert (loader.num_layers, loader.num_key_value_heads, loader.head_dim, loader.vocab_size) == (30, 3, 64, 49152)
     with pytest.raises(IndexError, match="layer_idx 30 out of range for a model with 30 layers"):
         loader.get_attention_weights(30)
@@ -243,13 +264,20 @@ def test_svd_algorithm_routes(loader):
     v_proj = loader.get_attention_weights(layer_idx=0)["v_proj"]
     algorithm = SVDCompressionAlgorithm()
     singular = torch.linalg.svdvals(v_proj.double())
-    for rank, memory_efficient, route in ((64, True, "gram"), (16, True, "randomized"), (64, False, "full"), (192, True, "exact")):
+    for rank, memory_efficient, route in (
+        (64, True, "gram"),
+        (16, True, "randomized"),
+        (64, False, "full"),
+        (192, True, "exact"),
+    ):
         assert algorithm.method(tuple(v_proj.shape), rank, memory_efficient) == route
         approx = algorithm.compress_matrix(matrix=v_proj, rank=rank, use_memory_efficient=memory_efficient)
         optimum = (singular[rank:].square().sum() / singular.square().sum()).sqrt().item()
         assert approx.shape == v_proj.shape and approx.dtype == v_proj.dtype
         # randomized: within 1% of the optimum; the others exact
-        assert algorithm.relative_error(v_proj, approx) == pytest.approx(optimum, rel=1e-2 if route == "randomized" else 1e-4, abs=1e-6)
+        assert algorithm.relative_error(v_proj, approx) == pytest.approx(
+            optimum, rel=1e-2 if route == "randomized" else 1e-4, abs=1e-6
+        )
     factors = algorithm.factorize(v_proj, 16)
     assert factors.rank == 16 and factors.nbytes() < v_proj.numel() * v_proj.element_size()
     torch.testing.assert_close(factors.left.mT @ factors.left, torch.eye(16), atol=1e-5, rtol=0)
@@ -269,7 +297,9 @@ def test_profile_builder_and_legacy_wrapper(loader, first_layer_values):
     # The profiles are the core's weight-only bases (the Gram route finds the same subspaces as WeightSVD).
     core = SVDBases.from_model(loader.model, CompressionConfig(key_rank=24, value_rank=32))
     mine = builder.bases("med").layers[0].value
-    torch.testing.assert_close(mine.down @ mine.up, core.layers[0].value.down @ core.layers[0].value.up, atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        mine.down @ mine.up, core.layers[0].value.down @ core.layers[0].value.up, atol=1e-5, rtol=0
+    )
     assert isinstance(WeightBasis(builder.algorithm), WeightBasis)
 
     values = first_layer_values[:, 1]  # KV head 1
@@ -277,7 +307,9 @@ def test_profile_builder_and_legacy_wrapper(loader, first_layer_values):
     assert latents.shape == (values.shape[0], 32)
     rebuilt = builder.reconstruct_values(latents, "med", head_idx=1)
     torch.testing.assert_close(builder.compress_values(rebuilt, "med", head_idx=1), latents, atol=1e-4, rtol=1e-4)
-    low_error = (builder.reconstruct_values(builder.compress_values(values, "low", head_idx=1), "low", head_idx=1) - values).norm()
+    low_error = (
+        builder.reconstruct_values(builder.compress_values(values, "low", head_idx=1), "low", head_idx=1) - values
+    ).norm()
     assert low_error > (rebuilt - values).norm()  # more rank, less error
     with pytest.raises(IndexError, match="head_idx 3 out of range: the model has 3 KV heads"):
         builder.compress_values(values, "med", head_idx=3)
@@ -296,7 +328,9 @@ def test_profile_builder_and_legacy_wrapper(loader, first_layer_values):
 
 
 def test_kv_stores(loader, first_layer_values):
-    builder = LLaMACompressionProfileBuilder(loader, CompressionConfig(value_compression_ranks={"med": 32}, key_compression_rank=16))
+    builder = LLaMACompressionProfileBuilder(
+        loader, CompressionConfig(value_compression_ranks={"med": 32}, key_compression_rank=16)
+    )
     builder.build_compression_profiles(layer_idx=0)
     values = first_layer_values[:, 0]
     keys = values.flip(0)  # stand-in pre-RoPE keys of the same size
@@ -304,7 +338,9 @@ def test_kv_stores(loader, first_layer_values):
     for token in range(values.shape[0]):
         compressed_keys = builder.compress_keys(keys[token], head_idx=0, profile="med")
         compressed_values = builder.compress_values(values[token], "med", head_idx=0)
-        cache.store_kv(keys=compressed_keys, values=compressed_values, metadata={"compression_ratio": 128 / 48, "profile": "med"})
+        cache.store_kv(
+            keys=compressed_keys, values=compressed_values, metadata={"compression_ratio": 128 / 48, "profile": "med"}
+        )
         baseline.store_kv(keys[token], values[token])
     retrieved_keys, retrieved_values = cache.get_kv(token_idx=10)
     expected = builder.reconstruct_values(builder.compress_values(values[10], "med"), "med")
@@ -317,7 +353,9 @@ def test_kv_stores(loader, first_layer_values):
     # Explicit reconstruction matrices instead of a profile, in a second stream.
     up = builder.get_profile("med")["value_reconstruction"][0]
     store = LLaMAKVCache()
-    store.store_kv(keys[:4], builder.compress_values(values[:4], "med"), {"value_reconstruction": up}, layer_idx=0, head_idx=2)
+    store.store_kv(
+        keys[:4], builder.compress_values(values[:4], "med"), {"value_reconstruction": up}, layer_idx=0, head_idx=2
+    )
     assert store.get_kv(token_idx=-1, head_idx=2)[1].shape == (64,)
     with pytest.raises(IndexError, match="token_idx 4 out of range"):
         store.get_kv(token_idx=4, head_idx=2)
@@ -327,7 +365,9 @@ def test_kv_stores(loader, first_layer_values):
 
 def test_decoder_and_full_forward(loader):
     # At full rank the compressed cache is exact: greedy tokens match the full cache's.
-    exact = LLaMACompressionProfileBuilder(loader, CompressionConfig(value_compression_ranks={"full": 64}, key_compression_rank=64))
+    exact = LLaMACompressionProfileBuilder(
+        loader, CompressionConfig(value_compression_ranks={"full": 64}, key_compression_rank=64)
+    )
     decoder = CompressedAutoregressiveDecoder(InferenceConfig(max_sequence_length=64, temperature=0.0), loader, exact)
     compressed = decoder.generate(prompt="The capital of France is", max_length=20, use_compression=True)
     full = decoder.generate(prompt="The capital of France is", max_length=20, use_compression=False)
@@ -341,10 +381,14 @@ def test_decoder_and_full_forward(loader):
         decoder.generate("Hello", max_length=100)
     with pytest.raises(ValueError, match="leaves no room to generate"):
         decoder.generate("Hello there", max_length=2)
-    sampled = CompressedAutoregressiveDecoder(InferenceConfig(max_sequence_length=64, temperature=0.7, seed=3), loader, exact)
+    sampled = CompressedAutoregressiveDecoder(
+        InferenceConfig(max_sequence_length=64, temperature=0.7, seed=3), loader, exact
+    )
     assert sampled.generate("Hello", max_new_tokens=6).tokens == sampled.generate("Hello", max_new_tokens=6).tokens
 
-    halved = LLaMACompressionProfileBuilder(loader, CompressionConfig(value_compression_ranks={"med": 64}, key_compression_rank=32))
+    halved = LLaMACompressionProfileBuilder(
+        loader, CompressionConfig(value_compression_ranks={"med": 64}, key_compression_rank=32)
+    )
     forward_pass = LLaMAFullForward(loader, halved)
     input_ids = loader.tokenizer("Paris is the capital and largest city of France.", return_tensors="pt")["input_ids"]
     outputs = forward_pass.forward(input_ids, use_compression=True)
@@ -421,12 +465,15 @@ def test_interfaces_are_abstract():
             pass
 
         def get_model_weights(self, layer_idx: int) -> dict[str, torch.Tensor]:
-            return {f"self_attn.{p}.weight": torch.full((2, 2), float(i)) for i, p in enumerate(["q_proj", "k_proj", "v_proj", "o_proj"])}
+            return {
+                f"self_attn.{p}.weight": torch.full((2, 2), float(i))
+                for i, p in enumerate(["q_proj", "k_proj", "v_proj", "o_proj"])
+            }
 
     assert DictLoader().get_attention_weights(0)["v_proj"][0, 0] == 2.0
 
 
-# --- core.model's configuration view and layer-by-layer loader ----------------------------------------------------------
+# --- core.model's configuration view and layer-by-layer loader --------------------------------------------------------
 def test_model_config_wrapper_gives_one_view_of_any_config(tmp_path):
     from hf_svdkv.model import ModelConfigWrapper
 
@@ -454,7 +501,15 @@ def test_llama3_loader_reads_attention_weights_one_layer_at_a_time(tmp_path):
     for index, layer in enumerate(model.model.layers):
         attention = layer.self_attn
         # Only attention weights (and qwen2's q/k/v biases) are read: never the MLP, never the whole model.
-        assert set(layers[index]) == {"q_proj", "k_proj", "v_proj", "o_proj", "q_proj.bias", "k_proj.bias", "v_proj.bias"}
+        assert set(layers[index]) == {
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "q_proj.bias",
+            "k_proj.bias",
+            "v_proj.bias",
+        }
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
             assert torch.equal(layers[index][name], getattr(attention, name).weight)
         assert torch.equal(layers[index]["k_proj.bias"], attention.k_proj.bias)

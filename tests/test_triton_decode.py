@@ -36,8 +36,14 @@ def test_kernels_in_a_fresh_interpreter():
     if RUNS_HERE:
         pytest.skip("the kernel tests run in this process")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    child = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__],
-                           env=env, cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=600)
+    child = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__],
+        env=env,
+        cwd=Path(__file__).parents[1],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert child.returncode == 0, child.stdout[-4000:] + child.stderr[-2000:]
 
 
@@ -65,32 +71,51 @@ def filled_layer(model, batch: int, prompt_len: int, pad: int):
 @kernel_test
 @pytest.mark.parametrize(
     "num_heads,num_kv_heads,group_size,window,pad,bits",
-    [(4, 4, 1, 0, 0, None), (6, 2, 1, 0, 3, None), (6, 2, 2, 0, 3, None), (6, 3, 3, 4, 2, None), (4, 2, 1, 3, 0, None),
-     (6, 3, 3, 4, 2, 8), (4, 2, 1, 3, 0, 4)],
-    ids=["mha", "gqa-padded", "gqa-joint-padded", "joint-window-padded", "gqa-window", "joint-window-padded-int8",
-         "gqa-window-int4"],
+    [
+        (4, 4, 1, 0, 0, None),
+        (6, 2, 1, 0, 3, None),
+        (6, 2, 2, 0, 3, None),
+        (6, 3, 3, 4, 2, None),
+        (4, 2, 1, 3, 0, None),
+        (6, 3, 3, 4, 2, 8),
+        (4, 2, 1, 3, 0, 4),
+    ],
+    ids=[
+        "mha",
+        "gqa-padded",
+        "gqa-joint-padded",
+        "joint-window-padded",
+        "gqa-window",
+        "joint-window-padded-int8",
+        "gqa-window-int4",
+    ],
 )
 def test_kernel_matches_torch_path(num_heads, num_kv_heads, group_size, window, pad, bits):
     """Through `TritonBackend.attend`, with the window merged afterwards as `decode.attend` does."""
     model = tiny_model("qwen2", num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=32)  # biases: centers
-    patch_model(model, weights_config(key_rank=12, value_rank=10, group_size=group_size, window=window,
-                                      latent_bits=bits))
+    patch_model(
+        model, weights_config(key_rank=12, value_rank=10, group_size=group_size, window=window, latent_bits=bits)
+    )
     attention, layer, query, exact, mask = filled_layer(model, batch=2, prompt_len=21, pad=pad)
     state = layer_state(attention, layer)
     rope = Rope(model.model.rotary_emb, layer.positions)
     from hf_svdkv.decode.triton_kernel import TritonBackend
 
     outputs = []
-    for latent, lse in (blockwise_attention(query, layer, state, rope.factors, scaling=attention.scaling, attention_mask=mask),
-                        TritonBackend().attend(query, layer, state, rope, scaling=attention.scaling, attention_mask=mask)):
-        outputs.append(attend_window(query, latent, lse, layer, state, rope, exact, scaling=attention.scaling,
-                                     attention_mask=mask))
+    for latent, lse in (
+        blockwise_attention(query, layer, state, rope.factors, scaling=attention.scaling, attention_mask=mask),
+        TritonBackend().attend(query, layer, state, rope, scaling=attention.scaling, attention_mask=mask),
+    ):
+        outputs.append(
+            attend_window(query, latent, lse, layer, state, rope, exact, scaling=attention.scaling, attention_mask=mask)
+        )
     expected, got = outputs
     torch.testing.assert_close(got.latent, expected.latent, atol=1e-5, rtol=1e-4)
     if window:
         torch.testing.assert_close(got.exact, expected.exact, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(project_output(attention, state, got), project_output(attention, state, expected),
-                               atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        project_output(attention, state, got), project_output(attention, state, expected), atol=1e-5, rtol=1e-4
+    )
 
 
 @kernel_test
@@ -103,12 +128,14 @@ def test_kernel_bf16_and_many_splits(bits):
     attention, layer, query, _, mask = filled_layer(model, batch=2, prompt_len=45, pad=5)
     state = layer_state(attention, layer)
     rotary = model.model.rotary_emb
-    expected, _ = blockwise_attention(query, layer, state, Rope(rotary, layer.positions).factors,
-                                      scaling=attention.scaling, attention_mask=mask)
+    expected, _ = blockwise_attention(
+        query, layer, state, Rope(rotary, layer.positions).factors, scaling=attention.scaling, attention_mask=mask
+    )
     inv_freq = rotary.inv_freq.float()
     valid = mask[:, 0, 0, : layer.keys.shape[-2]].to(torch.uint8)
-    out, lse = triton_kernel.decode_latents(query[:, :, 0], layer, state, inv_freq, rotary.attention_scaling,
-                                            attention.scaling, valid, block_t=16)
+    out, lse = triton_kernel.decode_latents(
+        query[:, :, 0], layer, state, inv_freq, rotary.attention_scaling, attention.scaling, valid, block_t=16
+    )
     torch.testing.assert_close(out, expected[:, 0], atol=2e-2, rtol=2e-2)  # bf16 keys and probabilities
     assert torch.isfinite(lse).all()
 
@@ -127,11 +154,21 @@ def test_kernel_rotation_with_and_without_gaps(rope_by_tile):
     layer.positions[1, 37:] += 5  # a gap inside row 1's third tile of 16, as custom position ids make
     state = layer_state(attention, layer)
     rotary = model.model.rotary_emb
-    expected, _ = blockwise_attention(query, layer, state, Rope(rotary, layer.positions).factors,
-                                      scaling=attention.scaling, attention_mask=mask)
+    expected, _ = blockwise_attention(
+        query, layer, state, Rope(rotary, layer.positions).factors, scaling=attention.scaling, attention_mask=mask
+    )
     valid = mask[:, 0, 0, : layer.keys.shape[-2]].to(torch.uint8)
-    out, lse = triton_kernel.decode_latents(query[:, :, 0], layer, state, rotary.inv_freq.float(), rotary.attention_scaling,
-                                            attention.scaling, valid, block_t=16, rope_by_tile=rope_by_tile)
+    out, lse = triton_kernel.decode_latents(
+        query[:, :, 0],
+        layer,
+        state,
+        rotary.inv_freq.float(),
+        rotary.attention_scaling,
+        attention.scaling,
+        valid,
+        block_t=16,
+        rope_by_tile=rope_by_tile,
+    )
     torch.testing.assert_close(out, expected[:, 0], atol=1e-5, rtol=1e-4)
     assert torch.isfinite(lse).all()
 
@@ -151,16 +188,26 @@ def test_kernel_reads_integer_latents(bits, num_heads, num_kv_heads, group_size,
     from hf_svdkv.decode import triton_kernel
 
     model = tiny_model("qwen2", num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=32)
-    patch_model(model, weights_config(key_rank=key_rank, value_rank=value_rank, group_size=group_size,
-                                      latent_bits=bits))
+    patch_model(
+        model, weights_config(key_rank=key_rank, value_rank=value_rank, group_size=group_size, latent_bits=bits)
+    )
     attention, layer, query, _, mask = filled_layer(model, batch=2, prompt_len=45, pad=pad)
     assert layer.keys.bits == layer.values.bits == bits and layer.keys.rank == key_rank * group_size
     state = layer_state(attention, layer)
     rotary = model.model.rotary_emb
-    expected, expected_lse = blockwise_attention(query, layer, state, Rope(rotary, layer.positions).factors,
-                                                 scaling=attention.scaling, attention_mask=mask)
+    expected, expected_lse = blockwise_attention(
+        query, layer, state, Rope(rotary, layer.positions).factors, scaling=attention.scaling, attention_mask=mask
+    )
     valid = None if mask is None else mask[:, 0, 0, : layer.keys.length].to(torch.uint8)
-    out, lse = triton_kernel.decode_latents(query[:, :, 0], layer, state, rotary.inv_freq.float(),
-                                            rotary.attention_scaling, attention.scaling, valid, block_t=16)
+    out, lse = triton_kernel.decode_latents(
+        query[:, :, 0],
+        layer,
+        state,
+        rotary.inv_freq.float(),
+        rotary.attention_scaling,
+        attention.scaling,
+        valid,
+        block_t=16,
+    )
     torch.testing.assert_close(out, expected[:, 0], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(lse, expected_lse[..., 0], atol=1e-5, rtol=1e-4)

@@ -90,12 +90,23 @@ def assert_left_padded_rows_equal_single_runs(model, lengths: tuple[int, ...], n
     ids, mask = left_padded(lengths)
     width = ids.shape[1]
     with torch.no_grad():
-        batched = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
-                                 return_dict_in_generate=True, output_logits=True)
+        batched = model.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            return_dict_in_generate=True,
+            output_logits=True,
+        )
         for row, prompt in enumerate(prompts):
-            single = model.generate(prompt[None], max_new_tokens=new_tokens, do_sample=False,
-                                    return_dict_in_generate=True, output_logits=True)
-            assert torch.equal(batched.sequences[row, width:], single.sequences[0, len(prompt):])
+            single = model.generate(
+                prompt[None],
+                max_new_tokens=new_tokens,
+                do_sample=False,
+                return_dict_in_generate=True,
+                output_logits=True,
+            )
+            assert torch.equal(batched.sequences[row, width:], single.sequences[0, len(prompt) :])
             for got, ref in zip(batched.logits, single.logits, strict=True):
                 torch.testing.assert_close(got[row], ref[0], atol=1e-4, rtol=0)
     return batched
@@ -128,12 +139,26 @@ class CacheVariant:
         `full_rank`)."""
         from hf_svdkv import patch_model
 
-        model = tiny_model(self.arch, self.num_heads, self.num_kv_heads, self.head_dim,
-                           attn_implementation=attn_implementation, dtype=dtype)
+        model = tiny_model(
+            self.arch,
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+            attn_implementation=attn_implementation,
+            dtype=dtype,
+        )
         ranks = (self.head_dim, self.head_dim) if full_rank else (self.key_rank, self.value_rank)
-        return patch_model(model, weights_config(key_rank=ranks[0], value_rank=ranks[1], group_size=self.group_size,
-                                                 window=self.window, latent_bits=self.latent_bits,
-                                                 exact_prefill=self.exact_prefill))
+        return patch_model(
+            model,
+            weights_config(
+                key_rank=ranks[0],
+                value_rank=ranks[1],
+                group_size=self.group_size,
+                window=self.window,
+                latent_bits=self.latent_bits,
+                exact_prefill=self.exact_prefill,
+            ),
+        )
 
 
 # Every way a cache is stored: geometry (MHA, GQA, joint bases, head sizes), architecture (Qwen2's k/v biases, Mistral),

@@ -35,7 +35,10 @@ class CompressionConfig(CoreCompressionConfig):
         ranks = self.value_compression_ranks
         if ranks is not None:
             if not isinstance(ranks, dict) or not ranks:
-                raise ValueError(f"value_compression_ranks must be a non-empty dict of profile name -> rank, e.g. {{'med': 64}}, got {ranks!r}")
+                raise ValueError(
+                    "value_compression_ranks must be a non-empty dict of profile name -> rank, e.g. {'med': 64}, "
+                    f"got {ranks!r}"
+                )
             for name, rank in ranks.items():
                 check_rank(f"value_compression_ranks[{name!r}]", rank)
         super().__post_init__()
@@ -75,7 +78,9 @@ class CompressionConfig(CoreCompressionConfig):
     def explicit_ranks(self) -> tuple[int | None, int | None]:
         """The core ranks, else the seed spelling's; the two must agree where both are given."""
         explicit = []
-        for name, core, seed in zip(("key_rank", "value_rank"), (self.key_rank, self.value_rank), self.seed_ranks(), strict=True):
+        for name, core, seed in zip(
+            ("key_rank", "value_rank"), (self.key_rank, self.value_rank), self.seed_ranks(), strict=True
+        ):
             if core is not None and seed is not None and core != seed:
                 raise ValueError(f"{name}={core} contradicts the seed spelling's rank {seed}: give one of them")
             explicit.append(core if core is not None else seed)

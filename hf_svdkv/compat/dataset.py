@@ -24,7 +24,9 @@ class LLaMADatasetProcessor:
         max_length: tokens per window in `preprocess_for_compression`.
     """
 
-    def __init__(self, model_loader: Any = None, tokenizer: PreTrainedTokenizerBase | None = None, max_length: int = 512):
+    def __init__(
+        self, model_loader: Any = None, tokenizer: PreTrainedTokenizerBase | None = None, max_length: int = 512
+    ):
         if max_length < 1:
             raise ValueError(f"max_length must be positive, got {max_length}")
         self.model_loader = model_loader

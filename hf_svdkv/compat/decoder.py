@@ -58,7 +58,9 @@ class CompressedAutoregressiveDecoder:
     ):
         self.config = inference_config or InferenceConfig()
         self.model_loader = model_loader or LLaMAModelLoader(self.config.model_config)
-        self.profile_builder = profile_builder or LLaMACompressionProfileBuilder(self.model_loader, self.config.compression_config)
+        self.profile_builder = profile_builder or LLaMACompressionProfileBuilder(
+            self.model_loader, self.config.compression_config
+        )
         self.profile = profile
 
     def generate(
@@ -75,11 +77,15 @@ class CompressedAutoregressiveDecoder:
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError("prompt must be a string or a non-empty list of strings")
         if max_length is not None and max_length > self.config.max_sequence_length:
-            raise ValueError(f"max_length {max_length} exceeds InferenceConfig.max_sequence_length {self.config.max_sequence_length}")
+            raise ValueError(
+                f"max_length {max_length} exceeds InferenceConfig.max_sequence_length {self.config.max_sequence_length}"
+            )
         size = self.config.batch_size
         results = []
         for start in range(0, len(prompts), size):
-            results.extend(self._generate_batch(prompts[start : start + size], max_length, max_new_tokens, use_compression))
+            results.extend(
+                self._generate_batch(prompts[start : start + size], max_length, max_new_tokens, use_compression)
+            )
         return results[0] if isinstance(prompt, str) else results
 
     def _generate_batch(
@@ -91,7 +97,9 @@ class CompressedAutoregressiveDecoder:
         for i, row in enumerate(rows):
             if not row:  # an empty prompt: start from the BOS token, as generate() does without input
                 if bos is None:
-                    raise ValueError(f"prompt {i} is empty and the model has no BOS token to start from: give some text")
+                    raise ValueError(
+                        f"prompt {i} is empty and the model has no BOS token to start from: give some text"
+                    )
                 rows[i] = [bos]
         side, tokenizer.padding_side = tokenizer.padding_side, "left"  # decoder-only models pad on the left
         try:
@@ -99,7 +107,9 @@ class CompressedAutoregressiveDecoder:
         finally:
             tokenizer.padding_side = side
         prompt_len = encoded["input_ids"].shape[1]
-        limit = prompt_len + max_new_tokens if max_new_tokens is not None else max_length or self.config.max_sequence_length
+        limit = (
+            prompt_len + max_new_tokens if max_new_tokens is not None else max_length or self.config.max_sequence_length
+        )
         if limit > self.config.max_sequence_length:
             raise ValueError(
                 f"the prompt ({prompt_len} tokens) plus max_new_tokens={max_new_tokens} exceeds "
@@ -136,13 +146,15 @@ class CompressedAutoregressiveDecoder:
         for row in output[:, prompt_len:].tolist():
             end = next((i for i, t in enumerate(row) if t in eos), len(row))
             tokens = row[:end]
-            results.append(GenerationResult(
-                text=tokenizer.decode(tokens, skip_special_tokens=True),
-                tokens=tokens,
-                prompt_tokens=prompt_len,
-                compressed=use_compression,
-                kv_cache_bytes=nbytes // rows,
-                kv_bytes_per_token=per_token,
-                seconds=seconds,
-            ))
+            results.append(
+                GenerationResult(
+                    text=tokenizer.decode(tokens, skip_special_tokens=True),
+                    tokens=tokens,
+                    prompt_tokens=prompt_len,
+                    compressed=use_compression,
+                    kv_cache_bytes=nbytes // rows,
+                    kv_bytes_per_token=per_token,
+                    seconds=seconds,
+                )
+            )
         return results

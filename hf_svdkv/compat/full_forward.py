@@ -61,11 +61,15 @@ class LLaMAFullForward:
         ids = self.token_ids(input_ids)
         if use_compression:
             if past_key_values is not None and not isinstance(past_key_values, SVDCompressedCache):
-                raise ValueError(f"use_compression=True continues an SVDCompressedCache, got a {type(past_key_values).__name__}")
+                raise ValueError(
+                    f"use_compression=True continues an SVDCompressedCache, got a {type(past_key_values).__name__}"
+                )
             bases = self.profile_builder.bases(self.profile)
             # exact_prefill=False: the seed's compressed forward attends over the compressed keys and values, prompt
             # included (what it measures is the compression, see compare()).
-            cache = past_key_values if past_key_values is not None else SVDCompressedCache(bases=bases, exact_prefill=False)
+            cache = (
+                past_key_values if past_key_values is not None else SVDCompressedCache(bases=bases, exact_prefill=False)
+            )
             context = patched_for(model, cache.bases)
         else:
             if isinstance(past_key_values, SVDCompressedCache):

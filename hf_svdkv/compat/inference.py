@@ -78,9 +78,16 @@ class LLaMACompressionInference:
         batch = self.dataset_processor.preprocess_for_compression(documents, context + continuation, num_samples)
         rows = [dynamic_row(), *(self._profile_row(name) for name in names)]
         result = run_eval(
-            self.model_loader.model, batch["input_ids"].reshape(-1), rows, protocol="continuation", context=context,
-            continuation=continuation, n_windows=batch["num_samples"], model_name=self.model_loader.name,
-            dataset_name=batch["source"] or dataset, progress=False,
+            self.model_loader.model,
+            batch["input_ids"].reshape(-1),
+            rows,
+            protocol="continuation",
+            context=context,
+            continuation=continuation,
+            n_windows=batch["num_samples"],
+            model_name=self.model_loader.name,
+            dataset_name=batch["source"] or dataset,
+            progress=False,
         )
         baseline, measured = result.rows[0], result.rows[1:]
         per_profile = {
@@ -104,7 +111,11 @@ class LLaMACompressionInference:
             "model": result.model,
             "dataset": result.dataset,
             "protocol": result.protocol,
-            "baseline": {"ppl": baseline.ppl, "kv_bytes_per_token": baseline.kv_bytes_per_token, "seconds": baseline.seconds},
+            "baseline": {
+                "ppl": baseline.ppl,
+                "kv_bytes_per_token": baseline.kv_bytes_per_token,
+                "seconds": baseline.seconds,
+            },
             "profiles": per_profile,
             "aggregate_metrics": {
                 "avg_memory_savings": mean("memory_savings"),

@@ -27,7 +27,9 @@ class ModelLoaderInterface(ABC):
         weights = self.get_model_weights(layer_idx)
         picked = {}
         for name in ATTENTION_PROJECTIONS:
-            found = [w for key, w in weights.items() if key in (name, f"{name}.weight") or key.endswith(f".{name}.weight")]
+            found = [
+                w for key, w in weights.items() if key in (name, f"{name}.weight") or key.endswith(f".{name}.weight")
+            ]
             if len(found) != 1:
                 raise KeyError(f"layer {layer_idx} weights have {len(found)} entries for {name}: expected exactly one")
             picked[name] = found[0]

@@ -21,7 +21,9 @@ class _Chunk:
 
 def _as_tokens(name: str, tensor: torch.Tensor) -> torch.Tensor:
     if not isinstance(tensor, torch.Tensor) or tensor.dim() not in (1, 2):
-        raise ValueError(f"{name} must be a tensor [dim] (one token) or [tokens, dim], got {getattr(tensor, 'shape', tensor)!r}")
+        raise ValueError(
+            f"{name} must be a tensor [dim] (one token) or [tokens, dim], got {getattr(tensor, 'shape', tensor)!r}"
+        )
     return tensor.detach().reshape(-1, tensor.shape[-1])
 
 
@@ -63,7 +65,9 @@ class StandardKVCache:
             return torch.cat([k for k, _ in parts]), torch.cat([v for _, v in parts])
         total = self.num_tokens(layer_idx, head_idx)
         if isinstance(token_idx, bool) or not isinstance(token_idx, int) or not -total <= token_idx < total:
-            raise IndexError(f"token_idx {token_idx!r} out of range: layer {layer_idx}, head {head_idx} holds {total} tokens")
+            raise IndexError(
+                f"token_idx {token_idx!r} out of range: layer {layer_idx}, head {head_idx} holds {total} tokens"
+            )
         token_idx %= total
         for chunk in stream:
             if token_idx < chunk.keys.shape[0]:
@@ -130,11 +134,15 @@ class LLaMAKVCache(StandardKVCache):
     def _check(self, chunk: _Chunk) -> None:
         profile = chunk.metadata.get("profile")
         if profile is not None and self.profile_builder is None:
-            raise ValueError(f"metadata names profile {profile!r} but this LLaMAKVCache has no profile_builder to rebuild with")
+            raise ValueError(
+                f"metadata names profile {profile!r} but this LLaMAKVCache has no profile_builder to rebuild with"
+            )
         for kind, latents in (("key", chunk.keys), ("value", chunk.values)):
             up = chunk.metadata.get(f"{kind}_reconstruction")
             if up is not None and up.shape[0] != latents.shape[-1]:
-                raise ValueError(f"{kind}_reconstruction has {up.shape[0]} rows but the {kind} latents have {latents.shape[-1]} dims")
+                raise ValueError(
+                    f"{kind}_reconstruction has {up.shape[0]} rows but the {kind} latents have {latents.shape[-1]} dims"
+                )
 
     def _read(self, chunk: _Chunk, index: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         keys, values = super()._read(chunk, index)
@@ -142,8 +150,10 @@ class LLaMAKVCache(StandardKVCache):
         if meta.get("profile") is not None:
             where = {"head_idx": meta.get("head_idx", 0), "layer_idx": meta.get("layer_idx")}
             builder = self.profile_builder
-            return (builder.reconstruct_keys(keys, profile=meta["profile"], **where),
-                    builder.reconstruct_values(values, meta["profile"], **where))
+            return (
+                builder.reconstruct_keys(keys, profile=meta["profile"], **where),
+                builder.reconstruct_values(values, meta["profile"], **where),
+            )
         return self._rebuild(keys, meta, "key"), self._rebuild(values, meta, "value")
 
     @staticmethod

@@ -32,8 +32,12 @@ class LegacyCompressionWrapper:
         else:
             loader = LLaMAModelLoader(new_implementation) if isinstance(new_implementation, str) else new_implementation
             if not hasattr(loader, "load_model"):
-                raise TypeError(f"expected a profile builder, a model loader or a model path, got {type(loader).__name__}")
-            config = CompressionConfig(value_compression_ranks=dict(LEGACY_VALUE_RANKS), key_compression_rank=LEGACY_KEY_RANK)
+                raise TypeError(
+                    f"expected a profile builder, a model loader or a model path, got {type(loader).__name__}"
+                )
+            config = CompressionConfig(
+                value_compression_ranks=dict(LEGACY_VALUE_RANKS), key_compression_rank=LEGACY_KEY_RANK
+            )
             builder = LLaMACompressionProfileBuilder(loader, config)
         self.profile_builder = builder
         self.model_loader = builder.model_loader
@@ -62,7 +66,9 @@ class LegacyCompressionWrapper:
         return self.profile_builder.compress_values(values, profile_name, head_idx, layer_idx=self.layer_idx)
 
     def reconstruct_values(self, compressed_values: torch.Tensor, profile_name: str, head_idx: int = 0) -> torch.Tensor:
-        return self.profile_builder.reconstruct_values(compressed_values, profile_name, head_idx, layer_idx=self.layer_idx)
+        return self.profile_builder.reconstruct_values(
+            compressed_values, profile_name, head_idx, layer_idx=self.layer_idx
+        )
 
     def compress_keys(self, keys: torch.Tensor, head_idx: int = 0) -> torch.Tensor:
         return self.profile_builder.compress_keys(keys, head_idx, layer_idx=self.layer_idx)
@@ -80,11 +86,15 @@ class LegacyCompressionWrapper:
         return self.profile_builder.get_compression_stats()
 
     def print_compression_summary(self) -> None:
-        print(f"Compression profiles · layer {self.layer_idx} · head_dim {self.head_dim} · "
-              f"{self.num_query_heads} query / {self.num_kv_heads} KV heads")
+        print(
+            f"Compression profiles · layer {self.layer_idx} · head_dim {self.head_dim} · "
+            f"{self.num_query_heads} query / {self.num_kv_heads} KV heads"
+        )
         for name, stats in self.get_compression_stats().items():
-            print(f"  {name}: key rank {stats['key_rank']}, value rank {stats['value_rank']}, "
-                  f"{stats['total_compression_ratio']:.2f}x, {stats['memory_savings_percent']:.1f}% KV memory saved")
+            print(
+                f"  {name}: key rank {stats['key_rank']}, value rank {stats['value_rank']}, "
+                f"{stats['total_compression_ratio']:.2f}x, {stats['memory_savings_percent']:.1f}% KV memory saved"
+            )
 
 
 # The legacy class name (`from profiles_llama_new import LLaMACompressionProfiles`).

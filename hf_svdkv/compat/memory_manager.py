@@ -21,7 +21,11 @@ class MemoryManager:
     """
 
     def __init__(self, cleanup_threshold: float = 0.8):
-        if isinstance(cleanup_threshold, bool) or not isinstance(cleanup_threshold, (int, float)) or not 0 <= cleanup_threshold <= 1:
+        if (
+            isinstance(cleanup_threshold, bool)
+            or not isinstance(cleanup_threshold, (int, float))
+            or not 0 <= cleanup_threshold <= 1
+        ):
             raise ValueError(f"cleanup_threshold must be a fraction between 0 and 1, got {cleanup_threshold!r}")
         self.cleanup_threshold = float(cleanup_threshold)
         self.cleanups = 0

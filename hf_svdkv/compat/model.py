@@ -46,7 +46,9 @@ def model_directory(source: ModelConfig | str | Path | None = None) -> Path:
     try:
         return Path(snapshot_download(str(source), local_files_only=True))
     except Exception as error:  # not downloaded: the loader reads checkpoints, it does not fetch them
-        raise FileNotFoundError(f"no local checkpoint for {source!r} ({type(error).__name__}): download it first") from None
+        raise FileNotFoundError(
+            f"no local checkpoint for {source!r} ({type(error).__name__}): download it first"
+        ) from None
 
 
 class ModelConfigWrapper:
@@ -79,9 +81,12 @@ class ModelConfigWrapper:
         return 2 * g.num_layers * g.num_kv_heads * g.head_dim * 2
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self.geometry), "vocab_size": self.text_config.vocab_size,
-                "max_position_embeddings": getattr(self.text_config, "max_position_embeddings", None),
-                "kv_bytes_per_token": self.kv_bytes_per_token}
+        return {
+            **asdict(self.geometry),
+            "vocab_size": self.text_config.vocab_size,
+            "max_position_embeddings": getattr(self.text_config, "max_position_embeddings", None),
+            "kv_bytes_per_token": self.kv_bytes_per_token,
+        }
 
     def __repr__(self) -> str:
         return f"ModelConfigWrapper({self.to_dict()})"
@@ -118,8 +123,14 @@ class LLaMA3Loader:
 
         if not 0 <= layer_idx < self.config.num_layers:
             raise IndexError(f"layer {layer_idx} out of range: the model has {self.config.num_layers} layers")
-        prefix = next((p for p in ("model.layers", "model.language_model.layers")
-                       if f"{p}.{layer_idx}.self_attn.k_proj.weight" in self._index), None)
+        prefix = next(
+            (
+                p
+                for p in ("model.layers", "model.language_model.layers")
+                if f"{p}.{layer_idx}.self_attn.k_proj.weight" in self._index
+            ),
+            None,
+        )
         if prefix is None:
             raise KeyError(f"no attention weights for layer {layer_idx} in {self.directory}")
         weights = {}

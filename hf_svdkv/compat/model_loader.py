@@ -1,4 +1,4 @@
-"""`LLaMAModelLoader`: the seed's model loader, on `hf_svdkv.loading.load_model` (embedded default, folder, GGUF, Hub)."""
+"""`LLaMAModelLoader`: the seed's model loader, on `tools.loading.load_model` (embedded default, folder, GGUF, Hub)."""
 
 from __future__ import annotations
 

@@ -62,7 +62,9 @@ class LLaMACompressionProfileBuilder:
             self.model_loader.load_model()
             model = getattr(self.model_loader, "model", None)
         if model is None:
-            raise TypeError(f"{type(self.model_loader).__name__} has no `model` after load_model(): the builder needs one")
+            raise TypeError(
+                f"{type(self.model_loader).__name__} has no `model` after load_model(): the builder needs one"
+            )
         return model
 
     @property
@@ -99,8 +101,13 @@ class LLaMACompressionProfileBuilder:
         """The core `CompressionConfig` of one profile (explicit ranks; grouping, window and bits kept)."""
         key, value = self._ranks(profile)
         return dataclasses.replace(
-            self.config, key_rank=key, value_rank=value, profile=None, target_ratio=None,
-            value_compression_ranks=None, key_compression_rank=None,
+            self.config,
+            key_rank=key,
+            value_rank=value,
+            profile=None,
+            target_ratio=None,
+            value_compression_ranks=None,
+            key_compression_rank=None,
         )
 
     def bases(self, profile: str | None = None) -> SVDBases:
@@ -108,7 +115,9 @@ class LLaMACompressionProfileBuilder:
         name = profile or self.default_profile
         if name not in self._bases:
             with onloaded_kv_weights(self.model):
-                self._bases[name] = SVDBases.from_model(self.model, self.profile_config(name), algorithm=WeightBasis(self.algorithm))
+                self._bases[name] = SVDBases.from_model(
+                    self.model, self.profile_config(name), algorithm=WeightBasis(self.algorithm)
+                )
         return self._bases[name]
 
     def _ranks(self, profile: str | None) -> tuple[int, int]:
@@ -120,7 +129,8 @@ class LLaMACompressionProfileBuilder:
 
     def build_compression_profiles(self, layer_idx: int = -1) -> dict[str, dict[str, Any]]:
         """Every profile's compression (down) and reconstruction (up) matrices for one layer; also makes `layer_idx`
-        the default of the per-head methods. Matrices are [groups, group_size * head_dim, rank] / [groups, rank, ...]."""
+        the default of the per-head methods. Matrices are [groups, group_size * head_dim, rank] /
+        [groups, rank, ...]."""
         index = self._layer_index(layer_idx)
         head_dim = self.geometry.head_dim
         profiles = {}
@@ -168,7 +178,7 @@ class LLaMACompressionProfileBuilder:
             }
         return stats
 
-    # --- per-head compression -------------------------------------------------------------------------------------------
+    # --- per-head compression -----------------------------------------------------------------------------------------
     def compress_values(
         self, values: torch.Tensor, profile: str, head_idx: int = 0, layer_idx: int | None = None
     ) -> torch.Tensor:
@@ -209,8 +219,11 @@ class LLaMACompressionProfileBuilder:
         if isinstance(head_idx, bool) or not isinstance(head_idx, int) or not 0 <= head_idx < heads:
             raise IndexError(f"head_idx {head_idx!r} out of range: the model has {heads} KV heads")
         projection = getattr(self.bases(profile).layers[self._layer_index(layer_idx)], kind)
-        return Projection(projection.down[head_idx : head_idx + 1], projection.up[head_idx : head_idx + 1],
-                          projection.center[head_idx : head_idx + 1])
+        return Projection(
+            projection.down[head_idx : head_idx + 1],
+            projection.up[head_idx : head_idx + 1],
+            projection.center[head_idx : head_idx + 1],
+        )
 
     def _encode(self, projection: Projection, states: torch.Tensor) -> torch.Tensor:
         head_dim = projection.down.shape[1]

@@ -48,7 +48,9 @@ def _check(matrix: object, rank: object) -> None:
             "pass e.g. weights['v_proj']"
         )
     if not isinstance(matrix, torch.Tensor) or matrix.dim() < 2 or not matrix.is_floating_point():
-        raise TypeError(f"compress_matrix needs a floating-point tensor with at least 2 dims, got {type(matrix).__name__}")
+        raise TypeError(
+            f"compress_matrix needs a floating-point tensor with at least 2 dims, got {type(matrix).__name__}"
+        )
     if matrix.numel() == 0:
         raise ValueError(f"cannot compress an empty matrix of shape {tuple(matrix.shape)}")
     if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
@@ -70,14 +72,17 @@ class SVDCompressionAlgorithm:
         seed: seed of the randomized range finder's test matrix.
     """
 
-    def __init__(self, use_memory_efficient: bool = True, oversampling: int = 8, power_iterations: int = 2, seed: int = 0):
+    def __init__(
+        self, use_memory_efficient: bool = True, oversampling: int = 8, power_iterations: int = 2, seed: int = 0
+    ):
         self.use_memory_efficient = use_memory_efficient
         self.oversampling = oversampling
         self.power_iterations = power_iterations
         self.seed = seed
 
     def method(self, shape: tuple[int, ...], rank: int, use_memory_efficient: bool | None = None) -> str:
-        """The route `factorize` takes for a matrix of `shape`: "exact" (nothing to drop), "full", "gram" or "randomized"."""
+        """The route `factorize` takes for a matrix of `shape`: "exact" (nothing to drop), "full", "gram" or
+        "randomized"."""
         memory_efficient = self.use_memory_efficient if use_memory_efficient is None else use_memory_efficient
         small = min(shape[-2:])
         if rank >= small:
@@ -92,7 +97,9 @@ class SVDCompressionAlgorithm:
         a = matrix.detach().to(torch.promote_types(matrix.dtype, torch.float32))
         m, n = a.shape[-2:]
         method = self.method(tuple(a.shape), rank, use_memory_efficient)
-        if method == "exact":  # the whole column space: I for a wide matrix, an orthonormal basis of A's columns if tall
+        if (
+            method == "exact"
+        ):  # the whole column space: I for a wide matrix, an orthonormal basis of A's columns if tall
             if m <= n:
                 return torch.eye(m, dtype=a.dtype, device=a.device).expand(*a.shape[:-2], m, m).clone()
             return torch.linalg.qr(a)[0]
@@ -112,7 +119,9 @@ class SVDCompressionAlgorithm:
         a = matrix.detach().to(left.dtype)
         return LowRankFactors(left, left.mT @ a)
 
-    def compress_matrix(self, matrix: torch.Tensor, rank: int, use_memory_efficient: bool | None = None) -> torch.Tensor:
+    def compress_matrix(
+        self, matrix: torch.Tensor, rank: int, use_memory_efficient: bool | None = None
+    ) -> torch.Tensor:
         """The best rank-`rank` approximation of `matrix` (same shape and dtype): its truncated SVD."""
         return self.factorize(matrix, rank, use_memory_efficient).reconstruct().to(matrix.dtype)
 

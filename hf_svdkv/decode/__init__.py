@@ -59,7 +59,9 @@ def attend(
         for backend in BACKENDS:
             if backend.supports(query, layer, state, rope):
                 try:
-                    latent, lse = backend.attend(query, layer, state, rope, scaling=scaling, attention_mask=attention_mask)
+                    latent, lse = backend.attend(
+                        query, layer, state, rope, scaling=scaling, attention_mask=attention_mask
+                    )
                     break
                 except Unsupported:
                     continue

@@ -95,7 +95,9 @@ def blockwise_attention(
         allowed = block_mask(attention_mask, query_len, total, start, end, layer.window, False, device)
         if allowed is not None:
             # [batch, kv_heads, per_kv, q, n]: masks are per (batch, query token), shared by a KV head's query heads.
-            scores = scores.view(batch, num_kv_heads, per_kv, query_len, size).masked_fill(~allowed[:, :, None], -math.inf)
+            scores = scores.view(batch, num_kv_heads, per_kv, query_len, size).masked_fill(
+                ~allowed[:, :, None], -math.inf
+            )
             scores = scores.view(batch, num_kv_heads, rows, size)
         new_max = torch.maximum(running_max, scores.amax(-1))
         # A row that has read nothing yet keeps max -inf: shift by 0 there, so exp gives 0 rather than NaN.

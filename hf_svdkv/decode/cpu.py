@@ -92,9 +92,13 @@ class _Latents(ctypes.Structure):
     """A store's latents as the kernel reads them: `Latents` in cpu_decode.cpp."""
 
     _fields_ = [
-        ("data", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("zero", ctypes.c_void_p),
-        ("bits", ctypes.c_int64), ("group", ctypes.c_int64),
-        ("stride", ctypes.c_int64 * 3), ("scale_stride", ctypes.c_int64 * 3),
+        ("data", ctypes.c_void_p),
+        ("scale", ctypes.c_void_p),
+        ("zero", ctypes.c_void_p),
+        ("bits", ctypes.c_int64),
+        ("group", ctypes.c_int64),
+        ("stride", ctypes.c_int64 * 3),
+        ("scale_stride", ctypes.c_int64 * 3),
     ]
 
 
@@ -113,8 +117,12 @@ def _library() -> ctypes.CDLL | None:
         return None
     function = library.hf_svdkv_latent_decode
     function.restype = ctypes.c_int
-    function.argtypes = ([ctypes.POINTER(_Latents)] * 2 + [ctypes.c_void_p] * 12 + [ctypes.c_int64] * 14
-                         + [ctypes.c_float, ctypes.c_int, ctypes.c_int])
+    function.argtypes = (
+        [ctypes.POINTER(_Latents)] * 2
+        + [ctypes.c_void_p] * 12
+        + [ctypes.c_int64] * 14
+        + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
+    )
     library.hf_svdkv_tiles_available.restype = ctypes.c_int
     return library
 
@@ -146,7 +154,8 @@ def up_tiles(key_rows: torch.Tensor) -> torch.Tensor:
     padded[:, :rank] = key_rows
     hi = padded.bfloat16()
     lo = (padded - hi.float()).bfloat16()
-    # [g, rank step, pair, pair member, hi|lo, column tile, column] -> [g, step, column tile, hi|lo, pair, column, member]
+    # [g, rank step, pair, pair member, hi|lo, column tile, column]
+    #   -> [g, step, column tile, hi|lo, pair, column, member]
     parts = torch.stack([hi, lo], dim=2).view(groups, rank_pad // TILE_RANK, TILE_RANK // 2, 2, 2, width // 16, 16)
     return parts.permute(0, 1, 5, 4, 2, 6, 3).contiguous()
 
@@ -169,8 +178,15 @@ def _latents(store: LatentStore) -> _Latents:
         data = data.contiguous()
     if scale.stride() != zero.stride() or scale.stride(-1) != 1:  # the kernel reads both with scale's strides
         scale, zero = scale.contiguous(), zero.contiguous()
-    latents = _Latents(data.data_ptr(), scale.data_ptr(), zero.data_ptr(), store.bits, store.group,
-                       strides(*data.stride()[:3]), strides(*scale.stride()[:3]))
+    latents = _Latents(
+        data.data_ptr(),
+        scale.data_ptr(),
+        zero.data_ptr(),
+        store.bits,
+        store.group,
+        strides(*data.stride()[:3]),
+        strides(*scale.stride()[:3]),
+    )
     latents.held = (data, scale, zero)
     return latents
 
@@ -215,20 +231,55 @@ def decode_latents(
     # Every float32 the kernel writes, in one allocation: per span (max, sum, output) per query head, then the merged
     # output, max and sum.
     partial = batch * num_heads * spans
-    sizes = [partial, partial, partial * value_rank, batch * num_heads * value_rank, batch * num_heads, batch * num_heads]
-    part_max, part_sum, part_acc, out, out_max, out_sum = torch.empty(sum(sizes), dtype=torch.float32, device=query.device).split(sizes)
+    sizes = [
+        partial,
+        partial,
+        partial * value_rank,
+        batch * num_heads * value_rank,
+        batch * num_heads,
+        batch * num_heads,
+    ]
+    part_max, part_sum, part_acc, out, out_max, out_sum = torch.empty(
+        sum(sizes), dtype=torch.float32, device=query.device
+    ).split(sizes)
     status = _library().hf_svdkv_latent_decode(
-        ctypes.byref(keys), ctypes.byref(values), up.data_ptr(), _pointer(tile_tensor), _pointer(state.key_bias),
-        cos_sin.data_ptr(), queries.data_ptr(),
-        _pointer(valid), part_max.data_ptr(), part_sum.data_ptr(), part_acc.data_ptr(),
-        out_max.data_ptr(), out_sum.data_ptr(), out.data_ptr(),
-        batch, latent_len, num_kv_heads, per_kv, num_kv_heads // key_groups, num_kv_heads // value_groups,
-        key_rank, value_rank, width, head_dim, SPAN, -(-key_rank // TILE_RANK) * TILE_RANK,
-        cos_sin.stride(0), 0 if valid is None else valid.stride(0),
-        ctypes.c_float(scaling), LATENT_DTYPES[layer.keys.dtype], torch.get_num_threads(),
+        ctypes.byref(keys),
+        ctypes.byref(values),
+        up.data_ptr(),
+        _pointer(tile_tensor),
+        _pointer(state.key_bias),
+        cos_sin.data_ptr(),
+        queries.data_ptr(),
+        _pointer(valid),
+        part_max.data_ptr(),
+        part_sum.data_ptr(),
+        part_acc.data_ptr(),
+        out_max.data_ptr(),
+        out_sum.data_ptr(),
+        out.data_ptr(),
+        batch,
+        latent_len,
+        num_kv_heads,
+        per_kv,
+        num_kv_heads // key_groups,
+        num_kv_heads // value_groups,
+        key_rank,
+        value_rank,
+        width,
+        head_dim,
+        SPAN,
+        -(-key_rank // TILE_RANK) * TILE_RANK,
+        cos_sin.stride(0),
+        0 if valid is None else valid.stride(0),
+        ctypes.c_float(scaling),
+        LATENT_DTYPES[layer.keys.dtype],
+        torch.get_num_threads(),
     )
     if status:
-        raise ValueError(f"hf_svdkv CPU kernel: unsupported shape (head_dim {head_dim}, {per_kv} query heads per KV head, value rank {value_rank})")
+        raise ValueError(
+            f"hf_svdkv CPU kernel: unsupported shape (head_dim {head_dim}, {per_kv} query heads per KV head, "
+            f"value rank {value_rank})"
+        )
     lse = out_max.view(batch, num_heads) + out_sum.view(batch, num_heads).log()  # log(0) = -inf: every token hidden
     return out.view(batch, num_heads, value_rank), lse
 

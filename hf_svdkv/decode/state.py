@@ -20,10 +20,16 @@ from ..svd_cache import SVDCacheLayer
 from .rope import interleave
 
 
-def _per_query_head(projection: Projection, num_heads: int, num_kv_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _per_query_head(
+    projection: Projection, num_heads: int, num_kv_heads: int, head_dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Each query head's slice of its KV head's up projection [heads, rank, head_dim] and center [heads, head_dim]."""
     groups, rank, _ = projection.up.shape
-    up = projection.up.reshape(groups, rank, num_kv_heads // groups, head_dim).transpose(1, 2).reshape(num_kv_heads, rank, head_dim)
+    up = (
+        projection.up.reshape(groups, rank, num_kv_heads // groups, head_dim)
+        .transpose(1, 2)
+        .reshape(num_kv_heads, rank, head_dim)
+    )
     center = projection.center.reshape(num_kv_heads, head_dim)
     repeats = num_heads // num_kv_heads
     return up.repeat_interleave(repeats, dim=0), center.repeat_interleave(repeats, dim=0)

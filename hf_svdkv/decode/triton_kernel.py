@@ -2,20 +2,21 @@
 
 Per tile of BLOCK_T cached tokens, in registers: rebuild each KV head's keys from the key latents (c @ up + center),
 rotate them at their stored positions (cos/sin computed in the kernel from the rotary module's inv_freq and
-attention_scaling; a tile of consecutive positions by angle addition from its first one), score them against every query head reading that KV head, and fold the tile into an online
-softmax over the *value latents*. Nothing full-size is ever written to memory: per token the kernel reads
-key_rank + value_rank latent numbers and one int32 position, where SDPA over a full cache reads 2 * kv_heads * d.
-Integer latents (8- or 4-bit codes, `quantization`) are read as stored, codes plus a float16 scale and zero point per
-token and group of channels, and dequantized in registers: a 4-bit cache is read at a quarter of a 16-bit one's bytes.
+attention_scaling; a tile of consecutive positions by angle addition from its first one), score them against every query
+head reading that KV head, and fold the tile into an online softmax over the *value latents*. Nothing full-size is ever
+written to memory: per token the kernel reads key_rank + value_rank latent numbers and one int32 position, where SDPA
+over a full cache reads 2 * kv_heads * d. Integer latents (8- or 4-bit codes, `quantization`) are read as stored, codes
+plus a float16 scale and zero point per token and group of channels, and dequantized in registers: a 4-bit cache is read
+at a quarter of a 16-bit one's bytes.
 
-Flash-decoding layout: the sequence is split across programs (so one batch row still fills the GPU), each writes
-a partial (max, sum, accumulator) per query head, and a second small kernel merges the splits. The output is the
-attention over value latents per query head plus its log-sum-exp; `state` folds the value basis into o_proj and
-`window` merges the full-precision window (a few tokens) in torch.
+Flash-decoding layout: the sequence is split across programs (so one batch row still fills the GPU), each writes a
+partial (max, sum, accumulator) per query head, and a second small kernel merges the splits. The output is the attention
+over value latents per query head plus its log-sum-exp; `state` folds the value basis into o_proj and `window` merges
+the full-precision window (a few tokens) in torch.
 
 Works on any batch, GQA ratio and head grouping (a program handles the KV heads that share both a key and a value
-group), fp16/bf16/fp32 latents or int8/int4 codes (fp32 accumulation), and a per-token validity mask for left
-padding. Runs on CPU tensors under TRITON_INTERPRET=1 (slowly), which is how the tests check it.
+group), fp16/bf16/fp32 latents or int8/int4 codes (fp32 accumulation), and a per-token validity mask for left padding.
+Runs on CPU tensors under TRITON_INTERPRET=1 (slowly), which is how the tests check it.
 """
 
 from __future__ import annotations
@@ -77,16 +78,65 @@ if triton is not None:
 
     @triton.jit
     def _partial_kernel(
-        Q, KL, KS, KZ, VL, VS, VZ, KW, KB, POS, VALID, INV_FREQ,  # inputs; KS..VZ: integer latents' scales, zeros
-        M, L, ACC,  # per split: running max (log2 units), sum of exponentials, unnormalised output
-        sq_b, sq_h, sk_b, sk_g, sk_t, sks_b, sks_g, sks_t, sv_b, sv_g, sv_t, svs_b, svs_g, svs_t,
-        sw_g, sw_n, sb_g, sp_b, sm_b,
-        latent_len, split_len, num_units, qk_scale, rope_scale,
-        U: tl.constexpr, HQ: tl.constexpr, GK: tl.constexpr, GV: tl.constexpr,
-        HALF: tl.constexpr, HALF_P: tl.constexpr, RK: tl.constexpr, RKC: tl.constexpr,
-        RV: tl.constexpr, RV_P: tl.constexpr, QP: tl.constexpr, BLOCK_T: tl.constexpr,
-        HAS_BIAS: tl.constexpr, HAS_VALID: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
-        ROPE_BY_TILE: tl.constexpr, K_BITS: tl.constexpr, K_GROUP: tl.constexpr, V_BITS: tl.constexpr,
+        Q,
+        KL,
+        KS,
+        KZ,
+        VL,
+        VS,
+        VZ,
+        KW,
+        KB,
+        POS,
+        VALID,
+        INV_FREQ,  # inputs; KS..VZ: integer latents' scales, zeros
+        M,
+        L,
+        ACC,  # per split: running max (log2 units), sum of exponentials, unnormalised output
+        sq_b,
+        sq_h,
+        sk_b,
+        sk_g,
+        sk_t,
+        sks_b,
+        sks_g,
+        sks_t,
+        sv_b,
+        sv_g,
+        sv_t,
+        svs_b,
+        svs_g,
+        svs_t,
+        sw_g,
+        sw_n,
+        sb_g,
+        sp_b,
+        sm_b,
+        latent_len,
+        split_len,
+        num_units,
+        qk_scale,
+        rope_scale,
+        U: tl.constexpr,
+        HQ: tl.constexpr,
+        GK: tl.constexpr,
+        GV: tl.constexpr,
+        HALF: tl.constexpr,
+        HALF_P: tl.constexpr,
+        RK: tl.constexpr,
+        RKC: tl.constexpr,
+        RV: tl.constexpr,
+        RV_P: tl.constexpr,
+        QP: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        HAS_VALID: tl.constexpr,
+        DOT: tl.constexpr,
+        PRECISION: tl.constexpr,
+        ROPE_BY_TILE: tl.constexpr,
+        K_BITS: tl.constexpr,
+        K_GROUP: tl.constexpr,
+        V_BITS: tl.constexpr,
         V_GROUP: tl.constexpr,
     ):
         split = tl.program_id(0)
@@ -143,8 +193,17 @@ if triton is not None:
                 key2 = tl.zeros([BLOCK_T, HALF_P], tl.float32)
                 for r0 in tl.static_range(0, RK, RKC):
                     rank_ok = (r0 + rk) < RK
-                    latents = _read_latents(KL, KS, KZ, key_rows, key_scale_rows, r0 + rk,
-                                            token_ok[:, None] & rank_ok[None, :], K_BITS, K_GROUP).to(DOT)
+                    latents = _read_latents(
+                        KL,
+                        KS,
+                        KZ,
+                        key_rows,
+                        key_scale_rows,
+                        r0 + rk,
+                        token_ok[:, None] & rank_ok[None, :],
+                        K_BITS,
+                        K_GROUP,
+                    ).to(DOT)
                     basis = KW + key_group * sw_g + (r0 + rk)[:, None] + col1[None, :] * sw_n
                     basis_ok = rank_ok[:, None] & freq_ok[None, :]
                     basis1 = tl.load(basis, mask=basis_ok, other=0.0).to(DOT)
@@ -171,9 +230,15 @@ if triton is not None:
             p = tl.exp2(scores - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             values = _read_latents(
-                VL, VS, VZ, (batch * sv_b + value_group * sv_g + tokens * sv_t)[:, None],
-                (batch * svs_b + value_group * svs_g + tokens * svs_t)[:, None], rv,
-                token_ok[:, None] & rv_ok[None, :], V_BITS, V_GROUP,
+                VL,
+                VS,
+                VZ,
+                (batch * sv_b + value_group * sv_g + tokens * sv_t)[:, None],
+                (batch * svs_b + value_group * svs_g + tokens * svs_t)[:, None],
+                rv,
+                token_ok[:, None] & rv_ok[None, :],
+                V_BITS,
+                V_GROUP,
             ).to(DOT)
             acc = acc * alpha[:, None] + tl.dot(p.to(DOT), values, input_precision=PRECISION)
             m_i = m_new
@@ -184,9 +249,23 @@ if triton is not None:
 
     @triton.jit
     def _combine_kernel(
-        M, L, ACC, OUT, LSE, num_splits, num_units, so_b, so_h, sl_b,
-        U: tl.constexpr, HQ: tl.constexpr, QP: tl.constexpr, RV: tl.constexpr, RV_P: tl.constexpr,
-        SPLITS_P: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
+        M,
+        L,
+        ACC,
+        OUT,
+        LSE,
+        num_splits,
+        num_units,
+        so_b,
+        so_h,
+        sl_b,
+        U: tl.constexpr,
+        HQ: tl.constexpr,
+        QP: tl.constexpr,
+        RV: tl.constexpr,
+        RV_P: tl.constexpr,
+        SPLITS_P: tl.constexpr,
+        SPLIT_CHUNK: tl.constexpr,
     ):
         unit_id = tl.program_id(0)
         row = tl.program_id(1)
@@ -202,7 +281,9 @@ if triton is not None:
             chunk = s0 + tl.arange(0, SPLIT_CHUNK)
             chunk_ok = chunk < num_splits
             weight = tl.exp2(tl.load(M + (first + chunk) * QP + row, mask=chunk_ok, other=float("-inf")) - m_max)
-            part = tl.load(ACC + ((first + chunk[:, None]) * QP + row) * RV_P + rv[None, :], mask=chunk_ok[:, None], other=0.0)
+            part = tl.load(
+                ACC + ((first + chunk[:, None]) * QP + row) * RV_P + rv[None, :], mask=chunk_ok[:, None], other=0.0
+            )
             out += tl.sum(part * weight[:, None], 0)
         seen = total > 0  # False only if the mask hid every latent token from this query
         out = tl.where(seen, out / tl.where(seen, total, 1.0), 0.0)
@@ -250,8 +331,14 @@ def _kernel_view(store: LatentStore) -> _KernelView:
         return _KernelView(stored, stored, stored, (*stored.stride()[:3], 0, 0, 0), 0, 1)
     # One set of strides serves scales and zero points: they grow and are cropped and reordered together.
     assert stored.data.stride(-1) == stored.scale.stride(-1) == 1 and stored.zero.stride() == stored.scale.stride()
-    return _KernelView(stored.data, stored.scale, stored.zero, (*stored.data.stride()[:3], *stored.scale.stride()[:3]),
-                       stored.bits, stored.group)
+    return _KernelView(
+        stored.data,
+        stored.scale,
+        stored.zero,
+        (*stored.data.stride()[:3], *stored.scale.stride()[:3]),
+        stored.bits,
+        stored.group,
+    )
 
 
 def decode_latents(
@@ -299,26 +386,78 @@ def decode_latents(
     dot_dtype = _DOT_TYPES.get(state.key_weight.dtype, tl.float32) if query.device.type == "cuda" else tl.float32
     assert query.stride(-1) == positions.stride(-1) == 1
     _partial_kernel[(splits, batch * num_units)](
-        query, keys.latents, keys.scale, keys.zero, values.latents, values.scale, values.zero, state.key_weight, bias,
-        positions, mask, inv_freq,
-        m, sums, acc,
-        query.stride(0), query.stride(1), *keys.strides, *values.strides,
-        state.key_weight.stride(0), state.key_weight.stride(1), bias.stride(0), positions.stride(0), mask.stride(0),
-        latent_len, split_len, num_units, scaling * LOG2E, rope_scale,
-        U=unit, HQ=per_kv, GK=heads_per_key_group, GV=heads_per_value_group,
-        HALF=head_dim // 2, HALF_P=_pow2(head_dim // 2), RK=key_rank, RKC=min(32, _pow2(key_rank)),
-        RV=value_rank, RV_P=rv_p, QP=qp, BLOCK_T=block_t,
-        HAS_BIAS=state.key_bias is not None, HAS_VALID=valid is not None,
-        DOT=dot_dtype, PRECISION="ieee" if dot_dtype == tl.float32 else None, ROPE_BY_TILE=rope_by_tile,
-        K_BITS=keys.bits, K_GROUP=keys.group, V_BITS=values.bits, V_GROUP=values.group,
+        query,
+        keys.latents,
+        keys.scale,
+        keys.zero,
+        values.latents,
+        values.scale,
+        values.zero,
+        state.key_weight,
+        bias,
+        positions,
+        mask,
+        inv_freq,
+        m,
+        sums,
+        acc,
+        query.stride(0),
+        query.stride(1),
+        *keys.strides,
+        *values.strides,
+        state.key_weight.stride(0),
+        state.key_weight.stride(1),
+        bias.stride(0),
+        positions.stride(0),
+        mask.stride(0),
+        latent_len,
+        split_len,
+        num_units,
+        scaling * LOG2E,
+        rope_scale,
+        U=unit,
+        HQ=per_kv,
+        GK=heads_per_key_group,
+        GV=heads_per_value_group,
+        HALF=head_dim // 2,
+        HALF_P=_pow2(head_dim // 2),
+        RK=key_rank,
+        RKC=min(32, _pow2(key_rank)),
+        RV=value_rank,
+        RV_P=rv_p,
+        QP=qp,
+        BLOCK_T=block_t,
+        HAS_BIAS=state.key_bias is not None,
+        HAS_VALID=valid is not None,
+        DOT=dot_dtype,
+        PRECISION="ieee" if dot_dtype == tl.float32 else None,
+        ROPE_BY_TILE=rope_by_tile,
+        K_BITS=keys.bits,
+        K_GROUP=keys.group,
+        V_BITS=values.bits,
+        V_GROUP=values.group,
         num_warps=num_warps,
     )
     out = torch.empty((batch, num_heads, value_rank), **f32)
     lse = torch.empty((batch, num_heads), **f32)
     _combine_kernel[(batch * num_units, unit * per_kv)](
-        m, sums, acc, out, lse, splits, num_units, out.stride(0), out.stride(1), lse.stride(0),
-        U=unit, HQ=per_kv, QP=qp, RV=value_rank, RV_P=rv_p,
-        SPLITS_P=_pow2(splits, least=64), SPLIT_CHUNK=16,  # few distinct sizes: few compilations
+        m,
+        sums,
+        acc,
+        out,
+        lse,
+        splits,
+        num_units,
+        out.stride(0),
+        out.stride(1),
+        lse.stride(0),
+        U=unit,
+        HQ=per_kv,
+        QP=qp,
+        RV=value_rank,
+        RV_P=rv_p,
+        SPLITS_P=_pow2(splits, least=64),
+        SPLIT_CHUNK=16,  # few distinct sizes: few compilations
     )
     return out, lse
 
@@ -352,8 +491,9 @@ class TritonBackend(DecodeBackend):
         if valid is not None:
             valid = valid.expand(query.shape[0], -1).contiguous()
         try:
-            out, lse = decode_latents(query[:, :, 0], layer, state, inv_freq, float(rope.rotary.attention_scaling),
-                                      scaling, valid)
+            out, lse = decode_latents(
+                query[:, :, 0], layer, state, inv_freq, float(rope.rotary.attention_scaling), scaling, valid
+            )
         except OutOfResources as error:
             # Large ranks (e.g. full rank) need more shared memory than the kernel's tiles fit on this GPU.
             self.too_large.add((layer.keys.rank, layer.values.rank, query.shape[1]))

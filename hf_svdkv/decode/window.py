@@ -18,7 +18,13 @@ from .state import LatentAttentionOutput, LayerState
 
 
 def block_mask(
-    mask: torch.Tensor | None, query_len: int, total: int, start: int, end: int, window: int, exact: bool,
+    mask: torch.Tensor | None,
+    query_len: int,
+    total: int,
+    start: int,
+    end: int,
+    window: int,
+    exact: bool,
     device: torch.device,
 ) -> torch.Tensor | None:
     """Which of the tokens [start, end) each of the last `query_len` of `total` tokens reads as latents (`exact`
@@ -35,7 +41,9 @@ def block_mask(
     # threshold (window for latents; 0 and window for exact copies).
     oldest, youngest = total - 1 - start, first_query - (end - 1)
     if youngest < window if not exact else (youngest < 0 or oldest >= window):
-        age = torch.arange(first_query, total, device=device)[:, None] - torch.arange(start, end, device=device)[None, :]
+        age = (
+            torch.arange(first_query, total, device=device)[:, None] - torch.arange(start, end, device=device)[None, :]
+        )
         rule = (age >= 0) & (age < window) if exact else age >= window
         allowed = rule[None, None] if allowed is None else allowed & rule
     return allowed

@@ -53,7 +53,12 @@ class BenchResult:
     settings: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": self.model, "device": self.device, "rows": [asdict(r) for r in self.rows], "settings": self.settings}
+        return {
+            "model": self.model,
+            "device": self.device,
+            "rows": [asdict(r) for r in self.rows],
+            "settings": self.settings,
+        }
 
 
 # --- memory -------------------------------------------------------------------------------------------------------
@@ -135,8 +140,13 @@ class _LiveRow:
 
 def _enter(model: nn.Module, settings: CacheSettings | None) -> None:
     if settings is not None:
-        patch_model(model, bases=settings.bases, window=settings.window, latent_bits=settings.latent_bits,
-                    exact_prefill=settings.exact_prefill)
+        patch_model(
+            model,
+            bases=settings.bases,
+            window=settings.window,
+            latent_bits=settings.latent_bits,
+            exact_prefill=settings.exact_prefill,
+        )
 
 
 def _leave(model: nn.Module, settings: CacheSettings | None) -> None:
@@ -168,7 +178,9 @@ def _prefill(model: nn.Module, spec: Any, ids: torch.Tensor, *, warmup: int, pre
             _sync(device)
             start = time.perf_counter()
             for begin in range(0, ids.shape[1], chunk):  # only the last logit is needed: skip the LM head elsewhere
-                out = model(ids[:, begin : begin + chunk], **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
+                out = model(
+                    ids[:, begin : begin + chunk], **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1
+                )
             _sync(device)
             live = _LiveRow(spec, settings, cache, out.logits[:, -1:].argmax(-1), time.perf_counter() - start, None)
             del out
@@ -197,7 +209,15 @@ def measure_interleaved(
                 _leave(model, row.settings)
     batch, context = ids.shape
     return [
-        BenchRow(row.spec.name, context, batch, row.prefill_s, batch / statistics.median(row.times), row.peak, cache_nbytes(row.cache))
+        BenchRow(
+            row.spec.name,
+            context,
+            batch,
+            row.prefill_s,
+            batch / statistics.median(row.times),
+            row.peak,
+            cache_nbytes(row.cache),
+        )
         for row in live
     ]
 
@@ -221,31 +241,53 @@ def run_rows(
     smallest peak. `on_row(row, round)` hears each row's own figures as it is measured (the CLI prints them)."""
     generator = torch.Generator().manual_seed(seed)
     vocab = model.config.get_text_config(decoder=True).vocab_size
-    prompts = {(c, b): torch.randint(3, vocab, (b, c), generator=generator).to(model.device) for c in contexts for b in batches}
+    prompts = {
+        (c, b): torch.randint(3, vocab, (b, c), generator=generator).to(model.device) for c in contexts for b in batches
+    }
     best: dict[tuple[str, int, int], BenchRow] = {}
     with torch.inference_mode():
         for spec in rows:
             spec.prepare(model, [prefill_chunk or min(contexts), 1])  # the update sizes of one run
-        model(prompts[contexts[0], batches[0]][:, :64], use_cache=False, logits_to_keep=1)  # page weights in, init kernels
+        model(
+            prompts[contexts[0], batches[0]][:, :64], use_cache=False, logits_to_keep=1
+        )  # page weights in, init kernels
         for round_ in range(repeat):
             for (context, batch), ids in prompts.items():
-                for row in measure_interleaved(model, rows, ids, steps=steps, warmup=warmup, prefill_chunk=prefill_chunk):
+                for row in measure_interleaved(
+                    model, rows, ids, steps=steps, warmup=warmup, prefill_chunk=prefill_chunk
+                ):
                     if on_row is not None:  # this round's own figures; the table keeps each row's best round
                         on_row(row, round_)
                     if (key := (row.name, context, batch)) in best:
                         kept = best[key]
                         peaks = [p for p in (kept.peak_mem_bytes, row.peak_mem_bytes) if p is not None]
-                        row = BenchRow(row.name, context, batch, min(kept.prefill_s, row.prefill_s),
-                                       max(kept.decode_tokens_per_s, row.decode_tokens_per_s), min(peaks) if peaks else None,
-                                       row.kv_bytes)
+                        row = BenchRow(
+                            row.name,
+                            context,
+                            batch,
+                            min(kept.prefill_s, row.prefill_s),
+                            max(kept.decode_tokens_per_s, row.decode_tokens_per_s),
+                            min(peaks) if peaks else None,
+                            row.kv_bytes,
+                        )
                     best[key] = row
                 gc.collect()
     return list(best.values())
 
 
 # --- reporting ----------------------------------------------------------------------------------------------------
-TABLE_COLUMNS = ("row", "context", "batch", "prefill s", "decode tok/s", "decode ×dyn", "peak MiB", "peak ÷dyn",
-                 "KV MiB", "KV ÷dyn")
+TABLE_COLUMNS = (
+    "row",
+    "context",
+    "batch",
+    "prefill s",
+    "decode tok/s",
+    "decode ×dyn",
+    "peak MiB",
+    "peak ÷dyn",
+    "KV MiB",
+    "KV ÷dyn",
+)
 
 
 def _mib(n: int | None) -> str:
@@ -263,11 +305,20 @@ def table_rows(result: BenchResult) -> list[tuple[str, ...]]:
     cells = []
     for r in result.rows:
         ref = base.get((r.context, r.batch))
-        cells.append((
-            r.name, str(r.context), str(r.batch), f"{r.prefill_s:.2f}", f"{r.decode_tokens_per_s:,.2f}",
-            _ratio(r.decode_tokens_per_s, ref and ref.decode_tokens_per_s), _mib(r.peak_mem_bytes),
-            _ratio(ref and ref.peak_mem_bytes, r.peak_mem_bytes), _mib(r.kv_bytes), _ratio(ref and ref.kv_bytes, r.kv_bytes),
-        ))
+        cells.append(
+            (
+                r.name,
+                str(r.context),
+                str(r.batch),
+                f"{r.prefill_s:.2f}",
+                f"{r.decode_tokens_per_s:,.2f}",
+                _ratio(r.decode_tokens_per_s, ref and ref.decode_tokens_per_s),
+                _mib(r.peak_mem_bytes),
+                _ratio(ref and ref.peak_mem_bytes, r.peak_mem_bytes),
+                _mib(r.kv_bytes),
+                _ratio(ref and ref.kv_bytes, r.kv_bytes),
+            )
+        )
     return cells
 
 
@@ -287,8 +338,11 @@ def markdown_table(result: BenchResult, command: str | None = None) -> str:
     if command:
         lines += [f"`{command}`", ""]
     lines += report.markdown_table(TABLE_COLUMNS, table_rows(result))
-    lines += ["", "decode ×dyn: decode tokens/s over dynamic's (higher is faster); peak ÷dyn and KV ÷dyn: dynamic's "
-              "peak memory growth and KV bytes over this row's (higher is smaller)."]
+    lines += [
+        "",
+        "decode ×dyn: decode tokens/s over dynamic's (higher is faster); peak ÷dyn and KV ÷dyn: dynamic's "
+        "peak memory growth and KV bytes over this row's (higher is smaller).",
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -29,8 +29,9 @@ DEFAULT_ROWS = (
     {"method": "calibrated", "target_ratio": 3.0, "window": RECOMMENDED_WINDOW},
     {"method": "calibrated", "target_ratio": 6.0, "latent_bits": 4, "window": 64},
 )
-DEFAULT_ROWS_HELP = ("calibrated joint bases with a 128-token window at 2x and 3x, and with 4-bit latents and a 64-token "
-                     "window at 6x")
+DEFAULT_ROWS_HELP = (
+    "calibrated joint bases with a 128-token window at 2x and 3x, and with 4-bit latents and a 64-token window at 6x"
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -72,22 +73,44 @@ def _load(args: argparse.Namespace):
 def _add_compression_arguments(p: argparse.ArgumentParser, *, lists: bool) -> None:
     many = "comma-separated " if lists else ""
     p.add_argument("--method", help=f"{many}weights (SVD of W_k/W_v, no data) or calibrated (PCA on calibration text)")
-    p.add_argument("--target-ratio", action="append", default=[],
-                   help=f"{many}memory budgets: x times smaller than a 16-bit cache, every byte counted (repeatable)")
-    p.add_argument("--group-size", help="KV heads sharing one basis, or 'all' (default: 1 for weights, all for calibrated)")
-    p.add_argument("--window", help=f"{many}recent tokens kept at full precision (default: {RECOMMENDED_WINDOW} for "
-                                    "calibrated rows, 0 for weights rows)")
+    p.add_argument(
+        "--target-ratio",
+        action="append",
+        default=[],
+        help=f"{many}memory budgets: x times smaller than a 16-bit cache, every byte counted (repeatable)",
+    )
+    p.add_argument(
+        "--group-size", help="KV heads sharing one basis, or 'all' (default: 1 for weights, all for calibrated)"
+    )
+    p.add_argument(
+        "--window",
+        help=f"{many}recent tokens kept at full precision (default: {RECOMMENDED_WINDOW} for "
+        "calibrated rows, 0 for weights rows)",
+    )
     p.add_argument("--latent-bits", help=f"{many}8, 4 or none: store latents as integer codes (default: none)")
-    p.add_argument("--calib-text", help="calibration text file (default: the last --calib-tokens tokens of the corpus, "
-                                        "never scored)")
-    p.add_argument("--calib-tokens", type=int, default=DEFAULT_CALIB_TOKENS,
-                   help=f"tokens at the end of the corpus reserved for calibration, never scored (default: "
-                        f"{DEFAULT_CALIB_TOKENS}); --calibration decides how many of them are used")
-    p.add_argument("--calibration", choices=CALIBRATIONS, default="fast",
-                   help="fast (8,192 tokens, ranks on the spectra: seconds) or full (65,536 tokens and sensitivity probes: "
-                        "minutes); see docs/calibration_tradeoff.md (default: fast)")
-    p.add_argument("--no-bases-cache", action="store_true",
-                   help="fit calibrated bases afresh instead of loading them from the bases cache (nor storing them)")
+    p.add_argument(
+        "--calib-text",
+        help="calibration text file (default: the last --calib-tokens tokens of the corpus, never scored)",
+    )
+    p.add_argument(
+        "--calib-tokens",
+        type=int,
+        default=DEFAULT_CALIB_TOKENS,
+        help=f"tokens at the end of the corpus reserved for calibration, never scored (default: "
+        f"{DEFAULT_CALIB_TOKENS}); --calibration decides how many of them are used",
+    )
+    p.add_argument(
+        "--calibration",
+        choices=CALIBRATIONS,
+        default="fast",
+        help="fast (8,192 tokens, ranks on the spectra: seconds) or full (65,536 tokens and sensitivity probes: "
+        "minutes); see docs/calibration_tradeoff.md (default: fast)",
+    )
+    p.add_argument(
+        "--no-bases-cache",
+        action="store_true",
+        help="fit calibrated bases afresh instead of loading them from the bases cache (nor storing them)",
+    )
 
 
 def _split(text: str | None) -> list[str]:
@@ -139,7 +162,9 @@ def _token_ids(args: argparse.Namespace, tokenizer, model, text: str | None = No
     vocab = model.config.get_text_config().vocab_size
     ids = tokenize_text(tokenizer, text, vocab_size=vocab) if text is not None else None
     if args.calib_text:
-        return ids, tokenize_text(tokenizer, load_text(text_file=args.calib_text), vocab_size=vocab)[: args.calib_tokens]
+        return ids, tokenize_text(tokenizer, load_text(text_file=args.calib_text), vocab_size=vocab)[
+            : args.calib_tokens
+        ]
     if ids is None:
         ids = tokenize_text(tokenizer, load_text(args.dataset), vocab_size=vocab)
     if args.calib_tokens >= ids.numel():
@@ -148,7 +173,9 @@ def _token_ids(args: argparse.Namespace, tokenizer, model, text: str | None = No
     return ids, calib_ids
 
 
-def _calibrated_bases(args: argparse.Namespace, model, calib_ids, configs: Sequence, sequence_length: int | None) -> dict:
+def _calibrated_bases(
+    args: argparse.Namespace, model, calib_ids, configs: Sequence, sequence_length: int | None
+) -> dict:
     """{id(config): bases} for every calibrated config, from the bases cache or fitted now (one Calibrator per
     `--calibration` preset, built on the first miss), timed apart from the rows. Calibration takes its tokens spread
     over --calib-text, else over the corpus' reserved end."""
@@ -164,26 +191,42 @@ def _calibrated_bases(args: argparse.Namespace, model, calib_ids, configs: Seque
         preset = CALIBRATION_PRESETS[config.calibration]
         token_ids = spread_tokens(calib_ids, preset.tokens)
         if token_ids.numel() < preset.min_tokens:
-            raise ValueError(f"calibration text too short: {token_ids.numel():,} tokens, the {config.calibration!r} "
-                             f"calibration needs at least {preset.min_tokens:,}")
+            raise ValueError(
+                f"calibration text too short: {token_ids.numel():,} tokens, the {config.calibration!r} "
+                f"calibration needs at least {preset.min_tokens:,}"
+            )
         used[config.calibration] = int(token_ids.numel())
 
         def fit(config=config, preset=preset, token_ids=token_ids):
             if config.calibration not in calibrators:
-                calibrators[config.calibration] = Calibrator(model, token_ids, allocation=preset.allocation,
-                                                             probe_tokens=preset.probe_tokens)
+                calibrators[config.calibration] = Calibrator(
+                    model, token_ids, allocation=preset.allocation, probe_tokens=preset.probe_tokens
+                )
             return SVDBases.from_calibrator(calibrators[config.calibration], config, sequence_length)
 
-        bases[id(config)], _, hit = cached_bases(model, config, fit, token_ids=token_ids, sequence_length=sequence_length,
-                                                 bases_cache=not args.no_bases_cache)
+        bases[id(config)], _, hit = cached_bases(
+            model,
+            config,
+            fit,
+            token_ids=token_ids,
+            sequence_length=sequence_length,
+            bases_cache=not args.no_bases_cache,
+        )
         hits += hit
     seconds = time.perf_counter() - start
     folder = cache_folder(not args.no_bases_cache)
     summary = ", ".join(f"{name} on {tokens:,} tokens" for name, tokens in used.items())
-    print(f"calibration: {summary}, {seconds:.1f} s; {hits} of {len(configs)} rows' bases from the cache "
-          f"({folder if folder is not None else 'cache off'})", file=sys.stderr)
-    args.calibration_record = {"calibration": ", ".join(used), "calibration_tokens": max(used.values()),
-                               "calibration_seconds": round(seconds, 1), "bases_from_cache": hits}
+    print(
+        f"calibration: {summary}, {seconds:.1f} s; {hits} of {len(configs)} rows' bases from the cache "
+        f"({folder if folder is not None else 'cache off'})",
+        file=sys.stderr,
+    )
+    args.calibration_record = {
+        "calibration": ", ".join(used),
+        "calibration_tokens": max(used.values()),
+        "calibration_seconds": round(seconds, 1),
+        "bases_from_cache": hits,
+    }
     return bases
 
 
@@ -198,17 +241,31 @@ def _add_eval(subparsers: argparse._SubParsersAction) -> None:
             "Perplexity of the model with its full DynamicCache (the baseline) and with SVD-compressed caches "
             "(and, with --peers, transformers' int4/int2 QuantizedCache). SVD rows are every combination of "
             "(--profiles, --ranks, --target-ratio) x --method x --window x --latent-bits, plus --bases-dir. "
-            f"Without --profiles, --ranks, --target-ratio or --bases-dir the rows are the recommended ones: {DEFAULT_ROWS_HELP}."
+            "Without --profiles, --ranks, --target-ratio or --bases-dir the rows are the recommended ones: "
+            f"{DEFAULT_ROWS_HELP}."
         ),
     )
     _add_model_arguments(p)
-    p.add_argument("--dataset", default="wiki", choices=("wiki", "lee", "wikitext"), help="text to score (default: wiki)")
+    p.add_argument(
+        "--dataset", default="wiki", choices=("wiki", "lee", "wikitext"), help="text to score (default: wiki)"
+    )
     p.add_argument("--text-file", help="score this UTF-8 text file instead of --dataset")
-    p.add_argument("--protocol", default="continuation", choices=PROTOCOLS, help="see hf_svdkv.eval (default: continuation)")
-    p.add_argument("--context", type=int, default=1536, help="continuation: tokens prefilled per window (default: 1536)")
-    p.add_argument("--continuation", type=int, default=512, help="continuation: tokens scored per window (default: 512)")
+    p.add_argument(
+        "--protocol", default="continuation", choices=PROTOCOLS, help="see hf_svdkv.eval (default: continuation)"
+    )
+    p.add_argument(
+        "--context", type=int, default=1536, help="continuation: tokens prefilled per window (default: 1536)"
+    )
+    p.add_argument(
+        "--continuation", type=int, default=512, help="continuation: tokens scored per window (default: 512)"
+    )
     p.add_argument("--window-len", type=int, default=512, help="sliding: tokens per window (default: 512)")
-    p.add_argument("--chunk", type=int, default=128, help="sliding: tokens per forward; the first chunk is not scored (default: 128)")
+    p.add_argument(
+        "--chunk",
+        type=int,
+        default=128,
+        help="sliding: tokens per forward; the first chunk is not scored (default: 128)",
+    )
     p.add_argument("--windows", type=int, default=3, help="number of windows (default: 3)")
     p.add_argument("--profiles", help="comma-separated SVD profiles (low, med, high)")
     p.add_argument("--ranks", help="comma-separated KEY:VALUE ranks per KV head, e.g. 32:32,16:48")
@@ -232,13 +289,23 @@ def _eval_configs(args: argparse.Namespace, num_kv_heads: int | None) -> list:
     shapes += [{"target_ratio": r} for r in ratios]
     if not shapes and not args.bases_dir:
         if args.method or args.window or args.latent_bits:
-            raise ValueError("--method, --window and --latent-bits need rows to apply to: --profiles, --ranks or --target-ratio")
+            raise ValueError(
+                "--method, --window and --latent-bits need rows to apply to: --profiles, --ranks or --target-ratio"
+            )
         return [CompressionConfig(**row, group_size=num_kv_heads, calibration=args.calibration) for row in DEFAULT_ROWS]
     bits = _ints_or_none(args.latent_bits, "--latent-bits", [None])
     return [
-        CompressionConfig(**shape, method=method, group_size=_group_size(args.group_size, method, num_kv_heads),
-                          window=window, latent_bits=bit, calibration=args.calibration)
-        for shape in shapes for method in _methods(args, "calibrated") for window in _windows(args.window, method)
+        CompressionConfig(
+            **shape,
+            method=method,
+            group_size=_group_size(args.group_size, method, num_kv_heads),
+            window=window,
+            latent_bits=bit,
+            calibration=args.calibration,
+        )
+        for shape in shapes
+        for method in _methods(args, "calibrated")
+        for window in _windows(args.window, method)
         for bit in bits
     ]
 
@@ -256,7 +323,9 @@ def _rows(args: argparse.Namespace, model, configs: Sequence, calib_ids, sequenc
     fitted = _calibrated_bases(args, model, calib_ids, calibrated, sequence_length) if calibrated else {}
 
     def weight_bases(model, row_config):
-        ranks = weight_spectrum_ranks(model, row_config, sequence_length) if row_config.target_ratio is not None else None
+        ranks = (
+            weight_spectrum_ranks(model, row_config, sequence_length) if row_config.target_ratio is not None else None
+        )
         return SVDBases.from_model(model, row_config, layer_ranks=ranks)
 
     return build_rows(
@@ -308,8 +377,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     else:
         from ..text import tokenize_text
 
-        ids = tokenize_text(tokenizer, text if text is not None else load_text(args.dataset),
-                            vocab_size=model.config.get_text_config().vocab_size)
+        ids = tokenize_text(
+            tokenizer,
+            text if text is not None else load_text(args.dataset),
+            vocab_size=model.config.get_text_config().vocab_size,
+        )
         calib_ids = None
     length = args.context + args.continuation if args.protocol == "continuation" else args.window_len
     _check_positions(model, length, "--context + --continuation" if args.protocol == "continuation" else "--window-len")
@@ -326,8 +398,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         n_windows=args.windows,
         model_name=config.model_path or DEFAULT_MODEL_NAME,
         dataset_name=Path(args.text_file).name if args.text_file else args.dataset,
-        settings={"dtype": config.dtype, "device": config.device, **args.calibration_record,
-                  "calibration_text": args.calib_text or ("end of the corpus" if calib_ids is not None else None)},
+        settings={
+            "dtype": config.dtype,
+            "device": config.device,
+            **args.calibration_record,
+            "calibration_text": args.calib_text or ("end of the corpus" if calib_ids is not None else None),
+        },
     )
     print_table(result)
     if args.json:
@@ -335,7 +411,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.plot:
         plot(result, args.plot)
     if args.markdown:
-        Path(args.markdown).write_text(to_markdown(result, command="hf-svdkv " + " ".join(sys.argv[1:])), encoding="utf-8")
+        Path(args.markdown).write_text(
+            to_markdown(result, command="hf-svdkv " + " ".join(sys.argv[1:])), encoding="utf-8"
+        )
     return 0
 
 
@@ -345,16 +423,22 @@ def _add_bases(subparsers: argparse._SubParsersAction) -> None:
         "bases",
         help="compute bases (weight-only or calibrated) and save them to a directory",
         description="Compute SVD bases for a model and save them with SVDBases.save_pretrained; "
-                    "use them with `hf-svdkv eval --bases-dir DIR` or SVDBases.from_pretrained(DIR).",
+        "use them with `hf-svdkv eval --bases-dir DIR` or SVDBases.from_pretrained(DIR).",
     )
     p.add_argument("output", help="directory to write bases.safetensors into")
     _add_model_arguments(p)
-    p.add_argument("--dataset", default="wiki", choices=("wiki", "lee", "wikitext"), help="calibration corpus (default: wiki)")
+    p.add_argument(
+        "--dataset", default="wiki", choices=("wiki", "lee", "wikitext"), help="calibration corpus (default: wiki)"
+    )
     p.add_argument("--profile", choices=("low", "med", "high"), help="ranks from a profile")
     p.add_argument("--ranks", help="KEY:VALUE ranks per KV head, e.g. 32:32")
     _add_compression_arguments(p, lists=False)
-    p.add_argument("--context-length", type=int, default=2048,
-                   help="tokens a --target-ratio is quoted at, so a --window is counted (default: 2048)")
+    p.add_argument(
+        "--context-length",
+        type=int,
+        default=2048,
+        help="tokens a --target-ratio is quoted at, so a --window is counted (default: 2048)",
+    )
     p.set_defaults(func=_cmd_bases)
 
 
@@ -372,12 +456,21 @@ def _single_config(args: argparse.Namespace, num_kv_heads: int | None = None):
     [method] = _methods(args, "calibrated")[:1]
     [window] = _windows(args.window, method)[:1]
     [bits] = _ints_or_none(args.latent_bits, "--latent-bits", [None])[:1]
-    shape = {"target_ratio": ratios[0]} if ratios else {"key_rank": ranks[0][0], "value_rank": ranks[0][1]} if ranks else {"profile": args.profile} if args.profile else {}
+    shape = (
+        {"target_ratio": ratios[0]}
+        if ratios
+        else {"key_rank": ranks[0][0], "value_rank": ranks[0][1]}
+        if ranks
+        else {"profile": args.profile}
+        if args.profile
+        else {}
+    )
     group = None
     if args.group_size is not None and (num_kv_heads is not None or args.group_size != "all"):
         group = _group_size(args.group_size, method, num_kv_heads or 1)
-    return CompressionConfig(**shape, method=method, window=window, latent_bits=bits, calibration=args.calibration,
-                             group_size=group)
+    return CompressionConfig(
+        **shape, method=method, window=window, latent_bits=bits, calibration=args.calibration, group_size=group
+    )
 
 
 def _cmd_bases(args: argparse.Namespace) -> int:
@@ -390,8 +483,14 @@ def _cmd_bases(args: argparse.Namespace) -> int:
     calibration_text = None
     if config.method == "calibrated" and (args.calib_text or args.dataset != "wiki"):
         calibration_text = _token_ids(args, tokenizer, model)[1]
-    bases = fit_bases(model, config, tokenizer=tokenizer, calibration_text=calibration_text,
-                      bases_cache=not args.no_bases_cache, sequence_length=args.context_length)
+    bases = fit_bases(
+        model,
+        config,
+        tokenizer=tokenizer,
+        calibration_text=calibration_text,
+        bases_cache=not args.no_bases_cache,
+        sequence_length=args.context_length,
+    )
     path = bases.save_pretrained(args.output)
     print(f"{bases}\nsaved to {path}")
     return 0
@@ -403,14 +502,18 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
         "generate",
         help="the same prompt answered with the full cache and with a compressed one, side by side",
         description="Greedy answers to a prompt from the DynamicCache and from the compressed cache patch_model builds "
-                    "for the config the flags give (default: CompressionConfig(), calibrated bases at 2x), with the KV "
-                    "bytes, prefill time and decode speed of each.",
+        "for the config the flags give (default: CompressionConfig(), calibrated bases at 2x), with the KV "
+        "bytes, prefill time and decode speed of each.",
     )
     p.add_argument("prompt", nargs="?", help="the prompt (or --prompt-file)")
     p.add_argument("--prompt-file", help="read the prompt from this UTF-8 file")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default: 64)")
-    p.add_argument("--chat", choices=("auto", "yes", "no"), default="auto",
-                   help="wrap the prompt in the tokenizer's chat template (default: auto, when it has one)")
+    p.add_argument(
+        "--chat",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="wrap the prompt in the tokenizer's chat template (default: auto, when it has one)",
+    )
     _add_model_arguments(p)
     p.add_argument("--profile", choices=("low", "med", "high"), help="ranks from a profile")
     p.add_argument("--ranks", help="KEY:VALUE ranks per KV head, e.g. 32:32")
@@ -436,7 +539,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     model_config, model, tokenizer = _load(args)
     if config is not None:
         config = _single_config(args, model_geometry(model).num_kv_heads)
-    calibration_text = _token_ids(args, tokenizer, model)[1] if config and config.method == "calibrated" and args.calib_text else None
+    calibration_text = (
+        _token_ids(args, tokenizer, model)[1] if config and config.method == "calibrated" and args.calib_text else None
+    )
     chat = {"auto": None, "yes": True, "no": False}[args.chat]
     ids = prompt_ids(tokenizer, prompt, chat)
     if model_config.device == "cpu":
@@ -446,9 +551,20 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     def make_compressed():
         if bases is not None:
-            patch_model(model, bases=bases, window=int(args.window or 0), latent_bits=_ints_or_none(args.latent_bits, "--latent-bits", [None])[0])
+            patch_model(
+                model,
+                bases=bases,
+                window=int(args.window or 0),
+                latent_bits=_ints_or_none(args.latent_bits, "--latent-bits", [None])[0],
+            )
         else:
-            patch_model(model, config, tokenizer=tokenizer, calibration_text=calibration_text, bases_cache=not args.no_bases_cache)
+            patch_model(
+                model,
+                config,
+                tokenizer=tokenizer,
+                calibration_text=calibration_text,
+                bases_cache=not args.no_bases_cache,
+            )
         return SVDCompressedCache(model)
 
     results = side_by_side(model, tokenizer, ids, make_compressed, args.max_new_tokens)
@@ -463,25 +579,40 @@ def _add_bench(subparsers: argparse._SubParsersAction) -> None:
         "bench",
         help="prefill time, decode speed, peak memory and KV bytes vs the dynamic cache",
         description="Speed and memory of the dynamic cache, compressed caches (rows as in `eval`: without --profiles, "
-                    f"--ranks, --target-ratio or --bases-dir the recommended ones, {DEFAULT_ROWS_HELP}) and, with "
-                    "--peers, transformers' QuantizedCache, on random prompts of each --contexts length and --batch "
-                    "size. Ratios are to the dynamic cache.",
+        f"--ranks, --target-ratio or --bases-dir the recommended ones, {DEFAULT_ROWS_HELP}) and, with "
+        "--peers, transformers' QuantizedCache, on random prompts of each --contexts length and --batch "
+        "size. Ratios are to the dynamic cache.",
     )
     _add_model_arguments(p)
-    p.add_argument("--contexts", default="1024,4096,8192",
-                   help="comma-separated prompt lengths (default: 1024,4096,8192)")
+    p.add_argument(
+        "--contexts", default="1024,4096,8192", help="comma-separated prompt lengths (default: 1024,4096,8192)"
+    )
     p.add_argument("--batch", default="1,4", help="comma-separated batch sizes (default: 1,4)")
     p.add_argument("--steps", type=int, default=16, help="timed decode steps per run (default: 16)")
     p.add_argument("--warmup", type=int, default=2, help="untimed decode steps first (default: 2)")
-    p.add_argument("--repeat", type=int, default=1,
-                   help="run every row this many rounds and keep its best figures (default: 1; more on a busy machine)")
-    p.add_argument("--prefill-chunk", type=int, default=0,
-                   help="prefill this many tokens per forward (default: 0 = the whole prompt at once)")
-    p.add_argument("--beyond-positions", action="store_true",
-                   help="allow contexts past the model's positions (speed and memory only: its output there is not "
-                        "the model's)")
-    p.add_argument("--dataset", default="wiki", choices=("wiki", "lee", "wikitext"),
-                   help="calibration corpus of calibrated rows (default: wiki)")
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run every row this many rounds and keep its best figures (default: 1; more on a busy machine)",
+    )
+    p.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=0,
+        help="prefill this many tokens per forward (default: 0 = the whole prompt at once)",
+    )
+    p.add_argument(
+        "--beyond-positions",
+        action="store_true",
+        help="allow contexts past the model's positions (speed and memory only: its output there is not the model's)",
+    )
+    p.add_argument(
+        "--dataset",
+        default="wiki",
+        choices=("wiki", "lee", "wikitext"),
+        help="calibration corpus of calibrated rows (default: wiki)",
+    )
     p.add_argument("--profiles", help="comma-separated SVD profiles (low, med, high)")
     p.add_argument("--ranks", help="comma-separated KEY:VALUE ranks per KV head, e.g. 32:32,16:48")
     _add_compression_arguments(p, lists=True)
@@ -569,15 +700,34 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     def report_row(row, round_: int) -> None:
         label = f" (round {round_ + 1}/{args.repeat})" if args.repeat > 1 else ""
-        print(f"  {row.name:24s} context {row.context:6d} batch {row.batch:3d}: prefill {row.prefill_s:7.2f} s, "
-              f"decode {row.decode_tokens_per_s:8.2f} tok/s{label}", flush=True)
+        print(
+            f"  {row.name:24s} context {row.context:6d} batch {row.batch:3d}: prefill {row.prefill_s:7.2f} s, "
+            f"decode {row.decode_tokens_per_s:8.2f} tok/s{label}",
+            flush=True,
+        )
 
-    measured = run_rows(model, rows, contexts, batches, steps=args.steps, warmup=args.warmup,
-                        prefill_chunk=args.prefill_chunk, repeat=args.repeat, on_row=report_row)
+    measured = run_rows(
+        model,
+        rows,
+        contexts,
+        batches,
+        steps=args.steps,
+        warmup=args.warmup,
+        prefill_chunk=args.prefill_chunk,
+        repeat=args.repeat,
+        on_row=report_row,
+    )
     command = "hf-svdkv " + " ".join(sys.argv[1:])
-    settings = {"dtype": config.dtype, "steps": args.steps, "warmup": args.warmup, "prefill_chunk": args.prefill_chunk,
-                "threads": torch.get_num_threads(), "repeat": args.repeat, "command": command,
-                **args.calibration_record}
+    settings = {
+        "dtype": config.dtype,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "prefill_chunk": args.prefill_chunk,
+        "threads": torch.get_num_threads(),
+        "repeat": args.repeat,
+        "command": command,
+        **args.calibration_record,
+    }
     result = BenchResult(config.model_path or DEFAULT_MODEL_NAME, str(model.device), measured, settings)
     print_table(result)
     if args.json:

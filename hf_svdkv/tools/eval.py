@@ -53,8 +53,13 @@ def _kivi(group: int) -> dict[str, int]:
 
 
 PEERS = {
-    "quanto": [("quantized-int4", 4, {}), ("quantized-int2", 2, {}), ("kivi-int4", 4, _kivi(64)),
-               ("kivi-int2-g32", 2, _kivi(32)), ("kivi-int2-g64", 2, _kivi(64))],
+    "quanto": [
+        ("quantized-int4", 4, {}),
+        ("quantized-int2", 2, {}),
+        ("kivi-int4", 4, _kivi(64)),
+        ("kivi-int2-g32", 2, _kivi(32)),
+        ("kivi-int2-g64", 2, _kivi(64)),
+    ],
     "hqq": [("quantized-int4", 4, HQQ_AXES), ("quantized-int2", 2, HQQ_AXES)],
 }
 # Above this spread of ppl increases (in %), a linear y axis squashes every good row onto 0.
@@ -82,8 +87,13 @@ class EvalResult:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict; a non-finite number (a diverged row) becomes null, which strict JSON allows."""
         rows = [{k: _finite_or_none(v) for k, v in asdict(row).items()} for row in self.rows]
-        return {"model": self.model, "dataset": self.dataset, "protocol": self.protocol, "rows": rows,
-                "settings": self.settings}
+        return {
+            "model": self.model,
+            "dataset": self.dataset,
+            "protocol": self.protocol,
+            "rows": rows,
+            "settings": self.settings,
+        }
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
@@ -188,7 +198,9 @@ def quantized_row(backend: str, nbits: int, name: str | None = None, **kwargs: A
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         try:
             for size in update_sizes:
-                states = torch.randn(1, config.num_key_value_heads, size, head_dim, dtype=model.dtype, device=model.device)
+                states = torch.randn(
+                    1, config.num_key_value_heads, size, head_dim, dtype=model.dtype, device=model.device
+                )
                 layer.update(states, states)
         except (RuntimeError, ValueError) as error:  # quanto raises ValueError for a group size that does not divide
             group = kwargs.get("q_group_size")
@@ -271,7 +283,10 @@ def build_rows(
     shapes += [{"target_ratio": r} for r in target_ratios]
     all_configs = [
         CompressionConfig(**shape, method=method, group_size=group_size, window=window, latent_bits=bits)
-        for shape in shapes for method in methods for window in windows for bits in latent_bits
+        for shape in shapes
+        for method in methods
+        for window in windows
+        for bits in latent_bits
     ] + list(configs)
     rows = [dynamic_row()]
     for config in all_configs:
@@ -285,7 +300,11 @@ def build_rows(
         for window in windows:
             for bits in latent_bits:
                 suffix = (f"-w{window}" if window else "") + (f"-int{bits}" if bits else "")
-                rows.append(svd_row(f"bases:{Path(directory).name}{suffix}", bases_dir=directory, window=window, latent_bits=bits))
+                rows.append(
+                    svd_row(
+                        f"bases:{Path(directory).name}{suffix}", bases_dir=directory, window=window, latent_bits=bits
+                    )
+                )
     if peers:
         chosen = peer_backend(backend)
         if chosen is None:
@@ -431,8 +450,17 @@ EVAL_COLUMNS = ("row", "ppl", "Δ ppl", "KV bytes/token", "ratio", "seconds")
 
 
 def table_rows(result: EvalResult) -> list[tuple[str, ...]]:
-    return [(row.name, f"{row.ppl:,.3f}", _pct(row.delta_pct), f"{row.kv_bytes_per_token:,.1f}",
-             f"{row.compression_ratio:.2f}x", f"{row.seconds:.1f}") for row in result.rows]
+    return [
+        (
+            row.name,
+            f"{row.ppl:,.3f}",
+            _pct(row.delta_pct),
+            f"{row.kv_bytes_per_token:,.1f}",
+            f"{row.compression_ratio:.2f}x",
+            f"{row.seconds:.1f}",
+        )
+        for row in result.rows
+    ]
 
 
 def print_table(result: EvalResult, out: Any = None) -> None:
@@ -444,11 +472,15 @@ def to_markdown(result: EvalResult, command: str | None = None) -> str:
     """The table as Markdown (for READMEs), with the settings and the command that produced it."""
     settings = result.settings
     lines = [f"`{command}`", ""] if command else []
-    lines.append(f"{result.model} · {result.dataset} · {result.protocol} · {settings.get('windows')} windows · "
-                 f"{settings.get('dtype', '')} · rows in {settings.get('total_seconds', 0):.0f} s")
+    lines.append(
+        f"{result.model} · {result.dataset} · {result.protocol} · {settings.get('windows')} windows · "
+        f"{settings.get('dtype', '')} · rows in {settings.get('total_seconds', 0):.0f} s"
+    )
     if settings.get("calibration_seconds"):
-        lines[-1] += (f" · calibration {settings['calibration_seconds']:.0f} s on {settings['calibration_tokens']:,} tokens "
-                      f"({settings.get('calibration_text')}, never scored)")
+        lines[-1] += (
+            f" · calibration {settings['calibration_seconds']:.0f} s on {settings['calibration_tokens']:,} tokens "
+            f"({settings.get('calibration_text')}, never scored)"
+        )
     lines += ["", *report.markdown_table(EVAL_COLUMNS, table_rows(result))]
     return "\n".join(lines) + "\n"
 
@@ -459,8 +491,9 @@ def plot(result: EvalResult, path: str | Path) -> Path:
     fig, ax = report.subplots(figsize=(7, 4.5))
     for row in rows:
         ax.scatter(row.compression_ratio, row.delta_pct)
-        ax.annotate(row.name, (row.compression_ratio, row.delta_pct), textcoords="offset points", xytext=(5, 4),
-                    fontsize=8)
+        ax.annotate(
+            row.name, (row.compression_ratio, row.delta_pct), textcoords="offset points", xytext=(5, 4), fontsize=8
+        )
     deltas = [r.delta_pct for r in rows]
     if deltas and max(deltas) - min(deltas) > LOG_Y_SPAN_PCT:
         # symlog: logarithmic for large increases yet still shows 0 (the baseline) and small negatives.

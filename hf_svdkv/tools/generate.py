@@ -33,7 +33,9 @@ class Generation:
         return self.kv_bytes / max(self.prompt_tokens + self.new_tokens, 1)
 
 
-def greedy(model: nn.Module, ids: torch.Tensor, cache: Any, max_new_tokens: int, eos_token_ids: set[int]) -> tuple[list[int], float, float]:
+def greedy(
+    model: nn.Module, ids: torch.Tensor, cache: Any, max_new_tokens: int, eos_token_ids: set[int]
+) -> tuple[list[int], float, float]:
     """(new token ids, prefill seconds, decode seconds) of greedy decoding from `ids` [1, n] into `cache`."""
     tokens: list[int] = []
     with torch.inference_mode():
@@ -46,7 +48,9 @@ def greedy(model: nn.Module, ids: torch.Tensor, cache: Any, max_new_tokens: int,
             tokens.append(token)
             if token in eos_token_ids or step == max_new_tokens - 1:
                 break
-            logits = model(torch.tensor([[token]], device=ids.device), **cache_kwargs(model, cache), use_cache=True).logits
+            logits = model(
+                torch.tensor([[token]], device=ids.device), **cache_kwargs(model, cache), use_cache=True
+            ).logits
         decode = time.perf_counter() - start
     return tokens, prefill, decode
 
@@ -55,8 +59,9 @@ def prompt_ids(tokenizer: Any, prompt: str, chat: bool | None = None) -> torch.T
     """Token ids [1, n] of `prompt`, wrapped in the tokenizer's chat template when it has one (or `chat`)."""
     chat = bool(getattr(tokenizer, "chat_template", None)) if chat is None else chat
     if chat:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            return_tensors="pt", return_dict=True)["input_ids"]
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )["input_ids"]
     else:
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     if ids.numel() == 0:
@@ -84,8 +89,17 @@ def side_by_side(
             if name == "compressed":
                 unpatch_model(model)
         speed = (len(tokens) - 1) / decode if len(tokens) > 1 and decode > 0 else float("nan")
-        results.append(Generation(name, tokenizer.decode(tokens, skip_special_tokens=True), len(tokens), ids.shape[1],
-                                  prefill, speed, cache_nbytes(cache)))
+        results.append(
+            Generation(
+                name,
+                tokenizer.decode(tokens, skip_special_tokens=True),
+                len(tokens),
+                ids.shape[1],
+                prefill,
+                speed,
+                cache_nbytes(cache),
+            )
+        )
     return results
 
 

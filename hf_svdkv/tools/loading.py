@@ -11,8 +11,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from .. import assets
 
-_DTYPE_ALIASES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-                  "float16": "float16", "fp16": "float16"}
+_DTYPE_ALIASES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+}
 
 
 @dataclass
@@ -32,7 +38,9 @@ class ModelConfig:
     def __post_init__(self) -> None:
         key = str(self.dtype).strip().lower().removeprefix("torch.")
         if key not in _DTYPE_ALIASES:
-            raise ValueError(f"unknown dtype {self.dtype!r}; choose one of float32|bfloat16|float16 (or fp32|bf16|fp16)")
+            raise ValueError(
+                f"unknown dtype {self.dtype!r}; choose one of float32|bfloat16|float16 (or fp32|bf16|fp16)"
+            )
         self.dtype = _DTYPE_ALIASES[key]
         try:
             torch.device(self.device)
