@@ -739,6 +739,104 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- needle -----------------------------------------------------------------------------------------------------
+def _add_needle(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "needle",
+        help="passkey retrieval: a key hidden deep in a long prompt, asked for at the end",
+        description="Passkey retrieval (see hf_svdkv.tools.needle) with the dynamic cache and compressed caches, rows "
+        "as in `eval` (without row flags, the recommended ones): accuracy, the key's teacher-forced NLL and the KV "
+        "bytes per row, per prompt length and depth. Filler is the corpus' scored part (never calibrated on) or "
+        "--text-file.",
+    )
+    _add_model_arguments(p)
+    p.add_argument(
+        "--lengths", default="1024,2048,3072", help="comma-separated prompt lengths (default: 1024,2048,3072)"
+    )
+    p.add_argument(
+        "--depths",
+        default="0.1,0.5,0.9",
+        help="comma-separated depths of the key in the document, 0 to 1 (default: 0.1,0.5,0.9)",
+    )
+    p.add_argument(
+        "--trials",
+        type=int,
+        help="trials per (length, depth) cell (default: enough that a row's accuracy has a standard error "
+        "under 5 points)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the keys, their depths and the filler (default: 0)")
+    p.add_argument(
+        "--dataset", default="wiki", choices=("wiki", "lee", "wikitext"), help="filler corpus (default: wiki)"
+    )
+    p.add_argument("--text-file", help="filler text file instead of --dataset")
+    p.add_argument("--profiles", help="comma-separated SVD profiles (low, med, high)")
+    p.add_argument("--ranks", help="comma-separated KEY:VALUE ranks per KV head, e.g. 32:32,16:48")
+    _add_compression_arguments(p, lists=True)
+    p.add_argument("--bases-dir", action="append", default=[], help="bases saved by `hf-svdkv bases` (repeatable)")
+    p.add_argument("--peers", action="store_true", help="also run transformers' QuantizedCache (see `eval --peers`)")
+    p.add_argument("--peer-backend", choices=("quanto", "hqq"), help="quantization backend (default: quanto, else hqq)")
+    p.add_argument("--json", help="write the result as JSON here")
+    p.add_argument("--plot", help="write one heat map per row here (PNG, PDF, SVG ...)")
+    p.add_argument("--markdown", help="write the tables as Markdown here")
+    p.set_defaults(func=_cmd_needle)
+
+
+def _cmd_needle(args: argparse.Namespace) -> int:
+    import json
+
+    from ..architectures import model_geometry
+    from ..assets import MODEL_NAME as DEFAULT_MODEL_NAME
+    from ..text import load_text
+    from .eval import peer_backend
+    from .needle import default_trials, plot, print_table, run_needle, to_markdown
+
+    for flag in ("json", "plot", "markdown"):
+        _check_output(getattr(args, flag), f"--{flag}")
+    if args.plot and find_spec("matplotlib") is None:
+        raise ValueError("--plot needs matplotlib (pip install matplotlib)")
+    lengths = _positive_ints(args.lengths, "--lengths")
+    depths = _floats([args.depths], "--depths")
+    if any(not 0 <= d <= 1 for d in depths):
+        raise ValueError(
+            f"--depths must lie in [0, 1] (0 = the start of the document, 1 = its end), got {args.depths!r}"
+        )
+    if args.trials is not None and args.trials <= 0:
+        raise ValueError(f"--trials must be positive, got {args.trials}")
+    _floats(args.target_ratio, "--target-ratio")
+    _eval_configs(args, None)
+    if args.peers:
+        peer_backend(args.peer_backend)
+    text = load_text(args.dataset, args.text_file) if args.text_file else None
+    config, model, tokenizer = _load(args)
+    _check_positions(model, max(lengths), "--lengths")
+    configs = _eval_configs(args, model_geometry(model).num_kv_heads)
+    # Filler never comes from calibration text: the corpus without its reserved end (or the --text-file).
+    filler, calib_ids = _token_ids(args, tokenizer, model, text)
+    rows = _rows(args, model, configs, calib_ids, max(lengths))
+    trials = args.trials or default_trials(lengths, depths)
+    command = "hf-svdkv " + " ".join(sys.argv[1:])
+    result = run_needle(
+        model,
+        tokenizer,
+        rows,
+        filler,
+        lengths=lengths,
+        depths=depths,
+        trials=trials,
+        seed=args.seed,
+        model_name=config.model_path or DEFAULT_MODEL_NAME,
+        settings={"dtype": config.dtype, "command": command, **args.calibration_record},
+    )
+    print_table(result)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
+    if args.plot:
+        plot(result, args.plot)
+    if args.markdown:
+        Path(args.markdown).write_text(to_markdown(result, command), encoding="utf-8")
+    return 0
+
+
 # --- entry point ----------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Low-rank (SVD) KV-cache compression for Hugging Face transformers")
@@ -747,6 +845,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bases(subparsers)
     _add_generate(subparsers)
     _add_bench(subparsers)
+    _add_needle(subparsers)
     return parser
 
 
