@@ -52,9 +52,9 @@ class StorageCost:
 
     latent_bits: None = latents in 16 bits; 8 or 4 = integer codes plus a 16-bit scale and zero point per
         QUANT_GROUP channels (a rank that is not a multiple of the group pays a little more than counted here).
-    window, sequence_length: the last `window` tokens are held at full precision; their bytes are spread over
-        `sequence_length` tokens (the length the ratio is quoted at). Without a length the window is not counted:
-        at long contexts it is negligible."""
+    window, sequence_length: `window` tokens (the window and the sinks) are held at full precision; their bytes are
+        spread over `sequence_length` tokens (the length the ratio is quoted at). Without a length they are not
+        counted: at long contexts they are negligible."""
 
     latent_bits: int | None = None
     window: int = 0
@@ -232,7 +232,8 @@ def weight_spectra(model: nn.Module, group_size: int) -> list[LayerSpectrum]:
 
 
 def storage_cost(config: CompressionConfig, sequence_length: int | None = None) -> StorageCost:
-    return StorageCost(config.latent_bits, config.window, sequence_length)
+    # The window and the sinks are both tokens held at full precision.
+    return StorageCost(config.latent_bits, config.window + config.sinks, sequence_length)
 
 
 def weight_spectrum_ranks(

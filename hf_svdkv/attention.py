@@ -45,26 +45,32 @@ def window_mask(
     mask: torch.Tensor | None,
     query_len: int,
     total: int,
-    exact_tail: int,
+    exact_index: torch.Tensor,
     window: int,
+    sinks: torch.Tensor | None,
     dtype: torch.dtype,
     device: torch.device | None = None,
 ) -> torch.Tensor | None:
-    """Extend a [batch, 1, query, total] mask to the `exact_tail` full-precision copies appended to the keys:
-    a query reads a token's exact copy when it is less than `window` tokens old, its latent copy otherwise."""
-    if not exact_tail:
+    """Extend a [batch, 1, query, total] mask to the full-precision copies of tokens `exact_index` appended to the
+    keys: a query reads a token's exact copy when it is a sink (`sinks` [batch, total] flags them) or less than
+    `window` tokens old, its latent copy otherwise (as `decode.window` decides it block by block)."""
+    if not exact_index.numel():
         return mask
     device = mask.device if mask is not None else device
-    query_index = torch.arange(total - query_len, total, device=device)[:, None]
-    age = query_index - torch.arange(total, device=device)[None, :]
+    index = torch.arange(total, device=device)
+    age = torch.arange(total - query_len, total, device=device)[:, None] - index[None, :]
     if mask is None:
         allowed = (age >= 0)[None, None]
     elif mask.dtype == torch.bool:
-        allowed = mask
+        allowed = mask[..., mask.shape[-1] - total :]
     else:  # eager's additive mask: 0 where attended, the dtype's minimum elsewhere
-        allowed = mask == 0
-    tail = total - exact_tail
-    allowed = torch.cat([allowed & (age >= window), allowed[..., tail:] & (age[:, tail:] < window)], dim=-1)
+        allowed = mask[..., mask.shape[-1] - total :] == 0
+    exact_index = exact_index.to(device)
+    exact_age = age[:, exact_index]
+    sink = torch.zeros((1, total), dtype=torch.bool, device=device) if sinks is None else sinks.to(device)
+    sink = sink[:, None, None]  # [batch or 1, 1, 1, total]
+    exact = allowed[..., exact_index] & (exact_age >= 0) & (sink[..., exact_index] | (exact_age < window))
+    allowed = torch.cat([allowed & (age >= window) & ~sink, exact], dim=-1)
     if mask is not None and mask.dtype == torch.bool:
         return allowed
     mask_dtype = mask.dtype if mask is not None else dtype
@@ -208,7 +214,14 @@ def compressed_attention_forward(
     cached_cos, cached_sin = cached_cos.to(key.device), cached_sin.to(key.device)
     key = apply_rope(key, cached_cos, cached_sin)
     attention_mask = window_mask(
-        attention_mask, seq, layer.get_seq_length(), layer.exact_tail, layer.window, query.dtype, query.device
+        attention_mask,
+        seq,
+        layer.get_seq_length(),
+        layer.exact_index,
+        layer.window,
+        layer.sink_flags(torch.arange(layer.get_seq_length())),
+        query.dtype,
+        query.device,
     )
 
     attn_output, attn_weights = attention_interface(

@@ -37,7 +37,17 @@ OFF = ("0", "false", "off", "no")
 # Part of every key: entries written by an older way of fitting are simply never found again.
 FORMAT = "hf_svdkv-bases-cache-1"
 # CompressionConfig fields that decide the bases (the window and latent bits count in a ratio's byte budget).
-_KEY_FIELDS = ("key_rank", "value_rank", "profile", "target_ratio", "method", "window", "latent_bits", "calibration")
+_KEY_FIELDS = (
+    "key_rank",
+    "value_rank",
+    "profile",
+    "target_ratio",
+    "method",
+    "window",
+    "sinks",
+    "latent_bits",
+    "calibration",
+)
 
 
 def cache_folder(bases_cache: bool | str | Path = True) -> Path | None:

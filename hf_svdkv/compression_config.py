@@ -30,9 +30,9 @@ def check_rank(name: str, rank: object) -> None:
         raise ValueError(f"{name} must be positive, got {rank}")
 
 
-def check_window(window: object) -> None:
+def check_window(window: object, name: str = "window") -> None:
     if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 0:
-        raise ValueError(f"window must be a non-negative integer number of tokens, got {window!r}")
+        raise ValueError(f"{name} must be a non-negative integer number of tokens, got {window!r}")
 
 
 def check_latent_bits(bits: object) -> None:
@@ -61,11 +61,14 @@ class CompressionConfig:
             for calibrated bases (far better: +16% vs +172% ppl at 2x on the default model), 1 for weight-only ones.
         window: the most recent tokens each query sees at full precision (0 = every token as a latent).
         latent_bits: store latents as 8- or 4-bit integers (None = in the model dtype).
-        calibration: `fast` (default: 8,192 tokens of statistics, ranks allocated on the spectra; seconds) or `full`
-            (65,536 tokens and per-layer sensitivity probes; minutes). docs/calibration_tradeoff.md compares them.
+        calibration: `fast` (default: 16,384 tokens spread over the calibration text, ranks allocated on the spectra;
+            seconds) or `full` (65,536 tokens and per-layer sensitivity probes; minutes).
+            docs/calibration_tradeoff.md compares them.
         exact_prefill: a forward into an empty cache (a prompt) attends over its own exact keys and values, with the
             model's attention backend and mask, and stores them compressed (default). False: the prompt attends over
             its compressed tokens too, as every later forward does (for measuring the compression alone).
+        sinks: the first tokens of a sequence kept at full precision for good: attention sinks, which most queries
+            read heavily (StreamingLLM; KVTC keeps 4). Counted in the bytes like the window.
     """
 
     key_rank: int | None = None
@@ -78,6 +81,7 @@ class CompressionConfig:
     latent_bits: int | None = None
     calibration: str = "fast"
     exact_prefill: bool = True
+    sinks: int = 0
 
     def __post_init__(self) -> None:
         check_rank("key_rank", self.key_rank)
@@ -100,6 +104,7 @@ class CompressionConfig:
         elif self.profile is None and (key_rank is None or value_rank is None):
             raise ValueError("give both key_rank and value_rank, a profile (low, med, high), or a target_ratio")
         check_window(self.window)
+        check_window(self.sinks, "sinks")
         check_latent_bits(self.latent_bits)
         if self.group_size is not None and (
             isinstance(self.group_size, bool)

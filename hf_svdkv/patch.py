@@ -100,6 +100,7 @@ def patch_model(
     window: int | None = None,
     latent_bits: int | None = None,
     exact_prefill: bool | None = None,
+    sinks: int | None = None,
 ) -> ModelT:
     """Make `model` store its KV cache as low-rank latents; returns the same model, patched in place.
 
@@ -110,7 +111,8 @@ def patch_model(
     the cache is 2x smaller (`CompressionConfig()`). `tokenizer` defaults to the one saved with the model.
     Or give precomputed `bases` (validated against the model). `window` and `latent_bits` (default: the config's)
     keep that many recent tokens at full precision and store latents as 8/4-bit integers; `exact_prefill` (default:
-    the config's, else True) lets a prompt attend over its own exact keys and values.
+    the config's, else True) lets a prompt attend over its own exact keys and values; `sinks` keeps the first tokens
+    at full precision.
 
     Only this instance changes; `unpatch_model` undoes it exactly. A stock `model.generate(...)` then uses an
     `SVDCompressedCache`; passing `cache_implementation="dynamic"` or another cache still works and bypasses
@@ -147,7 +149,10 @@ def patch_model(
     check_latent_bits(latent_bits)
     if exact_prefill is None:
         exact_prefill = config.exact_prefill if config is not None else True
-    settings = CacheSettings(bases=bases, window=window, latent_bits=latent_bits, exact_prefill=bool(exact_prefill))
+    if sinks is None:
+        sinks = config.sinks if config is not None else 0
+    check_window(sinks, "sinks")
+    settings = CacheSettings(bases, window, latent_bits, bool(exact_prefill), sinks)
     state = PatchState(settings=settings, config=config)
     rotary_emb = decoder_model(model).rotary_emb
     for module in modules:

@@ -30,6 +30,7 @@ class CacheSettings:
     window: int = 0
     latent_bits: int | None = None
     exact_prefill: bool = True
+    sinks: int = 0
 
 
 def cache_settings(model: nn.Module) -> CacheSettings | None:
@@ -37,31 +38,48 @@ def cache_settings(model: nn.Module) -> CacheSettings | None:
     return model.__dict__.get(SETTINGS_ATTRIBUTE)
 
 
+@dataclass
+class ExactTokens:
+    """The full-precision copies a query may read instead of latents: the sinks (the first tokens), then the window's
+    tail. `keys` (pre-RoPE) and `values` [batch, kv_heads, n, head_dim]; `index` [n] the token each column is."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    index: torch.Tensor
+
+
 class SVDCacheLayer(CacheLayerMixin):
     """One layer's compressed KV. `keys` (a `LatentStore` of [batch, groups, seq, key_rank]) are latents of keys
     *before* RoPE, so `positions` [batch, seq] keeps the position each token was written at (rows differ under left
     padding); `values` [batch, groups, seq, value_rank] are value latents. With a window W > 0 the last W tokens also
     stay at full precision in `recent_keys` / `recent_values` [batch, kv_heads, W, head_dim] (pre-RoPE) and become
-    latents only as they age out. `positions` covers every token, latent or recent.
+    latents only as they age out; with `sinks` S > 0 the first S tokens stay at full precision for good in
+    `sink_keys` / `sink_values` (attention sinks: most queries read them heavily). `positions` covers every token.
 
-    `update` returns keys and values for the whole sequence as latents rebuilt, followed by `exact_tail`
-    full-precision copies of the newest tokens; the attention's mask decides which copy each query reads."""
+    A query reads a token's exact copy if it is a sink or less than W tokens old, its latent otherwise. `update`
+    returns keys and values for the whole sequence as latents rebuilt, followed by the exact copies (`exact_index`
+    says which tokens they are); the attention's mask decides which copy each query reads."""
 
     is_compileable = False
     is_sliding = False
 
-    def __init__(self, bases: LayerBases, head_dim: int, window: int = 0, latent_bits: int | None = None):
+    def __init__(
+        self, bases: LayerBases, head_dim: int, window: int = 0, latent_bits: int | None = None, sinks: int = 0
+    ):
         super().__init__()
         self.bases = bases
         self.head_dim = head_dim
         self.window = window
         self.latent_bits = latent_bits
+        self.sinks = sinks
         self.keys: LatentStore | None = None
         self.values: LatentStore | None = None
         self.positions: torch.Tensor | None = None
         self.recent_keys: torch.Tensor | None = None
         self.recent_values: torch.Tensor | None = None
-        self.exact_tail = 0
+        self.sink_keys: torch.Tensor | None = None
+        self.sink_values: torch.Tensor | None = None
+        self.exact_index: torch.Tensor | None = None  # tokens of the exact columns `update` returned last
         self._positions_buffer: Buffer | None = None
         self.store_options: dict = {}  # for the latent stores (e.g. {"rotate": False}), read at lazy init
 
@@ -82,8 +100,8 @@ class SVDCacheLayer(CacheLayerMixin):
             for p in (projection.key, projection.value)
         )
         self.projection = LayerBases(self.keys.prepare(projection.key), self.values.prepare(projection.value))
-        self.recent_keys = key_states[:, :, :0]
-        self.recent_values = value_states[:, :, :0]
+        self.recent_keys = self.sink_keys = key_states[:, :, :0]
+        self.recent_values = self.sink_values = value_states[:, :, :0]
         self.positions = torch.zeros((batch, 0), dtype=torch.int32, device=self.device)
         self._positions_buffer = None
         self.is_initialized = True
@@ -91,7 +109,7 @@ class SVDCacheLayer(CacheLayerMixin):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args, positions: torch.Tensor, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the new pre-RoPE keys and values; return all of them rebuilt, then the exact tail (the reference
+        """Store the new pre-RoPE keys and values; return all of them rebuilt, then the exact copies (the reference
         path of `attention.py`: everything at full size)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
@@ -105,19 +123,37 @@ class SVDCacheLayer(CacheLayerMixin):
         ):
             latents = torch.cat([old, store.decode(new, old.dtype)], dim=-2)
             rebuilt.append(projection.decode(latents, self.head_dim).to(self.dtype))
-        if not self.exact_tail:
+        exact = self._exact_tokens(exact_keys, exact_values)
+        self.exact_index = exact.index if exact is not None else self.positions.new_zeros(0, dtype=torch.long)
+        if exact is None:
             return rebuilt[0], rebuilt[1]
-        return torch.cat([rebuilt[0], exact_keys], dim=-2), torch.cat([rebuilt[1], exact_values], dim=-2)
+        return torch.cat([rebuilt[0], exact.keys], dim=-2), torch.cat([rebuilt[1], exact.values], dim=-2)
 
     def append(
         self, key_states: torch.Tensor, value_states: torch.Tensor, positions: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    ) -> ExactTokens | None:
         """Store the new pre-RoPE keys and values without rebuilding anything (the latent attention path).
 
-        Returns the exact span `update` would append as its tail (the window before this call, then the new
-        tokens; pre-RoPE keys, values), or None without a window. Stores exactly what `update` stores."""
+        Returns the exact copies `update` would append (the sinks, then the window before this call and the new
+        tokens), or None without sinks or a window. Stores exactly what `update` stores."""
         exact_keys, exact_values, _, _ = self._store(key_states, value_states, positions)
-        return (exact_keys, exact_values) if self.exact_tail else None
+        return self._exact_tokens(exact_keys, exact_values)
+
+    def _exact_tokens(self, tail_keys: torch.Tensor, tail_values: torch.Tensor) -> ExactTokens | None:
+        """The sinks, then the tail of the exact span `_store` returned (tokens already among the sinks left out)."""
+        total, sinks = self.get_seq_length(), self.sink_keys.shape[-2]
+        tail = tail_keys.shape[-2] if self.window else 0
+        skip = min(max(sinks - (total - tail), 0), tail)  # tail tokens that are sinks: read from the sink copy
+        if not sinks and not tail:
+            return None
+        device = self.positions.device
+        index = torch.cat([torch.arange(sinks, device=device), torch.arange(total - tail + skip, total, device=device)])
+        if not tail:
+            return ExactTokens(self.sink_keys, self.sink_values, index)
+        if not sinks:
+            return ExactTokens(tail_keys, tail_values, index)
+        keys = torch.cat([self.sink_keys, tail_keys[..., skip:, :]], dim=-2)
+        return ExactTokens(keys, torch.cat([self.sink_values, tail_values[..., skip:, :]], dim=-2), index)
 
     def _store(
         self, key_states: torch.Tensor, value_states: torch.Tensor, positions: torch.Tensor
@@ -133,9 +169,17 @@ class SVDCacheLayer(CacheLayerMixin):
                     for p in (self.projection.key, self.projection.value)
                 )
             )
+        start = self.get_seq_length()
         self.positions, self._positions_buffer = append_along(
             self._positions_buffer, self.positions, positions.to(self.device, torch.int32), dim=-1
         )
+        if self.sinks and (held := self.sink_keys.shape[-2]) == start:
+            # Sinks are each row's first tokens (positions below `sinks`; with left padding, after the padding). Exact
+            # copies are kept for good of the leading slots that hold a sink in some row. Copies, not views.
+            is_sink = (self.positions[:, held:] < self.sinks).any(0)
+            take = int(is_sink.numel() if is_sink.all() else is_sink.int().argmin())
+            self.sink_keys = torch.cat([self.sink_keys, key_states[..., :take, :]], dim=-2)
+            self.sink_values = torch.cat([self.sink_values, value_states[..., :take, :]], dim=-2)
         if self.recent_keys.shape[-2]:
             exact_keys = torch.cat([self.recent_keys, key_states], dim=-2)
             exact_values = torch.cat([self.recent_values, value_states], dim=-2)
@@ -151,12 +195,19 @@ class SVDCacheLayer(CacheLayerMixin):
         self.recent_keys, self.recent_values = (
             t[..., aged:, :].clone() if aged else t for t in (exact_keys, exact_values)
         )
-        self.exact_tail = exact_keys.shape[-2] if self.window else 0
         return exact_keys, exact_values, new_keys, new_values
 
     def key_positions(self) -> torch.Tensor:
-        """Positions of the columns `update` returned: every token, then the exact tail again."""
-        return torch.cat([self.positions, self.positions[:, self.positions.shape[1] - self.exact_tail :]], dim=-1)
+        """Positions of the columns `update` returned: every token, then the exact copies again."""
+        return torch.cat([self.positions, self.positions[:, self.exact_index]], dim=-1)
+
+    def sink_flags(self, index: torch.Tensor) -> torch.Tensor | None:
+        """Which of the tokens `index` [n] are sinks, per row: [batch, n] bool (a token held as an exact sink copy and
+        written at a position below `sinks`), or None without sinks."""
+        if not self.sinks:
+            return None
+        index = index.to(self.positions.device)
+        return (self.positions[:, index] < self.sinks) & (index < self.sink_keys.shape[-2])
 
     def get_seq_length(self) -> int:
         return self.positions.shape[-1] if self.is_initialized else 0
@@ -171,7 +222,7 @@ class SVDCacheLayer(CacheLayerMixin):
     def _map_batch(self, fn) -> None:
         self.keys.map(fn)
         self.values.map(fn)
-        for name in ("recent_keys", "recent_values", "positions"):
+        for name in ("recent_keys", "recent_values", "sink_keys", "sink_values", "positions"):
             setattr(self, name, fn(getattr(self, name)))
         self._positions_buffer = None
 
@@ -191,7 +242,9 @@ class SVDCacheLayer(CacheLayerMixin):
         keep_latent = self.keys.length - (remove - from_recent)
         self.keys.crop(keep_latent)
         self.values.crop(keep_latent)
-        self.positions = self.positions[..., : self.positions.shape[-1] - remove]
+        keep = self.positions.shape[-1] - remove
+        self.sink_keys, self.sink_values = self.sink_keys[..., :keep, :], self.sink_values[..., :keep, :]
+        self.positions = self.positions[..., :keep]
         self._positions_buffer = None  # the next token must not overwrite, in place, tokens an older view still shows
 
     def batch_repeat_interleave(self, repeats: int) -> None:
@@ -216,16 +269,17 @@ class SVDCacheLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.keys = self.values = self.positions = self.recent_keys = self.recent_values = None
-        self.exact_tail = 0
+        self.sink_keys = self.sink_values = self.exact_index = None
         self._positions_buffer = None
         self.is_initialized = False
 
     def nbytes(self) -> int:
         """Bytes held: key and value latents (integer codes with their scales and zero points when quantized), the
-        full-precision window and positions, with the spare room their buffers keep for the next tokens."""
+        full-precision window and sinks, and positions, with the spare room their buffers keep for the next tokens."""
         if not self.is_initialized:
             return 0
-        exact = sum(t.numel() * t.element_size() for t in (self.recent_keys, self.recent_values))
+        exact_copies = (self.recent_keys, self.recent_values, self.sink_keys, self.sink_values)
+        exact = sum(t.numel() * t.element_size() for t in exact_copies)
         positions = held_nbytes(self.positions, self._positions_buffer)
         return self.keys.nbytes() + self.values.nbytes() + exact + positions
 
@@ -235,7 +289,8 @@ class SVDCompressedCache(Cache):
 
     Build it from a model patched with `patch_model` (it takes the model's bases and settings), or from `bases`
     directly. Only a patched model can fill it: its attention hands over keys before RoPE, which stock attention
-    cannot. `window`, `latent_bits` and `exact_prefill` default to the patched model's (else 0, None, True).
+    cannot. `window`, `latent_bits`, `exact_prefill` and `sinks` default to the patched model's (else 0, None,
+    True, 0).
     """
 
     def __init__(
@@ -246,6 +301,7 @@ class SVDCompressedCache(Cache):
         window: int | None = None,
         latent_bits: int | None = None,
         exact_prefill: bool | None = None,
+        sinks: int | None = None,
     ):
         settings = cache_settings(model) if model is not None else None
         if bases is None:
@@ -259,16 +315,19 @@ class SVDCompressedCache(Cache):
         window = defaults.window if window is None else window
         latent_bits = defaults.latent_bits if latent_bits is None else latent_bits
         exact_prefill = defaults.exact_prefill if exact_prefill is None else exact_prefill
+        sinks = defaults.sinks if sinks is None else sinks
         check_window(window)
+        check_window(sinks, "sinks")
         check_latent_bits(latent_bits)
         self.bases = bases
         self.window = window
         self.latent_bits = latent_bits
         # A prompt (a forward into the empty cache) attends over its exact keys and values; see CompressionConfig.
         self.exact_prefill = exact_prefill
+        self.sinks = sinks
         self.checked_against: set[int] = set()
         head_dim = bases.geometry.head_dim
-        super().__init__(layers=[SVDCacheLayer(layer, head_dim, window, latent_bits) for layer in bases.layers])
+        super().__init__(layers=[SVDCacheLayer(layer, head_dim, window, latent_bits, sinks) for layer in bases.layers])
 
     def update(
         self,
@@ -288,7 +347,7 @@ class SVDCompressedCache(Cache):
         return super().update(key_states, value_states, layer_idx, *args, positions=positions, **kwargs)
 
     def nbytes(self) -> int:
-        """Bytes held by every tensor of the cache (latents, window and positions)."""
+        """Bytes held by every tensor of the cache (latents, window, sinks and positions)."""
         return sum(layer.nbytes() for layer in self.layers)
 
     def bytes_per_token(self) -> float:

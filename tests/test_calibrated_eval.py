@@ -11,7 +11,7 @@ import hf_svdkv.text
 from hf_svdkv import CompressionConfig, SVDBases
 from hf_svdkv.text import make_windows
 from hf_svdkv.tools.cli import _eval_configs, _token_ids, main
-from hf_svdkv.tools.eval import build_rows, run_eval, svd_row
+from hf_svdkv.tools.eval import build_rows, row_name, run_eval, svd_row
 
 pytest_plugins = ["fixtures_real"]
 
@@ -48,14 +48,26 @@ def test_cli_rows_are_the_product_of_the_flags():
         latent_bits="none,4",
         group_size=None,
         calibration="fast",
+        sinks="0,4",
     )
     configs = _eval_configs(args, num_kv_heads=3)
-    assert len(configs) == 3 * 2 * 2 * 2
+    assert len(configs) == 3 * 2 * 2 * 2 * 2
     calibrated = [c for c in configs if c.method == "calibrated"]
     assert {c.group_size for c in calibrated} == {3}  # calibrated bases default to joint
     assert {c.group_size for c in configs if c.method == "weights"} == {1}
     names = [row.name for row in build_rows(configs=configs, calibrated_bases=lambda model, config: None)]
     assert "calib-2x-g3-w64-int4" in names and "svd-k32-v32" in names and len(set(names)) == len(names)
+    assert "calib-3x-g3-w64-s4" in names
+
+
+def test_cli_sinks_apply_to_the_recommended_rows():
+    args = argparse.Namespace(
+        target_ratio=[], profiles=None, ranks=None, bases_dir=[], method=None, window=None, latent_bits=None
+    )
+    args.group_size, args.calibration, args.sinks = None, "fast", "0,16"
+    configs = _eval_configs(args, num_kv_heads=3)
+    assert [c.sinks for c in configs] == [0, 16] * 3
+    assert row_name(configs[1]) == "calib-2x-g3-w128-s16"
 
 
 def test_cli_rejects_bad_compression_flags(capsys):
@@ -64,13 +76,15 @@ def test_cli_rejects_bad_compression_flags(capsys):
         (["eval", "--target-ratio", "2", "--method", "magic"], "unknown --method 'magic'"),
         (["eval", "--target-ratio", "2", "--latent-bits", "3"], "latent_bits must be one of"),
         (["eval", "--window", "64"], "need rows to apply to"),
+        (["eval", "--sinks", "four"], "--sinks takes comma-separated integers"),
+        (["eval", "--sinks", "-4"], "sinks must be a non-negative integer"),
         (["bases", "/tmp/x", "--ranks", "8:8", "--target-ratio", "2"], "give at most one of"),
     ]:
         with pytest.raises(SystemExit) as exit_info:
             main(argv)
         assert exit_info.value.code == 2
         err = capsys.readouterr().err
-        assert message in err and err.count("\n") == 1, err
+        assert message in err.splitlines()[-1], err
 
 
 @pytest.mark.slow

@@ -133,6 +133,7 @@ class CacheVariant:
     window: int = 0
     latent_bits: int | None = None
     exact_prefill: bool = False
+    sinks: int = 0
 
     def model(self, attn_implementation: str = "sdpa", full_rank: bool = False, dtype: torch.dtype = torch.float32):
         """A tiny model of this geometry, patched with weight-only bases of this variant (all of head_dim with
@@ -157,13 +158,14 @@ class CacheVariant:
                 window=self.window,
                 latent_bits=self.latent_bits,
                 exact_prefill=self.exact_prefill,
+                sinks=self.sinks,
             ),
         )
 
 
 # Every way a cache is stored: geometry (MHA, GQA, joint bases, head sizes), architecture (Qwen2's k/v biases, Mistral),
-# the full-precision window, integer latents, a prompt attended exactly. A new storage format is a new row here; every
-# invariant then runs on it.
+# the full-precision window, attention sinks, integer latents, a prompt attended exactly. A new storage format is a new
+# row here; every invariant then runs on it.
 CACHE_VARIANTS = {
     "plain-mha": CacheVariant("llama", 4, 4, 32, 12, 10),
     "gqa": CacheVariant("llama", 4, 2, 32, 9, 7),
@@ -174,6 +176,8 @@ CACHE_VARIANTS = {
     "int8": CacheVariant("llama", 4, 2, 32, 12, 12, window=3, latent_bits=8),
     "int4-window": CacheVariant("llama", 4, 2, 32, 16, 16, group_size=2, window=8, latent_bits=4),
     "exact-prefill": CacheVariant("llama", 4, 2, 32, 12, 12, window=6, exact_prefill=True),
+    "sinks-window": CacheVariant("llama", 4, 2, 32, 12, 12, window=5, sinks=4),
+    "sinks-int4": CacheVariant("llama", 4, 2, 32, 16, 16, group_size=2, latent_bits=4, sinks=3),
 }
 
 

@@ -1,11 +1,11 @@
 """Attention of new tokens over an `SVDCacheLayer`'s latents: the same function as the reference path of
 `attention.py`, without rebuilding the cache at full size.
 
-Backends (`base.DecodeBackend`) attend over the tokens held as latents; `window.attend_window` merges the full-precision
-window through the log-sum-exp; `state` folds the value up projection into `o_proj`. BACKENDS is the one place where
-one is chosen: the first that supports a call serves it. Kernels serve single-token steps (Triton's on CUDA, the C++
-one on CPU); the blockwise torch path serves every call. A new backend is a new class in this folder and an entry in
-BACKENDS.
+Backends (`base.DecodeBackend`) attend over the tokens held as latents; `window.attend_window` merges the
+full-precision copies (the window, the sinks) through the log-sum-exp; `state` folds the value up projection into
+`o_proj`. BACKENDS is the one place where one is chosen: the first that supports a call serves it. Kernels serve
+single-token steps (Triton's on CUDA, the C++ one on CPU); the blockwise torch path serves every call. A new backend
+is a new class in this folder and an entry in BACKENDS.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from ..svd_cache import SVDCacheLayer
+from ..svd_cache import ExactTokens, SVDCacheLayer
 from .base import DecodeBackend, Unsupported
 from .blockwise import BlockwiseBackend
 from .cpu import CpuKernelBackend
@@ -43,13 +43,13 @@ def attend(
     layer: SVDCacheLayer,
     state: LayerState,
     rope: Rope,
-    exact: tuple[torch.Tensor, torch.Tensor] | None,
+    exact: ExactTokens | None,
     *,
     scaling: float,
     attention_mask: torch.Tensor | None = None,
 ) -> LatentAttentionOutput:
     """Attention of `query` [batch, heads, q, d] (after RoPE) over a layer that already holds the new tokens
-    (`SVDCacheLayer.append`, whose exact window tail is `exact`): latent tokens through the first backend that
+    (`SVDCacheLayer.append`, which returned its exact copies `exact`): latent tokens through the first backend that
     supports the call, then the window merged in."""
     batch, num_heads, query_len, _ = query.shape
     if not layer.keys.length:  # every token still in the window

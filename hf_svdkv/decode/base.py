@@ -18,7 +18,7 @@ class Unsupported(Exception):
 
 
 class DecodeBackend(ABC):
-    """Attention of new query tokens over the tokens a layer holds as latents (the exact window is merged apart)."""
+    """Attention of new query tokens over the tokens a layer holds as latents (the exact copies are merged apart)."""
 
     name: str
 

@@ -5,7 +5,7 @@ commute with the projection), score them against every query head that reads the
 softmax over the *value latents* (flash-style). No layer's keys or values ever exist at full size, no [query x tokens]
 mask is built, and the transient stays below CHUNK_ELEMENTS whatever the length of the input or of the cache. It
 serves every call the kernels do not: prompts continued in chunks, teacher-forced continuations, decoding where no
-kernel applies (integer latents on CPU, no compiler, float16).
+kernel applies (no compiler, float16 latents, a dynamic rope type on CUDA).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from ..svd_cache import SVDCacheLayer
 from .base import DecodeBackend
 from .rope import Rope, interleave, rotate
 from .state import LayerState
-from .window import block_mask
+from .window import block_mask, sink_flags
 
 # Elements (float32) of the largest transient, a block's rebuilt keys or its scores: 8 MB, so the transient stays far
 # below the cache it reads (the whole 8k-token context of the default model at batch 1), while each op is large
@@ -92,7 +92,8 @@ def blockwise_attention(
             keys += state.key_bias.view(num_kv_heads, 1, head_dim)
         rotate(keys, rope[:, None, start:end])
         scores = torch.matmul(queries, keys.mT)  # [batch, kv_heads, heads per kv * q, chunk]
-        allowed = block_mask(attention_mask, query_len, total, start, end, layer.window, False, device)
+        sinks = sink_flags(layer, start, end)
+        allowed = block_mask(attention_mask, query_len, total, start, end, layer.window, device, sinks)
         if allowed is not None:
             # [batch, kv_heads, per_kv, q, n]: masks are per (batch, query token), shared by a KV head's query heads.
             scores = scores.view(batch, num_kv_heads, per_kv, query_len, size).masked_fill(

@@ -77,8 +77,8 @@ class Rope:
         """cos + i sin of every position [batch, seq, head_dim / 2]."""
         return rope_factors(self.rotary, self.positions, self.memo_key)
 
-    def tail(self, count: int) -> torch.Tensor:
-        """The factors of the last `count` positions (computed alone unless all of them already are)."""
+    def at(self, index: torch.Tensor) -> torch.Tensor:
+        """The factors of the tokens `index` [n] (computed alone unless all of them already are)."""
         if "factors" in self.__dict__:
-            return self.factors[:, self.positions.shape[1] - count :]
-        return rope_factors(self.rotary, self.positions[:, self.positions.shape[1] - count :])
+            return self.factors[:, index]
+        return rope_factors(self.rotary, self.positions[:, index])

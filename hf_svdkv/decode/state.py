@@ -109,7 +109,8 @@ def layer_state(module: nn.Module, layer: SVDCacheLayer) -> LayerState:
 class LatentAttentionOutput:
     """Attention output of every query head, before `o_proj`, in two parts whose softmax weights are already applied:
     `latent` [batch, q, heads, value_rank] over value latents (project with the folded weight and bias) and
-    `exact` [batch, q, heads, head_dim] over exact window values minus their center (project with o_proj's weight)."""
+    `exact` [batch, q, heads, head_dim] over exact values (window, sinks) minus their center (project with o_proj's
+    weight)."""
 
     latent: torch.Tensor
     exact: torch.Tensor | None = None

@@ -146,6 +146,7 @@ def _enter(model: nn.Module, settings: CacheSettings | None) -> None:
             window=settings.window,
             latent_bits=settings.latent_bits,
             exact_prefill=settings.exact_prefill,
+            sinks=settings.sinks,
         )
 
 

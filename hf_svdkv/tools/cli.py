@@ -89,6 +89,9 @@ def _add_compression_arguments(p: argparse.ArgumentParser, *, lists: bool) -> No
     )
     p.add_argument("--latent-bits", help=f"{many}8, 4 or none: store latents as integer codes (default: none)")
     p.add_argument(
+        "--sinks", help=f"{many}first tokens of each sequence kept at full precision, attention sinks (default: 0)"
+    )
+    p.add_argument(
         "--calib-text",
         help="calibration text file (default: the last --calib-tokens tokens of the corpus, never scored)",
     )
@@ -103,7 +106,7 @@ def _add_compression_arguments(p: argparse.ArgumentParser, *, lists: bool) -> No
         "--calibration",
         choices=CALIBRATIONS,
         default="fast",
-        help="fast (8,192 tokens, ranks on the spectra: seconds) or full (65,536 tokens and sensitivity probes: "
+        help="fast (16,384 tokens, ranks on the spectra: seconds) or full (65,536 tokens and sensitivity probes: "
         "minutes); see docs/calibration_tradeoff.md (default: fast)",
     )
     p.add_argument(
@@ -131,6 +134,15 @@ def _ints_or_none(text: str | None, flag: str, default: list) -> list:
         return [None if item.lower() == "none" else int(item) for item in _split(text)]
     except ValueError:
         raise ValueError(f"{flag} takes integers (or none), got {text!r}") from None
+
+
+def _ints(text: str | None, flag: str, default: list[int]) -> list[int]:
+    if text is None:
+        return default
+    try:
+        return [int(item) for item in _split(text)]
+    except ValueError:
+        raise ValueError(f"{flag} takes comma-separated integers, got {text!r}") from None
 
 
 def _methods(args: argparse.Namespace, default: str) -> list[str]:
@@ -287,12 +299,17 @@ def _eval_configs(args: argparse.Namespace, num_kv_heads: int | None) -> list:
     shapes = [{"profile": p} for p in _split(args.profiles)]
     shapes += [{"key_rank": k, "value_rank": v} for k, v in (parse_ranks(args.ranks) if args.ranks else [])]
     shapes += [{"target_ratio": r} for r in ratios]
+    sinks = _ints(args.sinks, "--sinks", [0])
     if not shapes and not args.bases_dir:
         if args.method or args.window or args.latent_bits:
             raise ValueError(
                 "--method, --window and --latent-bits need rows to apply to: --profiles, --ranks or --target-ratio"
             )
-        return [CompressionConfig(**row, group_size=num_kv_heads, calibration=args.calibration) for row in DEFAULT_ROWS]
+        return [
+            CompressionConfig(**row, group_size=num_kv_heads, calibration=args.calibration, sinks=sink)
+            for row in DEFAULT_ROWS
+            for sink in sinks
+        ]
     bits = _ints_or_none(args.latent_bits, "--latent-bits", [None])
     return [
         CompressionConfig(
@@ -302,11 +319,13 @@ def _eval_configs(args: argparse.Namespace, num_kv_heads: int | None) -> list:
             window=window,
             latent_bits=bit,
             calibration=args.calibration,
+            sinks=sink,
         )
         for shape in shapes
         for method in _methods(args, "calibrated")
         for window in _windows(args.window, method)
         for bit in bits
+        for sink in sinks
     ]
 
 
@@ -364,7 +383,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError("--plot needs matplotlib (pip install matplotlib)")
     if args.windows <= 0:
         raise ValueError(f"--windows must be positive, got {args.windows}")
-    _floats(args.target_ratio, "--target-ratio")
+    _eval_configs(args, None)  # bad row flags fail before the model loads
     if args.peers:
         peer_backend(args.peer_backend)
     text = load_text(args.dataset, args.text_file) if args.text_file else None
@@ -468,8 +487,15 @@ def _single_config(args: argparse.Namespace, num_kv_heads: int | None = None):
     group = None
     if args.group_size is not None and (num_kv_heads is not None or args.group_size != "all"):
         group = _group_size(args.group_size, method, num_kv_heads or 1)
+    [sinks] = _ints(args.sinks, "--sinks", [0])[:1]
     return CompressionConfig(
-        **shape, method=method, window=window, latent_bits=bits, calibration=args.calibration, group_size=group
+        **shape,
+        method=method,
+        window=window,
+        latent_bits=bits,
+        calibration=args.calibration,
+        group_size=group,
+        sinks=sinks,
     )
 
 
@@ -556,6 +582,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                 bases=bases,
                 window=int(args.window or 0),
                 latent_bits=_ints_or_none(args.latent_bits, "--latent-bits", [None])[0],
+                sinks=_ints(args.sinks, "--sinks", [0])[0],
             )
         else:
             patch_model(

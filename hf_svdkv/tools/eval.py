@@ -171,7 +171,8 @@ def svd_row(
         if bases_dir is not None:
             patch_model(model, bases=loaded["bases"], window=window, latent_bits=latent_bits)
         elif bases_factory is not None:
-            patch_model(model, bases=bases_factory(model, config), window=config.window, latent_bits=config.latent_bits)
+            bases = bases_factory(model, config)
+            patch_model(model, bases=bases, window=config.window, latent_bits=config.latent_bits, sinks=config.sinks)
         else:
             patch_model(model, config)
         return lambda: SVDCompressedCache(model)
@@ -242,7 +243,7 @@ def parse_ranks(text: str) -> list[tuple[int, int]]:
 
 
 def row_name(config: Any) -> str:
-    """`svd-low`, `svd-k32-v32-g3`, `calib-2x-w64-int4`: method, ranks or ratio, then what differs from the defaults."""
+    """`svd-low`, `svd-k32-v32-g3`, `calib-2x-w64-int4-s4`: method, ranks or ratio, then what differs from defaults."""
     prefix = "calib" if config.method == "calibrated" else "svd"
     if config.target_ratio is not None:
         body = f"{config.target_ratio:g}x"
@@ -253,6 +254,7 @@ def row_name(config: Any) -> str:
     suffix = f"-g{config.group_size}" if config.group_size not in (None, 1) else ""
     suffix += f"-w{config.window}" if config.window else ""
     suffix += f"-int{config.latent_bits}" if config.latent_bits else ""
+    suffix += f"-s{config.sinks}" if getattr(config, "sinks", 0) else ""
     return f"{prefix}-{body}{suffix}"
 
 
