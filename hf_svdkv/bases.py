@@ -15,8 +15,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .architectures import ModelGeometry, attention_modules, model_geometry
+from .bit_allocation import WIDTHS
 from .calibration import CALIBRATION_PRESETS, Calibrator, spread_tokens
-from .compression_config import CompressionConfig
+from .compression_config import MIXED, CompressionConfig
 from .projection import LayerBases, Projection
 from .text import tokenize_text
 from .version import __version__
@@ -91,10 +92,14 @@ class SVDBases:
         config: CompressionConfig,
         algorithm: BasisAlgorithm | None = None,
         layer_ranks: Sequence[tuple[int, int]] | None = None,
+        layer_widths: Sequence[tuple[Sequence[int], Sequence[int]]] | None = None,
+        sequence_length: int | None = None,
     ) -> SVDBases:
         """Bases for every layer of `model` (weight-only SVD unless another algorithm is given).
 
-        `layer_ranks` overrides the config's uniform ranks with (key, value) latent dims per group, per layer."""
+        `layer_ranks` overrides the config's uniform ranks with (key, value) latent dims per group, per layer;
+        `layer_widths` (mixed-precision latents) gives a bit width per channel instead, the ranks being their counts.
+        Weight-only bases for a target ratio are allocated on the weight spectra, quoted at `sequence_length`."""
         geometry = model_geometry(model)
         group = config.heads_per_group(geometry.num_kv_heads)
         if algorithm is None and config.method == "calibrated":
@@ -103,10 +108,18 @@ class SVDBases:
                 "hf_svdkv.fit_bases(model, config, ...) or SVDBases.calibrate(model, texts, config, tokenizer=...), "
                 "or method='weights' for data-free bases"
             )
+        if layer_widths is None and layer_ranks is None and config.latent_bits == MIXED and algorithm is None:
+            from .bit_allocation import weight_spectrum_widths
+
+            layer_widths = weight_spectrum_widths(model, config, sequence_length)
+        if layer_widths is not None:
+            layer_ranks = [(len(key), len(value)) for key, value in layer_widths]
+        elif config.latent_bits == MIXED:
+            raise ValueError("latent_bits='mixed' needs a bit width per channel: fit the bases with that config")
         if layer_ranks is None and config.target_ratio is not None and algorithm is None:
             from .allocation import weight_spectrum_ranks
 
-            layer_ranks = weight_spectrum_ranks(model, config)
+            layer_ranks = weight_spectrum_ranks(model, config, sequence_length)
         if layer_ranks is None:
             key_rank, value_rank = config.resolve_ranks(geometry.head_dim, geometry.num_kv_heads)
             layer_ranks = [(key_rank * group, value_rank * group)] * geometry.num_layers
@@ -121,6 +134,11 @@ class SVDBases:
             algorithm.fit(i, attn, key_rank, value_rank, group).to("cpu", torch.float32)
             for i, (attn, (key_rank, value_rank)) in enumerate(zip(attention_modules(model), layer_ranks, strict=True))
         ]
+        if layer_widths is not None:
+            layers = [
+                LayerBases(*(with_widths(p, w) for p, w in ((layer.key, widths[0]), (layer.value, widths[1]))))
+                for layer, widths in zip(layers, layer_widths, strict=True)
+            ]
         return cls(layers, geometry, group, algorithm.name, weight_fingerprint(model))
 
     @classmethod
@@ -163,6 +181,9 @@ class SVDBases:
         cls, calibrator: Calibrator, config: CompressionConfig, sequence_length: int | None = None
     ) -> SVDBases:
         """Calibrated bases for `config` from a `Calibrator`'s statistics (several configs share one calibration)."""
+        if config.latent_bits == MIXED:
+            widths = calibrator.layer_widths(config, sequence_length)
+            return cls.from_model(calibrator.model, config, algorithm=calibrator.algorithm, layer_widths=widths)
         layer_ranks = calibrator.layer_ranks(config, sequence_length)
         return cls.from_model(calibrator.model, config, algorithm=calibrator.algorithm, layer_ranks=layer_ranks)
 
@@ -224,6 +245,8 @@ class SVDBases:
             for kind, proj in (("key", layer.key), ("value", layer.value)):
                 for part in ("down", "up", "center"):
                     tensors[f"layers.{i}.{kind}.{part}"] = getattr(proj, part).contiguous()
+                if proj.channel_bits is not None:
+                    tensors[f"layers.{i}.{kind}.channel_bits"] = proj.channel_bits.contiguous()
         return tensors
 
     def save_pretrained(self, directory: str | Path) -> Path:
@@ -279,7 +302,10 @@ class SVDBases:
             layers = [
                 LayerBases(
                     *(
-                        Projection(*(tensors[f"layers.{i}.{kind}.{p}"] for p in ("down", "up", "center")))
+                        Projection(
+                            *(tensors[f"layers.{i}.{kind}.{p}"] for p in ("down", "up", "center")),
+                            tensors.get(f"layers.{i}.{kind}.channel_bits"),
+                        )
                         for kind in ("key", "value")
                     )
                 )
@@ -289,12 +315,25 @@ class SVDBases:
             raise ValueError(
                 f"bases file {path} lacks tensor {err}: it was not written for {geometry.num_layers} layers"
             ) from None
+            for layer in layers:
+                for proj in (layer.key, layer.value):
+                    if proj.channel_bits is not None:
+                        with_widths(proj, proj.channel_bits.tolist())
+        except ValueError as err:  # channel widths that do not fit their projection
+            raise ValueError(f"bases file {path}: {err}") from None
         if any(tuple(proj.down.shape[:2]) != groups for layer in layers for proj in (layer.key, layer.value)):
             raise ValueError(
                 f"bases file {path}: its tensors do not fit the header's geometry and group_size "
                 "(the header was edited?)"
             )
         return cls(layers, geometry, group_size, method, tensors["fingerprint"])
+
+
+def with_widths(projection: Projection, widths: Sequence[int]) -> Projection:
+    """`projection` with a bit width per channel (mixed-precision latents), checked: non-increasing, in WIDTHS."""
+    if list(widths) != sorted(widths, reverse=True) or not set(widths) <= set(WIDTHS) - {0}:
+        raise ValueError(f"channel widths must be non-increasing and in {WIDTHS[1:]}, got {list(widths)}")
+    return dataclasses.replace(projection, channel_bits=torch.tensor(list(widths), dtype=torch.uint8))
 
 
 def calibrate_bases(

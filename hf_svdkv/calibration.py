@@ -440,6 +440,21 @@ class Calibrator:
                 if config.target_ratio is not None:
                     self._probe_weights(config.heads_per_group(num_kv_heads), PROBE_RATIO)
 
+    def layer_widths(
+        self, config: CompressionConfig, sequence_length: int | None = None
+    ) -> list[tuple[list[int], list[int]]]:
+        """A bit width per latent channel, (keys, values) per layer, for a config with latent_bits="mixed": its
+        target_ratio's bytes spent where the variance is (weighted by measured sensitivity when the calibration
+        measures it)."""
+        from .bit_allocation import allocate_bits
+
+        geometry = model_geometry(self.model)
+        config.resolve_ranks(geometry.head_dim, geometry.num_kv_heads)
+        group = config.heads_per_group(geometry.num_kv_heads)
+        weights = self._probe_weights(group, PROBE_RATIO) if self.allocation == "sensitivity" else None
+        spectra = self.algorithm.spectra(self.model, group)
+        return allocate_bits(spectra, config.target_ratio, weights, storage_cost(config, sequence_length))
+
     def layer_ranks(
         self, config: CompressionConfig, sequence_length: int | None = None
     ) -> list[tuple[int, int]] | None:

@@ -15,6 +15,7 @@ PROFILE_HEAD_DIM = 128
 METHODS = ("weights", "calibrated")
 CALIBRATIONS = ("fast", "full")
 LATENT_BITS = (8, 4)
+MIXED = "mixed"  # latent_bits: a bit width per latent channel, allocated under the budget (`bit_allocation`)
 # What a config without ranks, profile or ratio compresses to: calibrated bases at 2x measured +1 to +2% ppl on the
 # default model with the default window (README), against +16% without the window.
 DEFAULT_TARGET_RATIO = 2.0
@@ -36,8 +37,8 @@ def check_window(window: object, name: str = "window") -> None:
 
 
 def check_latent_bits(bits: object) -> None:
-    if bits is not None and (isinstance(bits, bool) or bits not in LATENT_BITS):
-        raise ValueError(f"latent_bits must be one of {LATENT_BITS} or None, got {bits!r}")
+    if bits is not None and bits != MIXED and (isinstance(bits, bool) or bits not in LATENT_BITS):
+        raise ValueError(f"latent_bits must be one of {LATENT_BITS}, {MIXED!r} or None, got {bits!r}")
 
 
 @dataclass
@@ -60,7 +61,9 @@ class CompressionConfig:
             whole layer. A group of g heads keeps g * rank dimensions, shared freely. None (default): the whole layer
             for calibrated bases (far better: +16% vs +172% ppl at 2x on the default model), 1 for weight-only ones.
         window: the most recent tokens each query sees at full precision (0 = every token as a latent).
-        latent_bits: store latents as 8- or 4-bit integers (None = in the model dtype).
+        latent_bits: store latents as 8- or 4-bit integers (None = in the model dtype), or "mixed": each latent
+            channel at its own width from {8, 4, 2, 1, 0} (0: not stored), allocated under the `target_ratio` budget
+            by the channel's variance (its importance weighted by measured sensitivity with `calibration="full"`).
         calibration: `fast` (default: 16,384 tokens spread over the calibration text, ranks allocated on the spectra;
             seconds) or `full` (65,536 tokens and per-layer sensitivity probes; minutes).
             docs/calibration_tradeoff.md compares them.
@@ -78,7 +81,7 @@ class CompressionConfig:
     method: str = "calibrated"
     group_size: int | None = None
     window: int = DEFAULT_WINDOW
-    latent_bits: int | None = None
+    latent_bits: int | str | None = None
     calibration: str = "fast"
     exact_prefill: bool = True
     sinks: int = 0
@@ -106,6 +109,8 @@ class CompressionConfig:
         check_window(self.window)
         check_window(self.sinks, "sinks")
         check_latent_bits(self.latent_bits)
+        if self.latent_bits == MIXED and self.target_ratio is None:
+            raise ValueError("latent_bits='mixed' spends a byte budget over the channels: give a target_ratio")
         if self.group_size is not None and (
             isinstance(self.group_size, bool)
             or not isinstance(self.group_size, numbers.Integral)

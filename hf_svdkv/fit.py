@@ -18,7 +18,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from .allocation import weight_spectrum_ranks
 from .architectures import model_geometry
 from .bases import SVDBases
 from .bases_cache import cached_bases
@@ -119,8 +118,7 @@ def fit_bases(
     progress = progress_enabled() if progress is None else progress
     start = time.perf_counter()
     if config.method == "weights":
-        ranks = weight_spectrum_ranks(model, config, sequence_length) if config.target_ratio is not None else None
-        bases = SVDBases.from_model(model, config, layer_ranks=ranks)
+        bases = SVDBases.from_model(model, config, sequence_length=sequence_length)
         logger.info("weight-only bases (SVD of W_k / W_v, no data) in %.1f s", time.perf_counter() - start)
         return bases
 

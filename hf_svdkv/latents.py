@@ -15,11 +15,12 @@ from typing import Any
 
 import torch
 
+from .compression_config import MIXED
 from .growing import Buffer, append_along, held_nbytes
 from .projection import Projection
 from .quantization import QuantizedTensor, empty_quantized, quantize, rotate_projection
 
-Stored = torch.Tensor | QuantizedTensor
+Stored = torch.Tensor | QuantizedTensor | tuple[QuantizedTensor, ...]
 
 
 class LatentStore:
@@ -139,10 +140,82 @@ class QuantizedLatentStore(LatentStore):
         return QuantizedTensor(**parts, bits=self.bits, group=self.group, dim=self.rank)
 
 
+class MixedLatentStore(LatentStore):
+    """Latents whose channels have their own bit widths (`Projection.channel_bits`, from `bit_allocation`): each run
+    of equal widths is a segment of `bits`-bit codes per token and group of channels, Hadamard-rotated among
+    themselves, its scales and zero points stored with it. Every byte is real memory and counted by `nbytes`."""
+
+    bits = MIXED
+
+    def __init__(
+        self,
+        batch: int,
+        groups: int,
+        rank: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        *,
+        segments: list[tuple[int, int]],
+        group: int = 32,
+        rotate: bool = True,
+    ):
+        if sum(width for _, width in segments) != rank:
+            raise ValueError(f"segments {segments} do not add up to rank {rank}")
+        self.segments, self.group, self.rotate = segments, group, rotate
+        super().__init__(batch, groups, rank, dtype, device)
+
+    def prepare(self, projection: Projection) -> Projection:
+        return rotate_projection(projection, [width for _, width in self.segments]) if self.rotate else projection
+
+    def _empty(self, batch: int, groups: int, rank: int, dtype: torch.dtype, device: torch.device) -> Stored:
+        return tuple(empty_quantized((batch, groups), width, bits, self.group, device) for bits, width in self.segments)
+
+    def encode(self, latents: torch.Tensor) -> tuple[QuantizedTensor, ...]:
+        parts = latents.split([width for _, width in self.segments], dim=-1)
+        return tuple(quantize(part, bits, self.group) for part, (bits, _) in zip(parts, self.segments, strict=True))
+
+    def decode(self, encoded: tuple[QuantizedTensor, ...], dtype: torch.dtype) -> torch.Tensor:
+        return torch.cat([part.dequantize(torch.float32) for part in encoded], dim=-1).to(dtype)
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((*self.stored[0].shape[:-1], self.rank))
+
+    @property
+    def device(self) -> torch.device:
+        return self.stored[0].device
+
+    def _parts(self, stored: tuple[QuantizedTensor, ...]) -> dict[str, torch.Tensor]:
+        return {
+            f"{i}.{name}": getattr(part, name) for i, part in enumerate(stored) for name in ("data", "scale", "zero")
+        }
+
+    def _join(self, parts: dict[str, torch.Tensor]) -> tuple[QuantizedTensor, ...]:
+        return tuple(
+            QuantizedTensor(parts[f"{i}.data"], parts[f"{i}.scale"], parts[f"{i}.zero"], bits, self.group, width)
+            for i, (bits, width) in enumerate(self.segments)
+        )
+
+
 def latent_store(
-    bits: int | None, batch: int, groups: int, rank: int, dtype: torch.dtype, device: torch.device, **options: Any
+    bits: int | str | None,
+    batch: int,
+    groups: int,
+    projection: Projection,
+    dtype: torch.dtype,
+    device: torch.device,
+    **options: Any,
 ) -> LatentStore:
-    """An empty store for `latent_bits` (None: latents in the model dtype); `options` go to the format's class."""
+    """An empty store of `projection`'s latents for `latent_bits` (None: in the model dtype; "mixed": at the
+    projection's channel widths); `options` go to the format's class."""
+    rank = projection.rank
     if bits is None:
         return LatentStore(batch, groups, rank, dtype, device, **options)
+    if bits == MIXED:
+        if projection.channel_bits is None:
+            raise ValueError(
+                "latent_bits='mixed' needs bases with a bit width per channel: fit them with a CompressionConfig("
+                "latent_bits='mixed', target_ratio=...)"
+            )
+        return MixedLatentStore(batch, groups, rank, dtype, device, segments=projection.segments, **options)
     return QuantizedLatentStore(batch, groups, rank, dtype, device, bits=bits, **options)

@@ -12,11 +12,14 @@ class Projection:
     """One layer's keys or values. Shapes: down [G, g*d, r], up [G, r, g*d], center [G, g*d] for G groups of g heads.
 
     The center carries what a linear basis cannot: the k/v bias (Qwen2) or, for calibrated bases, the mean.
+    `channel_bits` [r] (mixed-precision latents only, `bit_allocation`): the bit width each latent channel is stored
+    at, non-increasing, as the channels' variances are.
     """
 
     down: torch.Tensor
     up: torch.Tensor
     center: torch.Tensor
+    channel_bits: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         groups, dim, rank = self.down.shape
@@ -25,6 +28,8 @@ class Projection:
                 f"inconsistent projection shapes: down {tuple(self.down.shape)}, up {tuple(self.up.shape)}, "
                 f"center {tuple(self.center.shape)}"
             )
+        if self.channel_bits is not None and tuple(self.channel_bits.shape) != (rank,):
+            raise ValueError(f"channel_bits of shape {tuple(self.channel_bits.shape)} for a projection of rank {rank}")
 
     @property
     def num_groups(self) -> int:
@@ -36,7 +41,16 @@ class Projection:
         return self.down.shape[2]
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Projection:
-        return Projection(*(t.to(device=device, dtype=dtype) for t in (self.down, self.up, self.center)))
+        moved = (t.to(device=device, dtype=dtype) for t in (self.down, self.up, self.center))
+        return Projection(*moved, self.channel_bits)
+
+    @property
+    def segments(self) -> list[tuple[int, int]]:
+        """(bits, channels) of each run of equal widths, widest first; [] without `channel_bits`."""
+        if self.channel_bits is None:
+            return []
+        widths, counts = torch.unique_consecutive(self.channel_bits, return_counts=True)
+        return list(zip(widths.tolist(), counts.tolist(), strict=True))
 
     def encode(self, states: torch.Tensor) -> torch.Tensor:
         """[batch, kv_heads, seq, head_dim] -> latents [batch, groups, seq, rank], computed in the bases' dtype."""

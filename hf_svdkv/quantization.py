@@ -15,6 +15,7 @@ non-finite (NaN logits) rather than raise: checking would sync the device on eve
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,14 +24,14 @@ import torch
 
 from .projection import Projection
 
-BITS = (8, 4)
+BITS = (8, 4, 2, 1)  # 8 and 4 for uniform latents; mixed-precision latents also use 2 and 1 (`bit_allocation`)
 SCALE_DTYPE = torch.float16
 
 
 @dataclass
 class QuantizedTensor:
-    """Codes of a [..., seq, dim] tensor: `data` uint8 [..., seq, ceil(dim * bits / 8)] (two 4-bit codes per byte,
-    low nibble first), `scale` and `zero` float16 [..., seq, ceil(dim / group)]."""
+    """Codes of a [..., seq, dim] tensor: `data` uint8 [..., seq, ceil(dim * bits / 8)] (8 / bits codes per byte,
+    the first in the lowest bits), `scale` and `zero` float16 [..., seq, ceil(dim / group)]."""
 
     data: torch.Tensor
     scale: torch.Tensor
@@ -117,21 +118,28 @@ def _round_toward(x: torch.Tensor, direction: float) -> torch.Tensor:
 
 
 def _packed_dim(dim: int, bits: int) -> int:
-    return dim if bits == 8 else math.ceil(dim / 2)
+    return math.ceil(dim * bits / 8)
 
 
 def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 8:
         return codes
-    if codes.shape[-1] % 2:  # an odd row gets one zero code so channels pair up
-        codes = torch.nn.functional.pad(codes, (0, 1))
-    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+    per_byte = 8 // bits
+    if codes.shape[-1] % per_byte:  # a row that does not fill its last byte gets zero codes there
+        codes = torch.nn.functional.pad(codes, (0, per_byte - codes.shape[-1] % per_byte))
+    codes = codes.unflatten(-1, (-1, per_byte))
+    packed = codes[..., 0].clone()
+    for slot in range(1, per_byte):
+        packed |= codes[..., slot] << (slot * bits)
+    return packed
 
 
 def _unpack(data: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     if bits == 8:
         return data
-    return torch.stack([data & 0x0F, data >> 4], dim=-1).flatten(-2)[..., :dim]
+    mask = (1 << bits) - 1
+    slots = [(data >> (slot * bits)) & mask for slot in range(8 // bits)]
+    return torch.stack(slots, dim=-1).flatten(-2)[..., :dim]
 
 
 # --- Hadamard rotation ---------------------------------------------------------------------------------------------
@@ -160,13 +168,15 @@ def _sylvester(n: int) -> torch.Tensor:
     return matrix / math.sqrt(n)
 
 
-def rotate_projection(projection: Projection) -> Projection:
-    """The same projection with latents rotated by H = hadamard(rank): down' = down H, up' = Hᵀ up.
+def rotate_projection(projection: Projection, blocks: Sequence[int] | None = None) -> Projection:
+    """The same projection with latents rotated by H = hadamard(rank): down' = down H, up' = Hᵀ up. With `blocks`
+    (channel counts summing to the rank) H is block-diagonal, one `hadamard` per block: mixed-precision latents
+    rotate each bit width's channels among themselves, so the variance ordering the widths follow is kept.
 
     H is orthogonal, so c' Hᵀ up = c up and reconstructions are unchanged; only the latents' coordinates move, and
     rotated latents have no outlier channel for a group's scale to stretch over. Folded once into the bases, it
     costs nothing per token. Computed in float64, returned in the projection's dtype."""
-    rotation = hadamard(projection.rank).to(projection.down.device)
+    rotation = torch.block_diag(*(hadamard(n) for n in (blocks or [projection.rank]))).to(projection.down.device)
     down = (projection.down.to(torch.float64) @ rotation).to(projection.down.dtype)
     up = (rotation.mT @ projection.up.to(torch.float64)).to(projection.up.dtype)
-    return Projection(down, up, projection.center)
+    return dataclasses.replace(projection, down=down, up=up)

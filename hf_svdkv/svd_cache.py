@@ -96,12 +96,15 @@ class SVDCacheLayer(CacheLayerMixin):
         projection = self.bases.to(self.device, compute_dtype)
         batch = key_states.shape[0]
         self.keys, self.values = (
-            latent_store(self.latent_bits, batch, p.num_groups, p.rank, self.dtype, self.device, **self.store_options)
+            latent_store(self.latent_bits, batch, p.num_groups, p, self.dtype, self.device, **self.store_options)
             for p in (projection.key, projection.value)
         )
         self.projection = LayerBases(self.keys.prepare(projection.key), self.values.prepare(projection.value))
-        self.recent_keys = self.sink_keys = key_states[:, :, :0]
-        self.recent_values = self.sink_values = value_states[:, :, :0]
+        # Empty tensors of their own: a zero-length view of the states would keep a prefill's full-size keys alive.
+        self.recent_keys = self.sink_keys = key_states.new_empty((*key_states.shape[:2], 0, key_states.shape[-1]))
+        self.recent_values = self.sink_values = value_states.new_empty(
+            (*value_states.shape[:2], 0, value_states.shape[-1])
+        )
         self.positions = torch.zeros((batch, 0), dtype=torch.int32, device=self.device)
         self._positions_buffer = None
         self.is_initialized = True
@@ -165,7 +168,7 @@ class SVDCacheLayer(CacheLayerMixin):
             # Bases made or moved under torch.inference_mode are inference tensors, which autograd may not save.
             self.projection = LayerBases(
                 *(
-                    Projection(*(t.clone() for t in (p.down, p.up, p.center)))
+                    Projection(*(t.clone() for t in (p.down, p.up, p.center)), p.channel_bits)
                     for p in (self.projection.key, self.projection.value)
                 )
             )

@@ -21,7 +21,7 @@ def expanded_scale(q) -> torch.Tensor:
 
 
 # --- quantization ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [8, 4, 2, 1])
 @pytest.mark.parametrize("dim,group", [(64, 32), (48, 32), (45, 16), (7, 32)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_round_trip_error_is_within_half_a_step(bits, dim, group, dtype):

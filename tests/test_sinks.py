@@ -75,3 +75,17 @@ def test_sinks_must_be_a_non_negative_count():
         CompressionConfig(sinks=-1)
     with pytest.raises(ValueError, match="sinks must be a non-negative integer"):
         CompressionConfig(sinks=2.5)
+
+
+@pytest.mark.parametrize("sinks", [0, 4])
+@pytest.mark.parametrize("window", [0, 3])
+def test_no_exact_copy_keeps_the_prompts_storage_alive(sinks, window):
+    """A view of a prefill's keys would hold all of them (every layer, full size) for as long as the cache lives: the
+    peak memory of a long prompt would be that of no compression."""
+    model = _model(sinks=sinks, window=window)
+    cache = SVDCompressedCache(model)
+    with torch.no_grad():
+        model(structured_ids(200), past_key_values=cache)
+    for layer in cache.layers:
+        for tensor in (layer.recent_keys, layer.recent_values, layer.sink_keys, layer.sink_values):
+            assert tensor.untyped_storage().nbytes() <= max(tensor.numel(), 1) * tensor.element_size() * 2

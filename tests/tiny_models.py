@@ -131,9 +131,10 @@ class CacheVariant:
     value_rank: int
     group_size: int = 1
     window: int = 0
-    latent_bits: int | None = None
+    latent_bits: int | str | None = None
     exact_prefill: bool = False
     sinks: int = 0
+    target_ratio: float | None = None  # instead of the ranks (mixed-precision latents are allocated under a ratio)
 
     def model(self, attn_implementation: str = "sdpa", full_rank: bool = False, dtype: torch.dtype = torch.float32):
         """A tiny model of this geometry, patched with weight-only bases of this variant (all of head_dim with
@@ -149,11 +150,13 @@ class CacheVariant:
             dtype=dtype,
         )
         ranks = (self.head_dim, self.head_dim) if full_rank else (self.key_rank, self.value_rank)
+        shape = (
+            {"target_ratio": self.target_ratio} if self.target_ratio else {"key_rank": ranks[0], "value_rank": ranks[1]}
+        )
         return patch_model(
             model,
             weights_config(
-                key_rank=ranks[0],
-                value_rank=ranks[1],
+                **shape,
                 group_size=self.group_size,
                 window=self.window,
                 latent_bits=self.latent_bits,
@@ -178,6 +181,9 @@ CACHE_VARIANTS = {
     "exact-prefill": CacheVariant("llama", 4, 2, 32, 12, 12, window=6, exact_prefill=True),
     "sinks-window": CacheVariant("llama", 4, 2, 32, 12, 12, window=5, sinks=4),
     "sinks-int4": CacheVariant("llama", 4, 2, 32, 16, 16, group_size=2, latent_bits=4, sinks=3),
+    "mixed-window": CacheVariant(
+        "llama", 4, 2, 32, 0, 0, group_size=2, window=4, latent_bits="mixed", target_ratio=3.0
+    ),
 }
 
 

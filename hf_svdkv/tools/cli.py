@@ -87,7 +87,11 @@ def _add_compression_arguments(p: argparse.ArgumentParser, *, lists: bool) -> No
         help=f"{many}recent tokens kept at full precision (default: {RECOMMENDED_WINDOW} for "
         "calibrated rows, 0 for weights rows)",
     )
-    p.add_argument("--latent-bits", help=f"{many}8, 4 or none: store latents as integer codes (default: none)")
+    p.add_argument(
+        "--latent-bits",
+        help=f"{many}8, 4, mixed (a width per channel, under the target ratio) or none: store latents as integer "
+        "codes (default: none)",
+    )
     p.add_argument(
         "--sinks", help=f"{many}first tokens of each sequence kept at full precision, attention sinks (default: 0)"
     )
@@ -130,10 +134,11 @@ def _floats(values: Sequence[str], flag: str) -> list[float]:
 def _ints_or_none(text: str | None, flag: str, default: list) -> list:
     if text is None:
         return default
+    words = {"none": None, "mixed": "mixed"} if flag == "--latent-bits" else {"none": None}
     try:
-        return [None if item.lower() == "none" else int(item) for item in _split(text)]
+        return [words[item.lower()] if item.lower() in words else int(item) for item in _split(text)]
     except ValueError:
-        raise ValueError(f"{flag} takes integers (or none), got {text!r}") from None
+        raise ValueError(f"{flag} takes integers (or {' or '.join(words)}), got {text!r}") from None
 
 
 def _ints(text: str | None, flag: str, default: list[int]) -> list[int]:
@@ -333,7 +338,6 @@ def _rows(args: argparse.Namespace, model, configs: Sequence, calib_ids, sequenc
     """dynamic, a row per config (calibrated bases fitted or loaded from the bases cache first, timed apart;
     weight-only ones fitted in their row), the --bases-dir rows, then the peers. A target ratio is quoted at
     `sequence_length` tokens (None: long contexts), so a window's bytes come out of the latents' budget."""
-    from ..allocation import weight_spectrum_ranks
     from ..bases import SVDBases
     from .eval import build_rows
 
@@ -342,10 +346,7 @@ def _rows(args: argparse.Namespace, model, configs: Sequence, calib_ids, sequenc
     fitted = _calibrated_bases(args, model, calib_ids, calibrated, sequence_length) if calibrated else {}
 
     def weight_bases(model, row_config):
-        ranks = (
-            weight_spectrum_ranks(model, row_config, sequence_length) if row_config.target_ratio is not None else None
-        )
-        return SVDBases.from_model(model, row_config, layer_ranks=ranks)
+        return SVDBases.from_model(model, row_config, sequence_length=sequence_length)
 
     return build_rows(
         configs=configs,

@@ -253,7 +253,8 @@ def row_name(config: Any) -> str:
         body = f"k{config.key_rank}-v{config.value_rank}"
     suffix = f"-g{config.group_size}" if config.group_size not in (None, 1) else ""
     suffix += f"-w{config.window}" if config.window else ""
-    suffix += f"-int{config.latent_bits}" if config.latent_bits else ""
+    if config.latent_bits:
+        suffix += "-mixed" if config.latent_bits == "mixed" else f"-int{config.latent_bits}"
     suffix += f"-s{config.sinks}" if getattr(config, "sinks", 0) else ""
     return f"{prefix}-{body}{suffix}"
 
