@@ -1,4 +1,4 @@
-"""Paste generated result tables into README.md and the pages of docs/ that gather several (docs/sinks.md).
+"""Paste generated result tables into README.md and the docs/ pages that gather several (sinks.md, mixed.md).
 
 Every `<!-- BEGIN name -->` ... `<!-- END name -->` block of those pages is replaced by docs/name.md, a file written
 by a command (`hf-svdkv eval --markdown`, `hf-svdkv bench --markdown`, scripts/gpu_check.py), so no figure in the
@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BLOCK = re.compile(r"(<!-- BEGIN (?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- END (?P=name) -->)", re.DOTALL)
 
 
-PAGES = ("README.md", "docs/sinks.md")
+PAGES = ("README.md", "docs/sinks.md", "docs/mixed.md")
 
 
 def main() -> int:

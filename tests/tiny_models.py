@@ -113,10 +113,10 @@ def assert_left_padded_rows_equal_single_runs(model, lengths: tuple[int, ...], n
 
 
 def weights_config(**fields) -> CompressionConfig:
-    """A config with data-free (weight-only) bases and, unless given, no window and no exact prefill: a tiny random
-    model has no text to calibrate on, and most cases here test the latents themselves (a prompt read back from its
-    latents, so that one forward equals token-by-token decoding)."""
-    return CompressionConfig(**{"method": "weights", "window": 0, "exact_prefill": False, **fields})
+    """A config with data-free (weight-only) bases and, unless given, no window, no sinks and no exact prefill: a tiny
+    random model has no text to calibrate on, and most cases here test the latents themselves (a prompt read back from
+    its latents, so that one forward equals token-by-token decoding)."""
+    return CompressionConfig(**{"method": "weights", "window": 0, "sinks": 0, "exact_prefill": False, **fields})
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,9 @@
 """The seed's `CompressionConfig`: the core dataclass with the seed's spelling of ranks and its semantics.
 
-The seed compressed with weight-only SVD and no full-precision window, so this class defaults to `method="weights"`
-and `window=0`; every core field still works. Its extra fields: `value_compression_ranks` (value ranks per named
-profile, literal, not scaled to the head size, e.g. {"med": 64}; `profile`, else the only entry, else "med" picks the
-one `patch_model` uses, the seed's profile builder uses them all), `key_compression_rank` (literal; 32 when only
+The seed compressed with weight-only SVD and no full-precision tokens, so this class defaults to `method="weights"`,
+`window=0` and `sinks=0`; every core field still works. Its extra fields: `value_compression_ranks` (value ranks per
+named profile, literal, not scaled to the head size, e.g. {"med": 64}; `profile`, else the only entry, else "med" picks
+the one `patch_model` uses, the seed's profile builder uses them all), `key_compression_rank` (literal; 32 when only
 value ranks are given) and `use_memory_efficient_svd` (Gram-based or randomized SVD in the seed's profile builder).
 """
 
@@ -24,6 +24,7 @@ class CompressionConfig(CoreCompressionConfig):
 
     method: str = "weights"
     window: int = 0
+    sinks: int = 0
     value_compression_ranks: dict[str, int] | None = None
     key_compression_rank: int | None = None
     use_memory_efficient_svd: bool = True

@@ -15,6 +15,8 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import NoReturn
 
+from ..compression_config import DEFAULT_SINKS
+
 PROG = "hf-svdkv"
 CALIBRATIONS = ("fast", "full")
 USER_ERRORS = (ValueError, FileNotFoundError, OSError)
@@ -93,7 +95,8 @@ def _add_compression_arguments(p: argparse.ArgumentParser, *, lists: bool) -> No
         "codes (default: none)",
     )
     p.add_argument(
-        "--sinks", help=f"{many}first tokens of each sequence kept at full precision, attention sinks (default: 0)"
+        "--sinks",
+        help=f"{many}first tokens of each sequence kept at full precision, attention sinks (default: {DEFAULT_SINKS})",
     )
     p.add_argument(
         "--calib-text",
@@ -304,7 +307,7 @@ def _eval_configs(args: argparse.Namespace, num_kv_heads: int | None) -> list:
     shapes = [{"profile": p} for p in _split(args.profiles)]
     shapes += [{"key_rank": k, "value_rank": v} for k, v in (parse_ranks(args.ranks) if args.ranks else [])]
     shapes += [{"target_ratio": r} for r in ratios]
-    sinks = _ints(args.sinks, "--sinks", [0])
+    sinks = _ints(args.sinks, "--sinks", [DEFAULT_SINKS])
     if not shapes and not args.bases_dir:
         if args.method or args.window or args.latent_bits:
             raise ValueError(
@@ -488,7 +491,7 @@ def _single_config(args: argparse.Namespace, num_kv_heads: int | None = None):
     group = None
     if args.group_size is not None and (num_kv_heads is not None or args.group_size != "all"):
         group = _group_size(args.group_size, method, num_kv_heads or 1)
-    [sinks] = _ints(args.sinks, "--sinks", [0])[:1]
+    [sinks] = _ints(args.sinks, "--sinks", [DEFAULT_SINKS])[:1]
     return CompressionConfig(
         **shape,
         method=method,
@@ -583,7 +586,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                 bases=bases,
                 window=int(args.window or 0),
                 latent_bits=_ints_or_none(args.latent_bits, "--latent-bits", [None])[0],
-                sinks=_ints(args.sinks, "--sinks", [0])[0],
+                sinks=_ints(args.sinks, "--sinks", [DEFAULT_SINKS])[0],
             )
         else:
             patch_model(
