@@ -66,6 +66,8 @@ def test_bench_runs_on_a_tiny_model(tiny_model_dir, tmp_path, capsys, monkeypatc
         "3",
         "--method",
         "weights",
+        "--sinks",
+        "0",
         "--steps",
         "2",
         "--warmup",

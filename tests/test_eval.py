@@ -261,7 +261,7 @@ def test_parse_ranks():
 
 def test_build_rows_names():
     names = [r.name for r in build_rows(profiles=["low"], ranks=[(8, 4)], group_size=2, bases_dirs=["/x/my-bases"])]
-    assert names == ["dynamic", "svd-low-g2", "svd-k8-v4-g2", "bases:my-bases"]
+    assert names == ["dynamic", "svd-low-g2-s4", "svd-k8-v4-g2-s4", "bases:my-bases"]  # 4 sinks: the default
 
 
 def sample_result() -> EvalResult:
@@ -411,6 +411,8 @@ def test_cli_runs_on_a_local_model(capsys, tiny_model_dir, text_file, tmp_path):
         f"{HEAD_DIM}:{HEAD_DIM},4:4",
         "--method",
         "weights",
+        "--sinks",
+        "0",
         "--json",
         str(out),
         "--plot",
@@ -443,6 +445,8 @@ def test_cli_end_to_end_on_default_model(tmp_path):
                 "64:64",
                 "--method",
                 "weights",
+                "--sinks",
+                "0",
                 "--dtype",
                 "float32",
                 "--json",

@@ -34,6 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..architectures import cache_kwargs
+from ..compression_config import DEFAULT_SINKS
 from . import report
 from .memory import cache_nbytes
 
@@ -143,13 +144,14 @@ def svd_row(
     bases_dir: str | Path | None = None,
     bases_factory: BasesFactory | None = None,
     window: int = 0,
-    latent_bits: int | None = None,
+    latent_bits: int | str | None = None,
+    sinks: int = DEFAULT_SINKS,
 ) -> RowSpec:
     """A row for `SVDCompressedCache`: `patch_model` with a CompressionConfig, or with bases saved on disk.
 
     `bases_factory(model, config)` builds the bases for `config` (e.g. a shared `Calibrator`'s `bases`); without
-    it, `patch_model` computes data-free bases from the config. `window` and `latent_bits` apply to saved bases
-    (a config carries its own)."""
+    it, `patch_model` computes data-free bases from the config. `window`, `latent_bits` and `sinks` apply to saved
+    bases (a config carries its own)."""
     from .. import SVDBases, SVDCompressedCache, patch_model, unpatch_model
     from ..architectures import model_geometry
 
@@ -169,7 +171,7 @@ def svd_row(
 
     def setup(model: nn.Module) -> CacheFactory:
         if bases_dir is not None:
-            patch_model(model, bases=loaded["bases"], window=window, latent_bits=latent_bits)
+            patch_model(model, bases=loaded["bases"], window=window, latent_bits=latent_bits, sinks=sinks)
         elif bases_factory is not None:
             bases = bases_factory(model, config)
             patch_model(model, bases=bases, window=config.window, latent_bits=config.latent_bits, sinks=config.sinks)
