@@ -82,16 +82,23 @@ class StorageCost:
 SIXTEEN_BIT = StorageCost()
 
 
-def latent_budget(spectra: Sequence[LayerSpectrum], target_ratio: float, cost: StorageCost = SIXTEEN_BIT) -> int:
-    """Latent dimensions per token (all layers, keys + values) whose bytes, with the positions and the window,
-    make the cache `target_ratio` times smaller than a 16-bit full cache."""
+def latent_bytes_budget(
+    spectra: Sequence[LayerSpectrum], target_ratio: float, cost: StorageCost = SIXTEEN_BIT
+) -> float | None:
+    """Bytes per token (all layers, keys + values) the latents may take so that, with the positions and the window,
+    the cache is `target_ratio` times smaller than a 16-bit full cache; None when the window holds every token."""
     full_bytes = sum(2 * s.key.numel() * FULL_BYTES for s in spectra)
     share = cost.window_share
     if share >= 1.0:
-        return 0
+        return None
     # Every token has a position; a share of them is held in full, the rest as latents.
-    latent_bytes = (full_bytes / target_ratio - POSITION_BYTES * len(spectra) - share * full_bytes) / (1 - share)
-    return math.floor(latent_bytes / cost.bytes_per_dim + 1e-9)
+    return (full_bytes / target_ratio - POSITION_BYTES * len(spectra) - share * full_bytes) / (1 - share)
+
+
+def latent_budget(spectra: Sequence[LayerSpectrum], target_ratio: float, cost: StorageCost = SIXTEEN_BIT) -> int:
+    """Latent dimensions per token (all layers, keys + values) within `latent_bytes_budget`."""
+    latent_bytes = latent_bytes_budget(spectra, target_ratio, cost)
+    return 0 if latent_bytes is None else math.floor(latent_bytes / cost.bytes_per_dim + 1e-9)
 
 
 def budget_bytes(

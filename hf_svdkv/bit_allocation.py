@@ -23,12 +23,11 @@ import torch
 from torch import nn
 
 from .allocation import (
-    FULL_BYTES,
-    POSITION_BYTES,
     QUANT_GROUP,
     LayerSpectrum,
     StorageCost,
     _gains,
+    latent_bytes_budget,
     storage_cost,
     weight_spectra,
 )
@@ -97,11 +96,9 @@ def allocate_bits(
     cost = cost or StorageCost()
     gains = _gains(spectra, weights)
     groups = [s.key.shape[0] for s in spectra for _ in range(2)]
-    full = sum(2 * s.key.numel() * FULL_BYTES for s in spectra)
-    share = cost.window_share
-    if share >= 1.0:
+    latent_budget = latent_bytes_budget(spectra, target_ratio, cost)
+    if latent_budget is None:
         raise ValueError(f"target_ratio {target_ratio}: the window holds every token, no bytes are left for latents")
-    latent_budget = (full / target_ratio - POSITION_BYTES * len(spectra) - share * full) / (1 - share)
     steps = hull_steps()
     first = steps[0][1]
 

@@ -72,6 +72,16 @@ def _load(args: argparse.Namespace):
     return config, model, tokenizer
 
 
+def _add_row_arguments(p: argparse.ArgumentParser, *, peers_help: str) -> None:
+    """The rows of eval, bench and needle: SVD rows (shapes x compression flags, saved bases) and the peers."""
+    p.add_argument("--profiles", help="comma-separated SVD profiles (low, med, high)")
+    p.add_argument("--ranks", help="comma-separated KEY:VALUE ranks per KV head, e.g. 32:32,16:48")
+    _add_compression_arguments(p, lists=True)
+    p.add_argument("--bases-dir", action="append", default=[], help="bases saved by `hf-svdkv bases` (repeatable)")
+    p.add_argument("--peers", action="store_true", help=peers_help)
+    p.add_argument("--peer-backend", choices=("quanto", "hqq"), help="quantization backend (default: quanto, else hqq)")
+
+
 def _add_compression_arguments(p: argparse.ArgumentParser, *, lists: bool) -> None:
     many = "comma-separated " if lists else ""
     p.add_argument("--method", help=f"{many}weights (SVD of W_k/W_v, no data) or calibrated (PCA on calibration text)")
@@ -287,12 +297,7 @@ def _add_eval(subparsers: argparse._SubParsersAction) -> None:
         help="sliding: tokens per forward; the first chunk is not scored (default: 128)",
     )
     p.add_argument("--windows", type=int, default=3, help="number of windows (default: 3)")
-    p.add_argument("--profiles", help="comma-separated SVD profiles (low, med, high)")
-    p.add_argument("--ranks", help="comma-separated KEY:VALUE ranks per KV head, e.g. 32:32,16:48")
-    _add_compression_arguments(p, lists=True)
-    p.add_argument("--bases-dir", action="append", default=[], help="bases saved by `hf-svdkv bases` (repeatable)")
-    p.add_argument("--peers", action="store_true", help="also run transformers' QuantizedCache int4 and int2")
-    p.add_argument("--peer-backend", choices=("quanto", "hqq"), help="quantization backend (default: quanto, else hqq)")
+    _add_row_arguments(p, peers_help="also run transformers' QuantizedCache int4 and int2")
     p.add_argument("--json", help="write the result as JSON here")
     p.add_argument("--plot", help="write a ppl-increase vs compression plot here (PNG, PDF, SVG ...)")
     p.add_argument("--markdown", help="write the table as Markdown here")
@@ -644,12 +649,7 @@ def _add_bench(subparsers: argparse._SubParsersAction) -> None:
         choices=("wiki", "lee", "wikitext"),
         help="calibration corpus of calibrated rows (default: wiki)",
     )
-    p.add_argument("--profiles", help="comma-separated SVD profiles (low, med, high)")
-    p.add_argument("--ranks", help="comma-separated KEY:VALUE ranks per KV head, e.g. 32:32,16:48")
-    _add_compression_arguments(p, lists=True)
-    p.add_argument("--bases-dir", action="append", default=[], help="bases saved by `hf-svdkv bases` (repeatable)")
-    p.add_argument("--peers", action="store_true", help="also run transformers' QuantizedCache (see `eval --peers`)")
-    p.add_argument("--peer-backend", choices=("quanto", "hqq"), help="quantization backend (default: quanto, else hqq)")
+    _add_row_arguments(p, peers_help="also run transformers' QuantizedCache (see `eval --peers`)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", help="write the result as JSON here")
     p.add_argument("--plot", help="write decode speed and KV size vs context here (PNG, PDF, SVG ...)")
@@ -800,12 +800,7 @@ def _add_needle(subparsers: argparse._SubParsersAction) -> None:
         "--dataset", default="wiki", choices=("wiki", "lee", "wikitext"), help="filler corpus (default: wiki)"
     )
     p.add_argument("--text-file", help="filler text file instead of --dataset")
-    p.add_argument("--profiles", help="comma-separated SVD profiles (low, med, high)")
-    p.add_argument("--ranks", help="comma-separated KEY:VALUE ranks per KV head, e.g. 32:32,16:48")
-    _add_compression_arguments(p, lists=True)
-    p.add_argument("--bases-dir", action="append", default=[], help="bases saved by `hf-svdkv bases` (repeatable)")
-    p.add_argument("--peers", action="store_true", help="also run transformers' QuantizedCache (see `eval --peers`)")
-    p.add_argument("--peer-backend", choices=("quanto", "hqq"), help="quantization backend (default: quanto, else hqq)")
+    _add_row_arguments(p, peers_help="also run transformers' QuantizedCache (see `eval --peers`)")
     p.add_argument("--json", help="write the result as JSON here")
     p.add_argument("--plot", help="write one heat map per row here (PNG, PDF, SVG ...)")
     p.add_argument("--markdown", help="write the tables as Markdown here")
