@@ -28,7 +28,8 @@ from torch import nn
 
 from .architectures import attention_modules, model_geometry
 from .bases import BASES_FILE, SVDBases
-from .compression_config import CompressionConfig
+from .bit_allocation import WIDTHS, relative_error
+from .compression_config import MIXED, CompressionConfig
 
 logger = logging.getLogger("hf_svdkv")
 
@@ -95,6 +96,9 @@ def entry_key(
         if token_ids is None
         else hashlib.sha256(token_ids.to(torch.int64).numpy().tobytes()).hexdigest(),
     }
+    if config.latent_bits == MIXED:
+        # Channel widths follow the quantizer's measured errors: a better quantizer allocates differently.
+        description["quantizer"] = [round(relative_error(bits), 6) for bits in WIDTHS]
     return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:32]
 
 

@@ -2,12 +2,13 @@
 
 A basis sorts its latent channels by variance λ_i (keys in key space, values in the output metric). Storing channel i
 at b bits leaves an expected squared error λ_i·f(b), where f is the relative error of the quantizer (`quantize`:
-min/max per token and group of channels, Hadamard-rotated so channels look Gaussian) and f(0) = 1 (not stored). The
+per token and group of channels, Hadamard-rotated so channels look Gaussian) and f(0) = 1 (not stored). The
 rate-distortion optimum for Gaussian sources spends about ½·log2(λ_i/θ) bits on channel i and none below the water
 line θ (reverse water-filling); with a few widths to choose from, the discrete version is a greedy over steps between
 widths, best error removed per byte first. Widths off the lower convex hull of (bytes, f) never pay (1-bit codes
-with a min/max range err more than not storing the channel), so the hull's steps are the only ones bought, and as
-their gains only fall, the greedy is optimal up to the last step that does not fit.
+with a min/max range would err more than not storing the channel; with the clipped range `quantize` gives them they
+are on the hull), so the hull's steps are the only ones bought, and as their gains only fall, the greedy is optimal up
+to the last step that does not fit.
 
 Items (a layer's keys or values) are weighted as in `allocation`: relative energy, times measured sensitivity when
 the calibration measured it.
@@ -115,7 +116,9 @@ def allocate_bits(
         return widths if exact_bytes(widths) <= latent_budget else None
 
     best = fitting(latent_budget)
-    low, high = 0.0, latent_budget
+    # From the least budget the greedy accepts (the minimum channels at their priced bytes) up.
+    low = sum(channel_bytes(first) * groups[i] * min(MIN_CHANNELS, len(gain)) for i, gain in enumerate(gains))
+    high = latent_budget
     for _ in range(30 if best is None else 0):
         middle = (low + high) / 2
         if (widths := fitting(middle)) is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 from importlib.util import find_spec
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -224,8 +225,8 @@ def test_quantized_peer_row_compresses(model, ids):
 
 @pytest.mark.skipif(not HAS_QUANTO, reason="optimum-quanto not installed")
 def test_kivi_axes_peer_rows(model, ids):
-    """KIVI's axes: keys per channel over groups of tokens, values per token. Token counts that are not multiples of
-    the group are refused before any row runs, with the group named."""
+    """KIVI's axes: keys per channel over groups of tokens, values per token, on token counts that are multiples of
+    the group and on others (the tokens short of a group wait in the residual, as in KIVI)."""
     from hf_svdkv.tools.eval import PEERS
 
     rows = [dynamic_row(), *(quantized_row("quanto", bits, name, **kwargs) for name, bits, kwargs in PEERS["quanto"])]
@@ -239,8 +240,33 @@ def test_kivi_axes_peer_rows(model, ids):
     result = run_eval(model, ids, rows, context=128, continuation=128, n_windows=1, progress=False)
     assert all(math.isfinite(row.ppl) and row.compression_ratio > 1 for row in result.rows[1:])
     kivi = [quantized_row("quanto", 2, "kivi-int2-g64", **PEERS["quanto"][4][2])]
-    with pytest.raises(ValueError, match="multiples of its 64-token groups"):
-        run_eval(model, ids, [dynamic_row(), *kivi], context=100, continuation=28, n_windows=1, progress=False)
+    odd = run_eval(model, ids, [dynamic_row(), *kivi], context=100, continuation=29, n_windows=1, progress=False)
+    assert math.isfinite(odd.rows[1].ppl) and odd.rows[1].compression_ratio > 1
+
+
+@pytest.mark.skipif(not HAS_QUANTO, reason="optimum-quanto not installed")
+def test_kivi_layer_quantizes_whole_groups_and_equals_quanto_on_multiples():
+    from transformers.cache_utils import QuantoQuantizedLayer
+
+    from hf_svdkv.tools.kivi import KiviQuantoLayer
+
+    axes = {"nbits": 2, "axis_key": -1, "axis_value": 0, "q_group_size": 32, "residual_length": 128}
+    torch.manual_seed(0)
+    steps = [torch.randn(1, 2, n, 16) for n in (256, *[1] * 130, 40)]
+    stock, kivi = QuantoQuantizedLayer(**axes), KiviQuantoLayer(**axes)
+    for states in steps[:-1]:  # every flush of the stock layer lands on a whole number of groups here
+        expected, got = stock.update(states, states), kivi.update(states, states)
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    kivi = KiviQuantoLayer(**axes)
+    prompt = steps[0][:, :, :250]
+    keys, _ = kivi.update(prompt, prompt)
+    assert torch.equal(keys, prompt)  # a prompt is attended at full precision, as by the stock layer
+    assert kivi.keys.shape[-2] == 250 % 32 and torch.equal(kivi.keys, prompt[:, :, 224:])
+    keys, _ = kivi.update(steps[-1], steps[-1])
+    assert keys.shape[-2] == 290 and kivi.get_seq_length() == 290
+    assert (keys[:, :, :224] - prompt[:, :, :224]).abs().max() < 1.5  # 2-bit codes, 4 levels per group of 32
+    assert torch.equal(keys[:, :, 224:250], prompt[:, :, 224:])
+    assert cache_nbytes(SimpleNamespace(layers=[kivi])) > 2 * 26 * 2 * 16 * 4  # the residual's bytes are counted
 
 
 @pytest.mark.skipif(not HAS_HQQ, reason="hqq not installed")

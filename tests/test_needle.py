@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+from importlib.util import find_spec
 
 import pytest
 import torch
@@ -151,3 +152,43 @@ def test_lengths_past_the_models_positions_are_refused():
             trials=1,
             progress=False,
         )
+
+
+@pytest.mark.skipif(find_spec("optimum") is None or find_spec("optimum.quanto") is None, reason="no optimum-quanto")
+def test_peer_rows_run_on_any_length_and_the_key_pass_leaves_the_cache_alone():
+    """quanto's quantized tensors cannot be deep-copied (the key's NLL runs on a copy of the cache), and KIVI's
+    per-channel groups do not divide a 150-token document: both rows still run. The greedy answer after the key's
+    pass is the one without it."""
+    from hf_svdkv.tools.eval import PEERS, quantized_row
+    from hf_svdkv.tools.kivi import kivi_cache
+    from hf_svdkv.tools.needle import fork
+
+    model = tiny_model("llama", num_layers=2)
+    rows = [dynamic_row(), *(quantized_row("quanto", bits, name, **kw) for name, bits, kw in PEERS["quanto"][1:4])]
+    result = run_needle(
+        model,
+        word_tokenizer(),
+        rows,
+        torch.arange(1, 95).repeat(30),
+        lengths=[170],
+        depths=[0.5],
+        trials=1,
+        progress=False,
+    )
+    assert [row.name for row in result.rows] == ["dynamic", "quantized-int2", "kivi-int4", "kivi-int2-g32"]
+    assert all(row.compression_ratio > 1 for row in result.rows[1:])
+
+    def filled():
+        cache = kivi_cache(model.config, 2, **PEERS["quanto"][3][2])
+        model(torch.arange(1, 151)[None] % 90, past_key_values=cache, use_cache=True)
+        return cache
+
+    with torch.inference_mode():
+        cache = filled()
+        copy = fork(cache)
+        model(torch.arange(1, 41)[None] % 90, past_key_values=copy, use_cache=True)
+        after = model(torch.tensor([[7]]), past_key_values=cache, use_cache=True).logits
+        expected = model(torch.tensor([[7]]), past_key_values=filled(), use_cache=True).logits
+    assert copy.get_seq_length() == 190 and cache.get_seq_length() == 151
+    assert cache.layers[0].keys.shape[-2] == 151 - 128 and copy.layers[0].keys.shape[-2] == 190 - 128
+    assert torch.equal(after, expected)

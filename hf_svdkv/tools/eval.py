@@ -184,12 +184,16 @@ def svd_row(
 
 def quantized_row(backend: str, nbits: int, name: str | None = None, **kwargs: Any) -> RowSpec:
     """transformers' QuantizedCache, the peer a user would pick today, with `kwargs` (axes, group size, residual;
-    hqq's head-dim axes by default)."""
+    hqq's head-dim axes by default); with KIVI's axes on quanto, its layer for prompts of any length (tools/kivi.py)."""
     from transformers import QuantizedCache
+
+    from .kivi import kivi_cache
 
     kwargs = kwargs or (HQQ_AXES if backend == "hqq" else {})
 
     def make(model: nn.Module) -> Any:
+        if backend == "quanto" and kwargs.get("axis_key") == -1:
+            return kivi_cache(model.config, nbits, **kwargs)
         return QuantizedCache(backend=backend, config=model.config, nbits=nbits, **kwargs)
 
     def prepare(model: nn.Module, update_sizes: Sequence[int]) -> None:

@@ -113,7 +113,7 @@ def run_trial(model: nn.Module, tokenizer: Any, trial: Trial, cache: Any) -> tup
         model(trial.document[None].to(device), **kwargs, use_cache=True, logits_to_keep=1)
         last = model(trial.question[None].to(device), **kwargs, use_cache=True, logits_to_keep=1).logits[:, -1]
         # The key's likelihood on a copy, so that greedy decoding continues from the cache as the question left it.
-        forced = copy.deepcopy(cache)
+        forced = fork(cache)
         key_ids = trial.key_ids[None].to(device)
         rest = (
             model(key_ids[:, :-1], **cache_kwargs(model, forced), use_cache=True).logits
@@ -122,12 +122,24 @@ def run_trial(model: nn.Module, tokenizer: Any, trial: Trial, cache: Any) -> tup
         )
         logits = last[:, None] if rest is None else torch.cat([last[:, None], rest], dim=1)
         nll = torch.nn.functional.cross_entropy(logits[0].float(), key_ids[0]).item()
-        answer = []
-        token = last.argmax(-1, keepdim=True)
-        for _ in range(ANSWER_TOKENS):
-            answer.append(int(token))
-            token = model(token, **kwargs, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+        answer = [int(last.argmax(-1))]
+        # Once the key is in the answer the trial has passed, whatever follows.
+        while len(answer) < ANSWER_TOKENS and trial.key not in tokenizer.decode(answer, skip_special_tokens=True):
+            token = torch.tensor([answer[-1:]], device=device)
+            answer.append(int(model(token, **kwargs, use_cache=True).logits[:, -1].argmax(-1)))
     return trial.key in tokenizer.decode(answer, skip_special_tokens=True), nll
+
+
+def fork(cache: Any) -> Any:
+    """An independent copy of `cache`. Quantized tensor subclasses (quanto's) cannot be deep-copied; a quantized cache
+    layer replaces them on update and never writes into them, so the copy shares them."""
+    shared = {
+        id(value): value
+        for layer in getattr(cache, "layers", ())
+        for value in vars(layer).values()
+        if isinstance(value, torch.Tensor) and type(value) not in (torch.Tensor, nn.Parameter)
+    }
+    return copy.deepcopy(cache, shared)
 
 
 def run_needle(
