@@ -17,6 +17,7 @@ from hf_svdkv.tools.eval import dynamic_row, svd_row
 from hf_svdkv.tools.needle import (
     KEY_SENTENCE,
     QUESTION,
+    NeedleResult,
     _ids,
     default_trials,
     make_trial,
@@ -118,6 +119,7 @@ def test_run_needle_reports_every_row_and_cell(tmp_path):
         ]
         assert all(set(c) == {"length", "depth", "hits", "trials", "key_nll"} for c in row["cells"])
     assert data["rows"][0]["compression_ratio"] == 1.0 and data["rows"][1]["compression_ratio"] > 1.0
+    assert NeedleResult.from_dict(data).to_dict() == data  # a --json file redraws and re-tabulates
     assert "64 tokens" in to_markdown(result, "hf-svdkv needle") and plot(result, tmp_path / "n.png").stat().st_size > 0
     assert default_trials([1024, 2048, 3072], [0.1, 0.5, 0.9]) * 9 >= 101  # standard error under 5 points a row
 

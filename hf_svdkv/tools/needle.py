@@ -77,6 +77,12 @@ class NeedleResult:
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "rows": [asdict(row) for row in self.rows], "settings": self.settings}
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> NeedleResult:
+        """The result a `--json` file holds (to redraw or re-tabulate it)."""
+        rows = [NeedleRow(**{**row, "cells": [NeedleCell(**cell) for cell in row["cells"]]}) for row in data["rows"]]
+        return cls(data["model"], rows, data["settings"])
+
 
 def default_trials(lengths: Sequence[int], depths: Sequence[float]) -> int:
     """Trials per cell so that a row has at least MIN_TRIALS_PER_ROW."""
@@ -217,6 +223,7 @@ def run_needle(
 
 
 # --- reporting --------------------------------------------------------------------------------------------------------
+PLOT_COLUMNS = 5  # heat maps per line of the figure
 COLUMNS = ("row", "accuracy", "± s.e.", "key NLL", "KV bytes/token", "ratio")
 
 
@@ -272,10 +279,14 @@ def _accuracy(row: NeedleRow, length: int) -> float:
 def plot(result: NeedleResult, path: str | Path) -> Path:
     """One heat map per row: accuracy by length (rows) and depth (columns), like RULER's needle plots."""
     lengths, depths = result.settings["lengths"], result.settings["depths"]
+    columns = min(len(result.rows), PLOT_COLUMNS)
+    lines = math.ceil(len(result.rows) / columns)
     fig, axes = report.subplots(
-        1, len(result.rows), figsize=(2.6 * len(result.rows) + 1, 2.2 + 0.35 * len(lengths)), squeeze=False
+        lines, columns, figsize=(2.6 * columns + 1, (2.2 + 0.35 * len(lengths)) * lines), squeeze=False
     )
-    for ax, row in zip(axes[0], result.rows, strict=True):
+    for ax in axes.flat[len(result.rows) :]:
+        ax.set_visible(False)
+    for ax, row in zip(axes.flat, result.rows, strict=False):
         grid = [
             [next(c.hits / c.trials for c in row.cells if c.length == length and c.depth == depth) for depth in depths]
             for length in lengths
@@ -288,5 +299,6 @@ def plot(result: NeedleResult, path: str | Path) -> Path:
         ax.set_yticks(range(len(lengths)), [f"{length:,}" for length in lengths])
         ax.set_xlabel("depth")
         ax.set_title(f"{row.name}\n{row.compression_ratio:.2f}x · {row.accuracy:.0%}", fontsize=8)
-    axes[0][0].set_ylabel("prompt tokens")
+    for line in axes:
+        line[0].set_ylabel("prompt tokens")
     return report.save_figure(fig, path)
