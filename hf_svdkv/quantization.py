@@ -2,17 +2,15 @@
 that makes low bit-widths work on them (Palu).
 
 Each token's latent row is cut into groups of `group` channels (the last group is shorter when the rank is not a
-multiple); a group stores `bits`-bit codes q with x ≈ q * scale + zero. The grid spans the group's min and max, except
-for 2- and 1-bit codes, whose grid is the least-error one among ranges clipped toward the middle (`_clipped_grid`).
-Quantizing per token (never across tokens) means a token's codes do not depend on which other tokens were quantized
-with it, so a sequence fed in one forward and token by token is stored identically.
+multiple); a group stores `bits`-bit codes q with x ≈ q * scale + zero. Quantizing per token (never across tokens)
+means a token's codes do not depend on which other tokens were quantized with it, so a sequence fed in one forward
+and token by token is stored identically.
 
 Scales and zero points are float16, not bfloat16: latents are far inside float16's range (|x| < 65504), and its
 8x finer mantissa keeps the rounding of the zero point, which shifts a whole group, small next to the step of
 8-bit codes. Both are rounded outward (zero down, scale up) so [zero, zero + levels * scale] still covers the group
-(the clipped range, for 2 and 1 bits) and the round-trip error stays within scale / 2 per element inside it.
-A latent beyond float16's range would turn its group non-finite (NaN logits) rather than raise: checking would sync
-the device on every step.
+and the round-trip error stays within scale / 2 per element. A latent beyond float16's range would turn its group
+non-finite (NaN logits) rather than raise: checking would sync the device on every step.
 """
 
 from __future__ import annotations
@@ -28,13 +26,6 @@ from .projection import Projection
 
 BITS = (8, 4, 2, 1)  # 8 and 4 for uniform latents; mixed-precision latents also use 2 and 1 (`bit_allocation`)
 SCALE_DTYPE = torch.float16
-# Codes of this many bits or fewer get the range of least error per group (`_clipped_grid`), wider ones min/max.
-CLIP_SEARCH_BITS = 2
-CLIP_RATIOS = tuple(1 - 0.05 * i for i in range(16))  # 1.0, 0.95, ..., 0.25 of the min/max half-range
-# A narrower range replaces the best so far only when it errs this much less. Near the optimum the error hardly changes
-# with the range: choosing between near-equal ones would let float rounding (one forward against token by token, one
-# attention path against another) pick another grid for the same latents.
-CLIP_MARGIN = 0.01
 
 
 @dataclass
@@ -98,49 +89,14 @@ def quantize(x: torch.Tensor, bits: int, group: int = 32) -> QuantizedTensor:
     # Pad the last group by repeating the row's last channel: it changes neither that group's min nor its max.
     padded = torch.cat([x, x[..., -1:].expand(*x.shape[:-1], groups * group - dim)], dim=-1)
     grouped = padded.unflatten(-1, (groups, group))
-    low, high = grouped.amin(-1), grouped.amax(-1)
-    if bits > CLIP_SEARCH_BITS:
-        zero, scale = _grid(low, high, bits)
-    else:
-        zero, scale = _clipped_grid(grouped, low, high, bits)
-    codes = (grouped - zero.to(torch.float32)[..., None]) / scale.to(torch.float32)[..., None]
-    codes = codes.round_().clamp_(0, 2**bits - 1).to(torch.uint8).flatten(-2)[..., :dim]
-    return QuantizedTensor(_pack(codes, bits), scale, zero, bits, group, dim)
-
-
-def _grid(low: torch.Tensor, high: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """float16 zero point and scale of a grid of 2^bits levels covering [low, high]."""
-    zero = _round_toward(low, -math.inf)
+    levels = 2**bits - 1
+    zero = _round_toward(grouped.amin(-1), -math.inf)
     # The smallest normal float16 keeps a constant group (max == zero) from dividing by 0; its codes are then 0.
-    span = (high - zero.to(torch.float32)) / (2**bits - 1)
-    return zero, _round_toward(span, math.inf).clamp_min(torch.finfo(SCALE_DTYPE).smallest_normal)
-
-
-def _clipped_grid(
-    grouped: torch.Tensor, low: torch.Tensor, high: torch.Tensor, bits: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The grid of least squared error per group among ranges [low, high] shrunk about their middle by CLIP_RATIOS.
-
-    With 4 levels or fewer a min/max grid spends its few levels on the tails: on Gaussian channels clipping cuts the
-    error of 2-bit codes by a third and that of 1-bit codes by 80% (below that of not storing the channel, which
-    min/max 1-bit codes exceed). The full range is the first candidate, so no group errs more than with min/max.
-    """
-    middle, half = (low + high) / 2, (high - low) / 2
-    best_zero, best_scale = _grid(low, high, bits)
-    best_error = _squared_error(grouped, best_zero, best_scale, bits)
-    for ratio in CLIP_RATIOS[1:]:
-        zero, scale = _grid(middle - ratio * half, middle + ratio * half, bits)
-        error = _squared_error(grouped, zero, scale, bits)
-        better = error < best_error * (1 - CLIP_MARGIN)
-        best_zero, best_scale = torch.where(better, zero, best_zero), torch.where(better, scale, best_scale)
-        best_error = torch.where(better, error, best_error)
-    return best_zero, best_scale
-
-
-def _squared_error(grouped: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
-    zero, scale = zero.to(torch.float32)[..., None], scale.to(torch.float32)[..., None]
-    codes = ((grouped - zero) / scale).round_().clamp_(0, 2**bits - 1)
-    return (codes * scale + zero - grouped).square_().sum(-1)
+    span = (grouped.amax(-1) - zero.to(torch.float32)) / levels
+    scale = _round_toward(span, math.inf).clamp_min(torch.finfo(SCALE_DTYPE).smallest_normal)
+    codes = (grouped - zero.to(torch.float32)[..., None]) / scale.to(torch.float32)[..., None]
+    codes = codes.round_().clamp_(0, levels).to(torch.uint8).flatten(-2)[..., :dim]
+    return QuantizedTensor(_pack(codes, bits), scale, zero, bits, group, dim)
 
 
 def concat(tensors: Sequence[QuantizedTensor]) -> QuantizedTensor:

@@ -21,7 +21,7 @@ def expanded_scale(q) -> torch.Tensor:
 
 
 # --- quantization ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [8, 4, 2, 1])
 @pytest.mark.parametrize("dim,group", [(64, 32), (48, 32), (45, 16), (7, 32)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_round_trip_error_is_within_half_a_step(bits, dim, group, dtype):
@@ -46,32 +46,6 @@ def test_round_trip_error_is_within_half_a_step(bits, dim, group, dtype):
         span = chunk.amax(-1) - chunk.amin(-1) + chunk.amin(-1).abs() * 2**-10
         assert (q.scale[..., g].float() <= span / (2**bits - 1) * (1 + 2**-10) + 2**-14).all()
     assert torch.equal(q.dequantize()[0, 0, 0], torch.full((dim,), 7.25))  # a constant row is exact
-
-
-@pytest.mark.parametrize("bits", [2, 1])
-@pytest.mark.parametrize("dim,group", [(64, 32), (45, 16), (7, 32)])
-def test_clipped_low_bit_grids_never_err_more_than_min_max(bits, dim, group):
-    """2- and 1-bit grids are searched: no group errs more than on its min/max grid, Gaussian groups err much less
-    (1-bit codes then beat not storing the channel), and elements inside the clipped range stay within half a step."""
-    from hf_svdkv.quantization import _clipped_grid, _grid, _squared_error
-
-    x = torch.randn(4, 33, dim, generator=torch.Generator().manual_seed(dim + bits))
-    x[0, 3, 0] = 40.0  # an outlier the range should clip away
-    q = quantize(x, bits, group)
-    padded = torch.cat([x, x[..., -1:].expand(4, 33, group * math.ceil(dim / group) - dim)], dim=-1)
-    grouped = padded.unflatten(-1, (-1, group))
-    low, high = grouped.amin(-1), grouped.amax(-1)
-    min_max = _squared_error(grouped, *_grid(low, high, bits), bits)
-    clipped = _squared_error(grouped, *_clipped_grid(grouped, low, high, bits), bits)
-    assert (clipped <= min_max).all() and clipped.sum() < min_max.sum() * (0.75 if bits == 2 else 0.4)
-    if bits == 1 and dim >= group:
-        assert (q.dequantize() - x).square().mean() < x.square().mean() / 2  # better than dropping the channel
-    levels = 2**bits - 1
-    top = q.zero.float() + levels * q.scale.float()
-    inside = (x >= q.zero.float().repeat_interleave(group, -1)[..., :dim]) & (
-        x <= top.repeat_interleave(group, -1)[..., :dim]
-    )
-    assert ((q.dequantize() - x).abs()[inside] <= (expanded_scale(q) / 2 + 1e-6)[inside]).all()
 
 
 @pytest.mark.parametrize("dim", [64, 48, 30])
