@@ -209,12 +209,10 @@ def quantized_row(backend: str, nbits: int, name: str | None = None, **kwargs: A
                     1, config.num_key_value_heads, size, head_dim, dtype=model.dtype, device=model.device
                 )
                 layer.update(states, states)
-        except (RuntimeError, ValueError) as error:  # quanto raises ValueError for a group size that does not divide
-            group = kwargs.get("q_group_size")
-            multiple = f"multiples of its {group}-token groups" if kwargs.get("axis_key") == -1 else "multiples of 8"
+        except (RuntimeError, ValueError) as error:  # KIVI's axes no longer raise here (tools/kivi.py); hqq's may
             raise ValueError(
                 f"the {backend} backend cannot quantize int{nbits} caches filled {list(update_sizes)} tokens at a time "
-                f"({' '.join(str(error).split())}); try token counts that are {multiple}"
+                f"({' '.join(str(error).split())}); try token counts that are multiples of 8"
             ) from error
 
     return RowSpec(name or f"quantized-int{nbits}", setup=lambda model: lambda: make(model), prepare=prepare)
