@@ -19,10 +19,17 @@ LATENT_BITS = (8, 4)
 # 6x-int4 and are neutral at 1,536 + 512 (-0.5 to +0.4); 16 did no better than 4.
 DEFAULT_SINKS = 4
 MIXED = "mixed"  # latent_bits: a bit width per latent channel, allocated under the budget (`bit_allocation`)
-# What a config without ranks, profile or ratio compresses to: calibrated bases at 2x measured +1 to +2% ppl on the
-# default model with the default window (README), against +16% without the window.
-DEFAULT_TARGET_RATIO = 2.0
+AUTO = "auto"  # latent_bits: mixed widths for calibrated bases under a target_ratio, the model dtype otherwise
+# What a config without ranks, profile or ratio compresses to. Measured on the default model (docs/eval_default.md,
+# 1,536 + 512 tokens): calibrated bases with mixed-width latents and a 32-token window cost +0.3% ppl at 4x, less than
+# transformers' QuantizedCache at 3.6x (KIVI's axes, int4: +0.7%), and retrieve passkeys as often as the full cache
+# (docs/needle.md); bfloat16 latents cut to rank cost +1.7% at 2x.
+DEFAULT_TARGET_RATIO = 4.0
+# The full-precision window by latent format (docs/mixed.md, docs/eval_quality.md): mixed-width latents do best with
+# 32 tokens (+0.33% vs +0.75% with 128 at 4x: the window's 16-bit bytes are taken from the latents' budget), latents
+# cut to rank with 128 (+2.0 / +2.2% at 2x, +7.0 / +5.2% at 3x with 32 / 128).
 DEFAULT_WINDOW = 128
+MIXED_WINDOW = 32
 
 
 def check_rank(name: str, rank: object) -> None:
@@ -41,14 +48,15 @@ def check_window(window: object, name: str = "window") -> None:
 
 def check_latent_bits(bits: object) -> None:
     if bits is not None and bits != MIXED and (isinstance(bits, bool) or bits not in LATENT_BITS):
-        raise ValueError(f"latent_bits must be one of {LATENT_BITS}, {MIXED!r} or None, got {bits!r}")
+        raise ValueError(f"latent_bits must be one of {LATENT_BITS}, {MIXED!r}, {AUTO!r} or None, got {bits!r}")
 
 
 @dataclass
 class CompressionConfig:
     """How much to compress the KV cache, and how the bases are found.
 
-    With no ranks, profile or ratio the cache is `DEFAULT_TARGET_RATIO` (2x) smaller than a 16-bit cache.
+    With no ranks, profile or ratio the cache is `DEFAULT_TARGET_RATIO` (4x) smaller than a 16-bit cache, with
+    calibrated bases, mixed-width latents and a 32-token window: +0.3% ppl on the default model (README).
 
     Args:
         key_rank: latent dimensions kept per KV head for keys (pre-RoPE). Overrides the profile.
@@ -63,10 +71,13 @@ class CompressionConfig:
         group_size: KV heads decomposed jointly. 1 = one basis per head; the number of KV heads = one basis for the
             whole layer. A group of g heads keeps g * rank dimensions, shared freely. None (default): the whole layer
             for calibrated bases (far better: +16% vs +172% ppl at 2x on the default model), 1 for weight-only ones.
-        window: the most recent tokens each query sees at full precision (0 = every token as a latent).
+        window: the most recent tokens each query sees at full precision (0 = every token as a latent). Default
+            (None): 32 with mixed-width latents, 128 otherwise (`MIXED_WINDOW`, `DEFAULT_WINDOW`).
         latent_bits: store latents as 8- or 4-bit integers (None = in the model dtype), or "mixed": each latent
             channel at its own width from {8, 4, 2, 1, 0} (0: not stored), allocated under the `target_ratio` budget
             by the channel's variance (its importance weighted by measured sensitivity with `calibration="full"`).
+            Default ("auto"): "mixed" for calibrated bases under a target_ratio (the default), None for explicit
+            ranks, a profile or weight-only bases.
         calibration: `fast` (default: 16,384 tokens spread over the calibration text, ranks allocated on the spectra;
             seconds) or `full` (65,536 tokens and per-layer sensitivity probes; minutes).
             docs/calibration_tradeoff.md compares them.
@@ -83,8 +94,8 @@ class CompressionConfig:
     target_ratio: float | None = None
     method: str = "calibrated"
     group_size: int | None = None
-    window: int = DEFAULT_WINDOW
-    latent_bits: int | str | None = None
+    window: int | None = None
+    latent_bits: int | str | None = AUTO
     calibration: str = "fast"
     exact_prefill: bool = True
     sinks: int = DEFAULT_SINKS
@@ -109,6 +120,10 @@ class CompressionConfig:
             self.target_ratio = DEFAULT_TARGET_RATIO
         elif self.profile is None and (key_rank is None or value_rank is None):
             raise ValueError("give both key_rank and value_rank, a profile (low, med, high), or a target_ratio")
+        if self.latent_bits == AUTO:
+            self.latent_bits = MIXED if self.target_ratio is not None and self.method == "calibrated" else None
+        if self.window is None:
+            self.window = MIXED_WINDOW if self.latent_bits == MIXED else DEFAULT_WINDOW
         check_window(self.window)
         check_window(self.sinks, "sinks")
         check_latent_bits(self.latent_bits)

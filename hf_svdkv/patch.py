@@ -15,7 +15,7 @@ from torch import nn
 from .architectures import attention_modules, cache_argument, decoder_model, model_geometry
 from .attention import AttentionPatch, compressed_attention_forward
 from .bases import SVDBases
-from .compression_config import CompressionConfig, check_latent_bits, check_window
+from .compression_config import MIXED, CompressionConfig, check_latent_bits, check_window
 from .fit import CalibrationText, fit_bases
 from .svd_cache import SETTINGS_ATTRIBUTE, CacheSettings, SVDCompressedCache
 
@@ -104,15 +104,15 @@ def patch_model(
 ) -> ModelT:
     """Make `model` store its KV cache as low-rank latents; returns the same model, patched in place.
 
-    `patch_model(model, CompressionConfig(target_ratio=2.0), tokenizer=tokenizer)` fits calibrated bases (key PCA
-    before RoPE, output-aware value PCA, ranks allocated for the ratio) on `calibration_text` (a string, strings or
-    1-D token ids; default: the embedded offline corpus), in seconds, and caches them on disk (`bases_cache`: True =
-    the default folder, a path, or False; see `hf_svdkv.bases_cache`), so the next call loads them. Without a config
-    the cache is 2x smaller (`CompressionConfig()`). `tokenizer` defaults to the one saved with the model.
-    Or give precomputed `bases` (validated against the model). `window` and `latent_bits` (default: the config's)
-    keep that many recent tokens at full precision and store latents as 8/4-bit integers; `exact_prefill` (default:
-    the config's, else True) lets a prompt attend over its own exact keys and values; `sinks` keeps the first tokens
-    at full precision.
+    `patch_model(model, CompressionConfig(target_ratio=4.0), tokenizer=tokenizer)` fits calibrated bases (key PCA
+    before RoPE, output-aware value PCA, a bit width per latent channel allocated for the ratio) on
+    `calibration_text` (a string, strings or 1-D token ids; default: the embedded offline corpus), in seconds, and
+    caches them on disk (`bases_cache`: True = the default folder, a path, or False; see `hf_svdkv.bases_cache`), so
+    the next call loads them. Without a config the cache is 4x smaller (`CompressionConfig()`). `tokenizer` defaults
+    to the one saved with the model. Or give precomputed `bases` (validated against the model). `window` and
+    `latent_bits` (default: the config's) keep that many recent tokens at full precision and store latents as 8/4-bit
+    integers or mixed widths; `exact_prefill` (default: the config's, else True) lets a prompt attend over its own
+    exact keys and values; `sinks` keeps the first tokens at full precision.
 
     Only this instance changes; `unpatch_model` undoes it exactly. A stock `model.generate(...)` then uses an
     `SVDCompressedCache`; passing `cache_implementation="dynamic"` or another cache still works and bypasses
@@ -146,6 +146,8 @@ def patch_model(
         )
     if latent_bits is None and config is not None:
         latent_bits = config.latent_bits
+    elif latent_bits is None and all(p.channel_bits is not None for b in bases.layers for p in (b.key, b.value)):
+        latent_bits = MIXED  # bases fitted with a bit width per channel are read at those widths
     check_latent_bits(latent_bits)
     if exact_prefill is None:
         exact_prefill = config.exact_prefill if config is not None else True

@@ -66,8 +66,8 @@ def test_cli_sinks_apply_to_the_recommended_rows():
     )
     args.group_size, args.calibration, args.sinks = None, "fast", "0,16"
     configs = _eval_configs(args, num_kv_heads=3)
-    assert [c.sinks for c in configs] == [0, 16] * 3
-    assert row_name(configs[1]) == "calib-2x-g3-w128-s16"
+    assert [c.sinks for c in configs] == [0, 16] * 2
+    assert row_name(configs[1]) == "calib-4x-g3-w32-mixed-s16"
 
 
 def test_cli_rejects_bad_compression_flags(capsys):

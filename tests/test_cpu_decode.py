@@ -16,7 +16,7 @@ from hf_svdkv.decode import Rope, layer_state
 from hf_svdkv.decode import cpu as cpu_decode
 from hf_svdkv.decode.blockwise import BlockwiseBackend, blockwise_attention
 from hf_svdkv.decode.cpu import CpuKernelBackend
-from hf_svdkv.latents import LatentStore
+from hf_svdkv.latents import LatentStore, MixedLatentStore
 
 pytestmark = pytest.mark.skipif(not cpu_decode.available(), reason="no C++ compiler: the CPU kernel cannot be built")
 
@@ -36,10 +36,11 @@ def decode(model, ids: torch.Tensor, kernel: bool, monkeypatch, steps: int = 5) 
     return torch.cat(logits, dim=1).float()
 
 
-@pytest.mark.parametrize("bits", [None, 8, 4])
+@pytest.mark.parametrize("bits", [None, 8, 4, "mixed"])
 def test_bfloat16_close_to_torch_path(bits, monkeypatch):
     model = tiny_model("llama", num_heads=6, num_kv_heads=2, head_dim=64, dtype=torch.bfloat16)
-    patch_model(model, weights_config(key_rank=24, value_rank=20, latent_bits=bits))
+    size = {"target_ratio": 3.0} if bits == "mixed" else {"key_rank": 24, "value_rank": 20}
+    patch_model(model, weights_config(**size, latent_bits=bits))
     ids = structured_ids(300)
     expected = decode(model, ids, kernel=False, monkeypatch=monkeypatch)
     got = decode(model, ids, kernel=True, monkeypatch=monkeypatch)
@@ -71,9 +72,11 @@ def test_kernel_handles_each_head_size_it_claims():
 
 def prefilled_layer(num_heads, num_kv_heads, head_dim, key_rank, value_rank, group_size, bits, dtype=torch.float32):
     """A one-layer model's cache layer after a prompt of two rows longer than a kernel span, with what attending over
-    it takes: (layer, state, rope, scaling, a query [2, heads, 1, d], a mask hiding row 1's first 13 tokens)."""
+    it takes: (layer, state, rope, scaling, a query [2, heads, 1, d], a mask hiding row 1's first 13 tokens). Mixed
+    latents (`bits` "mixed") take no ranks: their widths are allocated for a 3x smaller cache."""
     model = tiny_model("llama", num_heads, num_kv_heads, head_dim, num_layers=1, dtype=dtype)
-    config = weights_config(key_rank=key_rank, value_rank=value_rank, group_size=group_size, latent_bits=bits)
+    size = {"target_ratio": 3.0} if bits == "mixed" else {"key_rank": key_rank, "value_rank": value_rank}
+    config = weights_config(**size, group_size=group_size, latent_bits=bits)
     patch_model(model, config)
     cache = SVDCompressedCache(model)
     with torch.inference_mode():
@@ -99,11 +102,11 @@ INTEGER_GEOMETRIES = {
 }
 
 
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [8, 4, "mixed"])
 @pytest.mark.parametrize("geometry", INTEGER_GEOMETRIES.values(), ids=INTEGER_GEOMETRIES.keys())
 def test_integer_latents_match_torch_path(geometry, bits):
-    """8- and 4-bit latents read by the kernel as codes against the torch path (which dequantizes them first), over
-    two spans and left padding, a float32 model: the same to float32 rounding."""
+    """8-bit, 4-bit and mixed-width latents read by the kernel as codes against the torch path (which dequantizes them
+    first), over two spans and left padding, a float32 model: the same to float32 rounding."""
     layer, state, rope, scaling, query, mask = prefilled_layer(*geometry, bits)
     assert layer.keys.bits == bits and CpuKernelBackend().supports(query, layer, state, rope)
     kwargs = {"scaling": scaling, "attention_mask": mask}
@@ -140,6 +143,32 @@ def test_integer_latents_read_as_the_torch_path_reads_them(geometry, bits, dtype
         for store in (layer.keys, layer.values):
             store.stored.zero[..., ::5, -1] = 2.0**-20  # float16 subnormals
             store.stored.zero[..., 1::5, 0] = -(2.0**-23)
+        floats = read_as_float_latents(layer)
+        for tiles in [False, True] if dtype == torch.bfloat16 and cpu_decode.tiles_available() else [False]:
+            expected = cpu_decode.decode_latents(query[:, :, 0], floats, state, rope.factors, scaling, valid, tiles)
+            got = cpu_decode.decode_latents(query[:, :, 0], layer, state, rope.factors, scaling, valid, tiles)
+            for a, b in zip(got, expected, strict=True):
+                torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_every_code_width_read_as_the_torch_path_reads_it(dtype):
+    """Mixed latents re-stored in runs of every width the kernel unpacks (8, 4, 2 and 1 bits; widths that fill neither
+    a vector nor a last byte; groups split across runs): bit for bit the kernel on the torch path's dequantization."""
+    layer, state, rope, scaling, query, mask = prefilled_layer(6, 3, 64, 0, 0, 3, "mixed", dtype)
+    valid = mask[:, 0, 0, : layer.keys.length].to(torch.uint8)
+    with torch.inference_mode():
+        for name in ("keys", "values"):
+            store = getattr(layer, name)
+            rank, widths = store.rank, []
+            for bits in (8, 4, 2, 1, 2, 8):  # runs of 21, 37, 19, 11, ... channels: the rest of the rank in the last
+                widths.append((bits, min(rank - sum(w for _, w in widths), (21, 37, 19, 11, 17, rank)[len(widths)])))
+            segments = [(bits, width) for bits, width in widths if width]
+            restored = MixedLatentStore(*store.shape[:2], rank, store.dtype, store.device, segments=segments)
+            restored.append(restored.encode(store.read()))
+            setattr(layer, name, restored)
+        assert len(layer.keys.segments) >= 4 and {1, 2} <= {bits for bits, _ in layer.keys.segments}
+        assert CpuKernelBackend().supports(query, layer, state, rope)
         floats = read_as_float_latents(layer)
         for tiles in [False, True] if dtype == torch.bfloat16 and cpu_decode.tiles_available() else [False]:
             expected = cpu_decode.decode_latents(query[:, :, 0], floats, state, rope.factors, scaling, valid, tiles)

@@ -42,7 +42,7 @@ def test_quickstart_notebook_executes(tmp_path, monkeypatch):
         int, re.search(r"SVDCompressedCache: (\d+) bytes per token .* a full cache (\d+)", text).groups()
     )
     assert full_bytes == 23040 and per_token < full_bytes / 1.5
-    for row in ("dynamic", "calib-2x-w128", "calib-3x-w128", "calib-6x-w64-int4", "svd-2x-w128"):
+    for row in ("dynamic", "calib-4x-w32-mixed", "calib-6x-w32-mixed", "calib-2x-w128", "svd-2x-w128"):
         assert row in text
     assert (tmp_path / "quickstart_tradeoff.png").stat().st_size > 10_000
     assert any(o.get("data", {}).get("image/png") for c in notebook.cells for o in c.get("outputs", []))

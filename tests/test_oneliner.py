@@ -49,15 +49,21 @@ def word_text(tokens: int) -> str:
 
 
 # --- defaults ---------------------------------------------------------------------------------------------------------
-def test_a_bare_config_is_calibrated_2x_with_a_window():
+def test_a_bare_config_is_calibrated_4x_mixed_with_a_window():
     config = CompressionConfig()
-    assert (config.method, config.target_ratio, config.window, config.calibration, config.exact_prefill) == (
-        "calibrated",
-        2.0,
-        128,
-        "fast",
-        True,
-    )
+    fields = (config.method, config.target_ratio, config.latent_bits, config.window, config.calibration)
+    assert fields == ("calibrated", 4.0, "mixed", 32, "fast") and config.exact_prefill and config.sinks == 4
+    # Mixed widths are the default wherever a ratio is spent on calibrated bases; ranks keep 16-bit latents.
+    assert (CompressionConfig(target_ratio=2).latent_bits, CompressionConfig(target_ratio=2).window) == ("mixed", 32)
+    for ranked in (
+        CompressionConfig(key_rank=8, value_rank=8),
+        CompressionConfig(profile="low"),
+        CompressionConfig(target_ratio=2, method="weights"),
+    ):
+        assert (ranked.latent_bits, ranked.window) == (None, 128)
+    explicit = CompressionConfig(target_ratio=6, latent_bits=4, window=64)
+    assert (explicit.latent_bits, explicit.window) == (4, 64)
+    assert CompressionConfig(target_ratio=2, latent_bits=None).window == 128
     assert config.heads_per_group(4) == 4  # calibrated: the whole layer shares a basis
     assert CompressionConfig(method="weights", target_ratio=2).heads_per_group(4) == 1
     # The older API keeps its own defaults: weight-only bases, no window, no default ratio.
@@ -201,7 +207,7 @@ def bf16_model():
 @pytest.mark.slow
 def test_one_liner_says_what_the_full_cache_says(bf16_model, tmp_path_factory):
     """Held-out prompts (the Lee news corpus: neither the calibration text nor its domain) of 1,536 tokens: the
-    one-line 2x cache predicts the full cache's greedy continuation at >= 80% of positions, and its own greedy
+    one-line 4x cache predicts the full cache's greedy continuation at >= 80% of positions, and its own greedy
     text is words. Weight-only bases, the data-free alternative, are measured the same way: the gap is the point."""
     from hf_svdkv.text import load_text, tokenize_text
     from hf_svdkv.tools.agreement import (
@@ -221,7 +227,7 @@ def test_one_liner_says_what_the_full_cache_says(bf16_model, tmp_path_factory):
     folder = tmp_path_factory.mktemp("bases")
     measured = {}
     for name, config in (
-        ("one-liner", CompressionConfig(target_ratio=2.0)),
+        ("one-liner", CompressionConfig()),
         ("weights", CompressionConfig(key_rank=32, value_rank=32, method="weights")),
     ):
         patch_model(model, config, tokenizer=tokenizer, bases_cache=folder)
@@ -244,6 +250,6 @@ def test_generate_command_shows_both_side_by_side(capsys, monkeypatch, tmp_path)
     from hf_svdkv.tools.cli import main
 
     monkeypatch.setenv("HF_SVDKV_BASES_CACHE", str(tmp_path))
-    assert main(["generate", "What is the capital of France?", "--max-new-tokens", "8", "--target-ratio", "2"]) == 0
+    assert main(["generate", "What is the capital of France?", "--max-new-tokens", "8"]) == 0
     out = capsys.readouterr().out
-    assert "DynamicCache" in out and "hf_svdkv calib-2x-w128" in out and "tokens/s" in out and "KV ratio" in out
+    assert "DynamicCache" in out and "hf_svdkv calib-4x-w32-mixed" in out and "tokens/s" in out and "KV ratio" in out

@@ -10,7 +10,8 @@ C++ compiler (about 10 s) into the cache folder (`$HF_SVDKV_CACHE/kernels`, keye
 processes load it with ctypes. Without a compiler, or with HF_SVDKV_CPU_KERNEL=0, `available()` is False and the
 torch path serves (same function, slower).
 
-Integer latents (8-bit, or 4-bit two to a byte) are read as codes: the kernel dequantizes a span of a group's tokens
+Integer latents (8- or 4-bit codes, or mixed-precision latents: runs of channels at 8, 4, 2 or 1 bits, each packed
+on its own) are read as codes: the kernel dequantizes a span of a group's tokens
 at a time into a per-thread buffer that stays in cache, to the same numbers the torch path reads (float32, rounded
 to bfloat16 for a bfloat16 model), and the group's KV heads read them there as float latents. A step reads half or a
 quarter of the bytes of bfloat16 latents (and a float16 scale and zero point per 32 channels) at about the speed of
@@ -37,7 +38,9 @@ from pathlib import Path
 
 import torch
 
+from ..compression_config import MIXED
 from ..latents import LatentStore
+from ..quantization import QuantizedTensor
 from ..svd_cache import SVDCacheLayer
 from .base import DecodeBackend
 from .rope import Rope
@@ -50,7 +53,8 @@ SOURCE = Path(__file__).with_name("cpu_decode.cpp")
 FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 HEAD_DIMS = (32, 64, 80, 96, 128, 256)  # the kernel's compiled head sizes
 LATENT_DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # of float latents, or that integer latents are read as
-LATENT_BITS = (None, 8, 4)
+LATENT_BITS = (None, 8, 4, MIXED)  # store formats the kernel reads
+CODE_BITS = (8, 4, 2, 1)  # widths of the integer codes it unpacks
 MAX_VALUE_RANK = 512
 MAX_QUERY_HEADS_PER_KV_HEAD = 32
 SPAN = 512  # tokens per work item: enough to amortise a span's setup, small enough to share 8k tokens among threads
@@ -88,17 +92,32 @@ def _build(compiler: str) -> Path:
     return library
 
 
-class _Latents(ctypes.Structure):
-    """A store's latents as the kernel reads them: `Latents` in cpu_decode.cpp."""
+MAX_SEGMENTS = 8  # runs of channels at one width a latent row may have (kMaxSegments)
+
+
+class _Segment(ctypes.Structure):
+    """A run of channels of integer latents at one width: `Segment` in cpu_decode.cpp."""
 
     _fields_ = [
         ("data", ctypes.c_void_p),
         ("scale", ctypes.c_void_p),
         ("zero", ctypes.c_void_p),
         ("bits", ctypes.c_int64),
-        ("group", ctypes.c_int64),
+        ("width", ctypes.c_int64),
         ("stride", ctypes.c_int64 * 3),
         ("scale_stride", ctypes.c_int64 * 3),
+    ]
+
+
+class _Latents(ctypes.Structure):
+    """A store's latents as the kernel reads them: `Latents` in cpu_decode.cpp."""
+
+    _fields_ = [
+        ("data", ctypes.c_void_p),
+        ("stride", ctypes.c_int64 * 3),
+        ("group", ctypes.c_int64),
+        ("segments", ctypes.c_int64),
+        ("segment", _Segment * MAX_SEGMENTS),
     ]
 
 
@@ -164,31 +183,51 @@ def _pointer(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def _segments(store: LatentStore) -> list[QuantizedTensor]:
+    """The runs of channels at one width an integer store holds, in channel order."""
+    return list(store.stored) if isinstance(store.stored, tuple) else [store.stored]
+
+
 def _latents(store: LatentStore) -> _Latents:
     """The kernel's description of `store`. It holds the tensors it points into (`held`): a contiguous copy would
     otherwise be freed before the kernel reads it."""
     strides = ctypes.c_int64 * 3
     if store.bits is None:
         data = store.stored if store.stored.stride(-1) == 1 else store.stored.contiguous()
-        latents = _Latents(data.data_ptr(), None, None, 0, 0, strides(*data.stride()[:3]))
+        latents = _Latents(data.data_ptr(), strides(*data.stride()[:3]), 0, 0)
         latents.held = (data,)
         return latents
-    data, scale, zero = store.stored.data, store.stored.scale, store.stored.zero
-    if data.stride(-1) != 1:
-        data = data.contiguous()
-    if scale.stride() != zero.stride() or scale.stride(-1) != 1:  # the kernel reads both with scale's strides
-        scale, zero = scale.contiguous(), zero.contiguous()
-    latents = _Latents(
-        data.data_ptr(),
-        scale.data_ptr(),
-        zero.data_ptr(),
-        store.bits,
-        store.group,
-        strides(*data.stride()[:3]),
-        strides(*scale.stride()[:3]),
-    )
-    latents.held = (data, scale, zero)
+    latents = _Latents(None, strides(0, 0, 0), store.group, 0)
+    held = []
+    for part in _segments(store):
+        data, scale, zero = part.data, part.scale, part.zero
+        if data.stride(-1) != 1:
+            data = data.contiguous()
+        if scale.stride() != zero.stride() or scale.stride(-1) != 1:  # the kernel reads both with scale's strides
+            scale, zero = scale.contiguous(), zero.contiguous()
+        latents.segment[latents.segments] = _Segment(
+            data.data_ptr(),
+            scale.data_ptr(),
+            zero.data_ptr(),
+            part.bits,
+            part.dim,
+            strides(*data.stride()[:3]),
+            strides(*scale.stride()[:3]),
+        )
+        latents.segments += 1
+        held += [data, scale, zero]
+    latents.held = tuple(held)
     return latents
+
+
+def _readable(store: LatentStore) -> bool:
+    """The kernel reads these codes: at most MAX_SEGMENTS runs, each group of channels starting on a byte."""
+    if store.bits is None:
+        return True
+    parts = _segments(store)
+    return len(parts) <= MAX_SEGMENTS and all(
+        part.bits in CODE_BITS and part.group == store.group and part.group * part.bits % 8 == 0 for part in parts
+    )
 
 
 def decode_latents(
@@ -285,10 +324,9 @@ def decode_latents(
 
 
 class CpuKernelBackend(DecodeBackend):
-    """Single-token steps on CPU through the fused kernel: float32 or bfloat16 latents, or 8- or 4-bit codes of a
-    float32 or bfloat16 model (in groups of an even number of channels: 4-bit codes of a group start on a byte), a
-    compiled head size, at most MAX_QUERY_HEADS_PER_KV_HEAD query heads per KV head, value rank at most
-    MAX_VALUE_RANK."""
+    """Single-token steps on CPU through the fused kernel: float32 or bfloat16 latents, or integer codes of a float32 or
+    bfloat16 model (8- or 4-bit, or mixed widths; each group of channels starting on a byte), a compiled head size,
+    at most MAX_QUERY_HEADS_PER_KV_HEAD query heads per KV head, value rank at most MAX_VALUE_RANK."""
 
     name = "cpu"
 
@@ -299,8 +337,10 @@ class CpuKernelBackend(DecodeBackend):
             query.device.type == "cpu"
             and query_len == 1
             and keys.bits in LATENT_BITS
-            and values.bits == keys.bits
-            and (keys.bits is None or keys.group % 2 == 0 and values.group % 2 == 0)
+            and values.bits in LATENT_BITS
+            and (keys.bits is None) == (values.bits is None)
+            and _readable(keys)
+            and _readable(values)
             and keys.dtype in LATENT_DTYPES
             and values.dtype == keys.dtype
             and head_dim in HEAD_DIMS

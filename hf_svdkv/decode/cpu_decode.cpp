@@ -15,10 +15,12 @@
 // float32, so the keys agree with the vector path to float32 rounding while the rebuild's multiply-adds leave the
 // vector units (about 1.3x faster per step on the default model's geometry).
 //
-// Integer latents (8-bit codes, or 4-bit codes two to a byte) are dequantized a span at a time into the latents the
-// torch path reads (QuantizedTensor.dequantize: code * scale + zero in float32, rounded to bfloat16 for a bfloat16
-// model), which the span then reads as it reads float latents (AMX tiles included). A thread takes the KV heads of a
-// group in turn, so they share one dequantization (joint bases: every KV head of the group reads the same latents).
+// Integer latents are dequantized a span at a time into the latents the torch path reads (QuantizedTensor.dequantize:
+// code * scale + zero in float32, rounded to bfloat16 for a bfloat16 model), which the span then reads as it reads
+// float latents (AMX tiles included). A thread takes the KV heads of a group in turn, so they share one
+// dequantization (joint bases: every KV head of the group reads the same latents). A latent row is one segment of
+// 8- or 4-bit codes (uniform latents) or several, each a run of channels at its own width of 8, 4, 2 or 1 bits
+// (mixed-precision latents, MixedLatentStore), each packed from a byte boundary with its own scales and zero points.
 
 #include <math.h>
 #include <stdint.h>
@@ -53,6 +55,8 @@ typedef float UnalignedVec __attribute__((vector_size(64), aligned(4)));
 typedef uint16_t Bf16x16 __attribute__((vector_size(32), aligned(2)));
 typedef uint32_t U32x16 __attribute__((vector_size(64)));
 typedef int32_t I32x16 __attribute__((vector_size(64)));
+typedef uint8_t U8x2 __attribute__((vector_size(2), aligned(1)));
+typedef uint8_t U8x4 __attribute__((vector_size(4), aligned(1)));
 typedef uint8_t U8x8 __attribute__((vector_size(8), aligned(1)));
 typedef uint8_t U8x16 __attribute__((vector_size(16), aligned(1)));
 
@@ -143,26 +147,49 @@ inline I32x16 widen(U8x16 bytes) {
 #endif
 }
 
-// 16 codes of a row from channel x as float32; 4-bit codes start on a byte (x even).
+// 16 codes of a row from channel x as float32; x is a multiple of 16, so the codes start on a byte. A `bits`-bit code
+// of channel c is bits [c * bits % 8, + bits) of byte c * bits / 8 (the first code in the lowest bits).
 inline Vec codes16(const uint8_t* row, int64_t x, int64_t bits) {
   if (bits == 8) return __builtin_convertvector(widen(*reinterpret_cast<const U8x16*>(row + x)), Vec);
-  // Byte i holds channels 2i (low nibble) and 2i + 1 (high nibble): each byte in two lanes, shifted by 0 and 4.
-  const U8x8 packed = *reinterpret_cast<const U8x8*>(row + x / 2);
-  const U8x16 twice = __builtin_shufflevector(packed, packed, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
-  const I32x16 shift = {0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4};
-  return __builtin_convertvector((widen(twice) >> shift) & 15, Vec);
+  if (bits == 4) {  // byte i in lanes 2i, 2i + 1, shifted by 0 and 4
+    const U8x8 packed = *reinterpret_cast<const U8x8*>(row + x / 2);
+    const U8x16 spread = __builtin_shufflevector(packed, packed, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+    const I32x16 shift = {0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4};
+    return __builtin_convertvector((widen(spread) >> shift) & 15, Vec);
+  }
+  if (bits == 2) {  // byte i in lanes 4i .. 4i + 3
+    const U8x4 packed = *reinterpret_cast<const U8x4*>(row + x / 4);
+    const U8x16 spread = __builtin_shufflevector(packed, packed, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    const I32x16 shift = {0, 2, 4, 6, 0, 2, 4, 6, 0, 2, 4, 6, 0, 2, 4, 6};
+    return __builtin_convertvector((widen(spread) >> shift) & 3, Vec);
+  }
+  const U8x2 packed = *reinterpret_cast<const U8x2*>(row + x / 8);  // 1 bit: byte i in lanes 8i .. 8i + 7
+  const U8x16 spread = __builtin_shufflevector(packed, packed, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+  const I32x16 shift = {0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7};
+  return __builtin_convertvector((widen(spread) >> shift) & 1, Vec);
 }
 inline float code(const uint8_t* row, int64_t x, int64_t bits) {
-  return bits == 8 ? row[x] : (row[x / 2] >> (4 * (x % 2))) & 15;
+  return (row[x * bits / 8] >> (x * bits % 8)) & ((1 << bits) - 1);
 }
 
-// One kind of latents (keys or values) as stored, [B, groups, n, rank]: numbers of the latent dtype, or (bits 8 or 4)
-// integer codes [B, groups, n, ceil(rank * bits / 8)] with float16 scales and zero points [B, groups, n,
-// ceil(rank / group)] that share one set of strides. Strides in elements: batch, group, token.
-struct Latents {
-  const void* data; const uint16_t* scale; const uint16_t* zero;
-  int64_t bits, group;
+constexpr int kMaxSegments = 8;
+
+// A run of channels of integer latents at one width: codes [B, groups, n, ceil(width * bits / 8)] with float16 scales
+// and zero points [B, groups, n, ceil(width / group)] that share one set of strides. Strides in elements: batch,
+// group, token.
+struct Segment {
+  const uint8_t* data; const uint16_t* scale; const uint16_t* zero;
+  int64_t bits, width;
   int64_t stride[3], scale_stride[3];
+};
+
+// One kind of latents (keys or values) as stored, [B, groups, n, rank]: numbers of the latent dtype at `data`
+// (segments 0), or integer codes in `segments` runs of channels, in channel order, quantized in groups of `group`.
+struct Latents {
+  const void* data;
+  int64_t stride[3];
+  int64_t group, segments;
+  Segment segment[kMaxSegments];
 };
 
 // Latent rows of dtype T (float32, or bfloat16 as uint16_t): token t's at base + (t - first) * stride.
@@ -194,18 +221,21 @@ struct Dequantized {
     if (held[0] == b && held[1] == g && held[2] == s) return {rows.data(), rank, begin};
     held[0] = b, held[1] = g, held[2] = s;
     rows.resize(span * rank);
-    const uint8_t* data = static_cast<const uint8_t*>(l.data) + b * l.stride[0] + g * l.stride[1];
-    const int64_t scales = b * l.scale_stride[0] + g * l.scale_stride[1];
-    for (int64_t t = begin; t < end; ++t) {
-      const uint8_t* codes = data + t * l.stride[2];
-      const uint16_t* scale = l.scale + scales + t * l.scale_stride[2];
-      const uint16_t* zero = l.zero + scales + t * l.scale_stride[2];
-      T* out = rows.data() + (t - begin) * rank;
-      for (int64_t group = 0, x = 0; x < rank; ++group) {
-        const float step = half_to_float(scale[group]), offset = half_to_float(zero[group]);
-        const int64_t group_end = std::min(rank, x + l.group);
-        for (; x + 16 <= group_end; x += 16) store(out + x, codes16(codes, x, l.bits) * step + offset);
-        for (; x < group_end; ++x) store(out + x, code(codes, x, l.bits) * step + offset);
+    for (int64_t i = 0, first = 0; i < l.segments; first += l.segment[i].width, ++i) {
+      const Segment& seg = l.segment[i];
+      const uint8_t* data = seg.data + b * seg.stride[0] + g * seg.stride[1];
+      const int64_t scales = b * seg.scale_stride[0] + g * seg.scale_stride[1];
+      for (int64_t t = begin; t < end; ++t) {
+        const uint8_t* codes = data + t * seg.stride[2];
+        const uint16_t* scale = seg.scale + scales + t * seg.scale_stride[2];
+        const uint16_t* zero = seg.zero + scales + t * seg.scale_stride[2];
+        T* out = rows.data() + (t - begin) * rank + first;
+        for (int64_t group = 0, x = 0; x < seg.width; ++group) {
+          const float step = half_to_float(scale[group]), offset = half_to_float(zero[group]);
+          const int64_t group_end = std::min(seg.width, x + l.group);
+          for (; x + 16 <= group_end; x += 16) store(out + x, codes16(codes, x, seg.bits) * step + offset);
+          for (; x < group_end; ++x) store(out + x, code(codes, x, seg.bits) * step + offset);
+        }
       }
     }
     return {rows.data(), rank, begin};
@@ -555,7 +585,7 @@ int hf_svdkv_tiles_available() {
 #endif
 }
 
-// keys, values: both latents of `dtype` (bits 0) or both integer codes read as `dtype` (the model's): 0 float32,
+// keys, values: both latents of `dtype` (segments 0) or both integer codes read as `dtype` (the model's): 0 float32,
 // 1 bfloat16. up_tiles: null, or (read as bfloat16, after hf_svdkv_tiles_available() said 1) the up projection as
 // AMX tiles over rank_pad ranks. Returns 0 on success, 1 for a shape it does not handle.
 int hf_svdkv_latent_decode(
@@ -569,7 +599,8 @@ int hf_svdkv_latent_decode(
   Args a{*keys, *values, up, up_tiles, bias, rope, query, valid, part_max, part_sum, part_acc, out_max, out_sum, out,
          batch, n, kv_heads, per_kv, heads_per_key_group, heads_per_value_group, rk, rv, width, span, rank_pad,
          rope_stride, valid_stride, scaling};
-  return keys->bits ? dispatch<true>(a, head_dim, dtype, threads) : dispatch<false>(a, head_dim, dtype, threads);
+  if (keys->segments > kMaxSegments || values->segments > kMaxSegments) return 1;
+  return keys->segments ? dispatch<true>(a, head_dim, dtype, threads) : dispatch<false>(a, head_dim, dtype, threads);
 }
 
 }  // extern "C"

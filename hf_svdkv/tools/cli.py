@@ -24,16 +24,16 @@ DEFAULT_CALIB_TOKENS = 65536
 # Measured on the default model, calibrated joint bases, 3 windows of 1536 + 512 tokens: window 0 / 32 / 64 / 128
 # cost +16.0 / +2.0 / +2.3 / +2.2% ppl at 2x and +67.0 / +7.0 / +6.8 / +5.2% at 3x (every byte counted).
 RECOMMENDED_WINDOW = 128
-# The recommended rows of a bare `hf-svdkv eval`: calibrated joint bases at 2x and 3x, and 4-bit latents at 6x. At 6x
-# a 64-token window beat 128 (+3.3% vs +4.4% ppl): over 2048 tokens the window's 16-bit bytes crowd out latents.
+# The recommended rows of a bare `hf-svdkv eval`: calibrated joint bases with mixed-width latents and a 32-token window,
+# at 4x (what `CompressionConfig()` gives) and 6x. Measured at 1,536 + 512 tokens they beat calibrated bases cut to
+# a rank (+0.33% vs +1.74% at 2x) and 4-bit latents (+1.65% vs +3.64% at 6x); a 32-token window beat 128
+# (docs/mixed.md).
+MIXED_WINDOW = 32
 DEFAULT_ROWS = (
-    {"method": "calibrated", "target_ratio": 2.0, "window": RECOMMENDED_WINDOW},
-    {"method": "calibrated", "target_ratio": 3.0, "window": RECOMMENDED_WINDOW},
-    {"method": "calibrated", "target_ratio": 6.0, "latent_bits": 4, "window": 64},
+    {"method": "calibrated", "target_ratio": 4.0, "latent_bits": "mixed", "window": MIXED_WINDOW},
+    {"method": "calibrated", "target_ratio": 6.0, "latent_bits": "mixed", "window": MIXED_WINDOW},
 )
-DEFAULT_ROWS_HELP = (
-    "calibrated joint bases with a 128-token window at 2x and 3x, and with 4-bit latents and a 64-token window at 6x"
-)
+DEFAULT_ROWS_HELP = "calibrated joint bases with mixed-width latents and a 32-token window at 4x and 6x"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -94,15 +94,18 @@ def _add_compression_arguments(p: argparse.ArgumentParser, *, lists: bool) -> No
     p.add_argument(
         "--group-size", help="KV heads sharing one basis, or 'all' (default: 1 for weights, all for calibrated)"
     )
-    p.add_argument(
-        "--window",
-        help=f"{many}recent tokens kept at full precision (default: {RECOMMENDED_WINDOW} for "
-        "calibrated rows, 0 for weights rows)",
+    # Rows of a table say every setting (a table's command reproduces it); one config follows CompressionConfig.
+    window_default = (
+        f"{RECOMMENDED_WINDOW} for calibrated rows, 0 for weights rows"
+        if lists
+        else f"CompressionConfig's: {MIXED_WINDOW} with mixed latents, {RECOMMENDED_WINDOW} with others, 0 for weights"
     )
+    bits_default = "none" if lists else "CompressionConfig's: mixed for calibrated bases under a ratio, else none"
+    p.add_argument("--window", help=f"{many}recent tokens kept at full precision (default: {window_default})")
     p.add_argument(
         "--latent-bits",
         help=f"{many}8, 4, mixed (a width per channel, under the target ratio) or none: store latents as integer "
-        "codes (default: none)",
+        f"codes (default: {bits_default})",
     )
     p.add_argument(
         "--sinks",
@@ -472,18 +475,19 @@ def _add_bases(subparsers: argparse._SubParsersAction) -> None:
 
 def _single_config(args: argparse.Namespace, num_kv_heads: int | None = None):
     """The one CompressionConfig of single-valued flags (bases, generate): at most one of --profile, --ranks,
-    --target-ratio (none: the default 2x). Without the model's `num_kv_heads` (a check before loading it) the group
-    size is left to the config unless --group-size is a number."""
-    from ..compression_config import CompressionConfig
+    --target-ratio (none: the default 4x). --window and --latent-bits default to the config's (mixed widths and a
+    32-token window under a ratio). Without the model's `num_kv_heads` (a check before loading it) the group size is
+    left to the config unless --group-size is a number."""
+    from ..compression_config import AUTO, CompressionConfig
     from .eval import parse_ranks
 
     ratios = _floats(args.target_ratio, "--target-ratio")
     ranks = parse_ranks(args.ranks) if args.ranks else []
     if len(ratios) + len(ranks) + bool(args.profile) > 1:
-        raise ValueError("give at most one of --profile, --ranks KEY:VALUE or --target-ratio R (none: 2x)")
+        raise ValueError("give at most one of --profile, --ranks KEY:VALUE or --target-ratio R (none: 4x)")
     [method] = _methods(args, "calibrated")[:1]
-    [window] = _windows(args.window, method)[:1]
-    [bits] = _ints_or_none(args.latent_bits, "--latent-bits", [None])[:1]
+    window = _windows(args.window, method)[0] if args.window else None
+    bits = _ints_or_none(args.latent_bits, "--latent-bits", [None])[0] if args.latent_bits else AUTO
     shape = (
         {"target_ratio": ratios[0]}
         if ratios
@@ -537,7 +541,7 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
         "generate",
         help="the same prompt answered with the full cache and with a compressed one, side by side",
         description="Greedy answers to a prompt from the DynamicCache and from the compressed cache patch_model builds "
-        "for the config the flags give (default: CompressionConfig(), calibrated bases at 2x), with the KV "
+        "for the config the flags give (default: CompressionConfig(), calibrated bases at 4x), with the KV "
         "bytes, prefill time and decode speed of each.",
     )
     p.add_argument("prompt", nargs="?", help="the prompt (or --prompt-file)")
