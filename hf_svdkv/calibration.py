@@ -34,6 +34,10 @@ from .projection import LayerBases, Projection
 from .weight_svd import grouped_weight
 
 VALUE_METRICS = ("output", "plain")
+KEY_METRICS = ("plain", "query")
+# Query-aware key metric: the distances (query position - key position) it averages the rotary rotation over. Keys
+# closer than the default window are read exact; 8,192 tokens span the default model's positions.
+KEY_METRIC_DISTANCES = (32, 8192, 16)
 ALLOCATIONS = ("sensitivity", "spectrum", "uniform")
 # M is a sum of Gram matrices of o_proj columns, positive definite in practice; the ridge (relative to its mean
 # eigenvalue) only guards the inverse square root against a degenerate checkpoint.
@@ -213,6 +217,41 @@ def output_metric(attention: nn.Module, group_size: int) -> torch.Tensor:
     return torch.stack([torch.block_diag(*group) for group in groups])
 
 
+def rope_rotations(model: nn.Module, distances: tuple[int, int, int] = KEY_METRIC_DISTANCES) -> torch.Tensor:
+    """R(Δ) [n, d, d] float64 for Δ in range(*distances): the model's rotary rotation (rotate-half layout) at Δ, so
+    that a query at m and a key at n = m - Δ score qᵀ R(Δ)ᵀ k on their pre-RoPE vectors."""
+    rotary = decoder_model(model).rotary_emb
+    delta = torch.arange(*distances)
+    probe = next(model.parameters()).new_zeros(1, dtype=torch.float32)
+    cos, sin = rotary(probe, delta[None].to(probe.device))
+    cos, sin = cos[0].to("cpu", torch.float64), sin[0].to("cpu", torch.float64)  # [n, d]
+    half = cos.shape[-1] // 2
+    swap = torch.zeros(2 * half, 2 * half, dtype=torch.float64)  # rotate_half(x) = J x
+    swap[:half, half:] = -torch.eye(half, dtype=torch.float64)
+    swap[half:, :half] = torch.eye(half, dtype=torch.float64)
+    return torch.diag_embed(cos) + torch.diag_embed(sin) @ swap
+
+
+def query_metric(attention: nn.Module, statistics: LayerStatistics, rotations: torch.Tensor, group_size: int):
+    """Q per group [G, g*d, g*d]: block-diagonal over the group's KV heads of E_Δ[R(Δ) S R(Δ)ᵀ], S = Σ_j E[q_j q_jᵀ]
+    over the query heads j reading the KV head (pre-RoPE queries). A key error e then costs E[(score error)²] =
+    e Q eᵀ, averaged over the distances of `rotations`: the key's part of the attention logits, as the output metric
+    is the value's part of the output."""
+    config = attention.config
+    heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, attention.head_dim
+    weight = attention.q_proj.weight.detach().to("cpu", torch.float64)
+    bias = attention.q_proj.bias
+    bias = weight.new_zeros(weight.shape[0]) if bias is None else bias.detach().to("cpu", torch.float64)
+    mean, second = statistics.mean, statistics.outer / statistics.count  # E[x], E[x xᵀ]
+    cross = torch.outer(weight @ mean, bias)
+    moment = weight @ second @ weight.T + cross + cross.T + torch.outer(bias, bias)  # E[q qᵀ], all heads
+    per_head = moment.view(heads, head_dim, heads, head_dim).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+    per_kv_head = per_head.reshape(kv_heads, heads // kv_heads, head_dim, head_dim).sum(1)
+    averaged = torch.einsum("nij,hjk,nlk->hil", rotations, per_kv_head, rotations) / rotations.shape[0]
+    groups = averaged.view(kv_heads // group_size, group_size, head_dim, head_dim)
+    return torch.stack([torch.block_diag(*group) for group in groups])
+
+
 @dataclass
 class _Decomposition:
     """Eigen-decomposition of one layer's keys or values, grouped; `root` is L (None = orthonormal PCA)."""
@@ -261,9 +300,11 @@ class CalibratedPCA:
         statistics: Sequence[LayerStatistics],
         value_metric: str = "output",
         sink_weight: float = DEFAULT_SINK_WEIGHT,
+        key_rotations: torch.Tensor | None = None,
     ):
         if value_metric not in VALUE_METRICS:
             raise ValueError(f"unknown value_metric {value_metric!r}: choose one of {', '.join(VALUE_METRICS)}")
+        self.key_rotations = key_rotations  # `rope_rotations`: keys PCA'd in the query metric; None: plain PCA
         if not 0 <= sink_weight < 1:
             raise ValueError(f"sink_weight must be in [0, 1), got {sink_weight!r}")
         self.statistics = list(statistics)
@@ -299,7 +340,12 @@ class CalibratedPCA:
                 )
             parts.append((weight @ covariance @ weight.transpose(1, 2), weight @ mean + bias.cpu()))
         (key_cov, key_center), (value_cov, value_center) = parts
-        key = _Decomposition(*_descending_eigh(key_cov), key_center)
+        if self.key_rotations is None:
+            key = _Decomposition(*_descending_eigh(key_cov), key_center)
+        else:
+            root, inverse_root, scale = _metric_roots(query_metric(attention, stats, self.key_rotations, group_size))
+            eigenvalues, eigenvectors = _descending_eigh(root @ key_cov @ root)
+            key = _Decomposition(eigenvalues * scale, eigenvectors, key_center, root, inverse_root)
         if self.value_metric == "plain":
             return key, _Decomposition(*_descending_eigh(value_cov), value_center)
         root, inverse_root, scale = _metric_roots(output_metric(attention, group_size))
@@ -403,6 +449,7 @@ class Calibrator:
         sink_weight: float = DEFAULT_SINK_WEIGHT,
         allocation: str = "sensitivity",
         probe_tokens: int = 2048,
+        key_metric: str = "plain",
     ):
         if allocation not in ALLOCATIONS:
             raise ValueError(f"unknown allocation {allocation!r}: choose one of {', '.join(ALLOCATIONS)}")
@@ -412,8 +459,13 @@ class Calibrator:
         self.progress = progress
         self.allocation = allocation
         self.probe_tokens = probe_tokens
+        if key_metric not in KEY_METRICS:
+            raise ValueError(f"unknown key_metric {key_metric!r}: choose one of {', '.join(KEY_METRICS)}")
         self.algorithm = CalibratedPCA(
-            collect_statistics(model, token_ids, seq_len, batch_size, progress), value_metric, sink_weight
+            collect_statistics(model, token_ids, seq_len, batch_size, progress),
+            value_metric,
+            sink_weight,
+            rope_rotations(model) if key_metric == "query" else None,
         )
         self._weights: dict[tuple[int, float], list[tuple[float, float]]] = {}
 

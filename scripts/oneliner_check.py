@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import DynamicCache, QuantizedCache
+from transformers import DynamicCache
 
 from hf_svdkv import CompressionConfig, SVDCompressedCache, patch_model, unpatch_model
 from hf_svdkv.architectures import model_geometry
@@ -32,6 +32,7 @@ from hf_svdkv.tools.agreement import (
     spread_prompts,
 )
 from hf_svdkv.tools.generate import greedy
+from hf_svdkv.tools.kivi import kivi_cache
 from hf_svdkv.tools.loading import ModelConfig, load_model
 from hf_svdkv.tools.memory import cache_nbytes
 
@@ -41,13 +42,13 @@ NEW_TOKENS = 32
 ANSWER_TOKENS = 64
 # (row, CompressionConfig fields) patched with one patch_model line each; the first is the README's quickstart line.
 ONE_LINERS = [
-    ("CompressionConfig(target_ratio=2.0)", {"target_ratio": 2.0}),
-    ("CompressionConfig(target_ratio=3.0)", {"target_ratio": 3.0}),
+    ("CompressionConfig()", {}),
+    ("CompressionConfig(target_ratio=6.0)", {"target_ratio": 6.0}),
+    ('CompressionConfig(calibration="full")', {"calibration": "full"}),
     (
-        "CompressionConfig(target_ratio=6.0, latent_bits=4, window=64)",
-        {"target_ratio": 6.0, "latent_bits": 4, "window": 64},
+        "CompressionConfig(target_ratio=2.0, latent_bits=None, window=128) (the default before mixed widths)",
+        {"target_ratio": 2.0, "latent_bits": None, "window": 128},
     ),
-    ('CompressionConfig(target_ratio=2.0, calibration="full")', {"target_ratio": 2.0, "calibration": "full"}),
     (
         'CompressionConfig(key_rank=32, value_rank=32, method="weights")',
         {"key_rank": 32, "value_rank": 32, "method": "weights"},
@@ -124,14 +125,8 @@ def main() -> None:
     for label, bits, group in PEERS:
         measure(
             label,
-            lambda bits=bits, group=group: QuantizedCache(
-                backend="quanto",
-                config=model.config,
-                nbits=bits,
-                axis_key=-1,
-                axis_value=0,
-                q_group_size=group,
-                residual_length=128,
+            lambda bits=bits, group=group: kivi_cache(
+                model.config, bits, axis_key=-1, axis_value=0, q_group_size=group, residual_length=128
             ),
             None,
         )
