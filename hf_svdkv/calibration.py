@@ -34,7 +34,7 @@ from .projection import LayerBases, Projection
 from .weight_svd import grouped_weight
 
 VALUE_METRICS = ("output", "plain")
-KEY_METRICS = ("plain", "query")
+KEY_METRICS = ("plain", "query")  # Calibrator(key_metric=...): see its docstring
 # Query-aware key metric: the distances (query position - key position) it averages the rotary rotation over. Keys
 # closer than the default window are read exact; 8,192 tokens span the default model's positions.
 KEY_METRIC_DISTANCES = (32, 8192, 16)
@@ -435,7 +435,10 @@ class Calibrator:
     """One model's statistics on one calibration text, gathered once, and bases for any config from them.
 
     Sensitivity probes are also measured once per group size and probe ratio, so bases for several target
-    ratios (an eval's rows) cost one calibration pass. Use text disjoint from what you evaluate on."""
+    ratios (an eval's rows) cost one calibration pass. Use text disjoint from what you evaluate on.
+
+    key_metric: "plain" (PCA of the keys) or "query" (PCA in the metric of the squared score error, `query_metric`;
+    measured much worse on the default model, docs/mixed.md, and kept for experiments)."""
 
     def __init__(
         self,

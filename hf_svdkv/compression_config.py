@@ -22,8 +22,8 @@ MIXED = "mixed"  # latent_bits: a bit width per latent channel, allocated under 
 AUTO = "auto"  # latent_bits: mixed widths for calibrated bases under a target_ratio, the model dtype otherwise
 # What a config without ranks, profile or ratio compresses to. Measured on the default model (docs/eval_default.md,
 # 1,536 + 512 tokens): calibrated bases with mixed-width latents and a 32-token window cost +0.3% ppl at 4x, less than
-# transformers' QuantizedCache at 3.6x (KIVI's axes, int4: +0.7%), and retrieve passkeys as often as the full cache
-# (docs/needle.md); bfloat16 latents cut to rank cost +1.7% at 2x.
+# transformers' QuantizedCache at 3.6x (KIVI's axes, int4: +0.7%), and retrieve passkeys within 5 points of the full
+# cache (docs/needle.md); bfloat16 latents cut to rank cost +1.7% at 2x.
 DEFAULT_TARGET_RATIO = 4.0
 # The full-precision window by latent format (docs/mixed.md, docs/eval_quality.md): mixed-width latents do best with
 # 32 tokens (+0.33% vs +0.75% with 128 at 4x: the window's 16-bit bytes are taken from the latents' budget), latents
