@@ -23,6 +23,7 @@ import torch
 
 from hf_svdkv import calibration
 from hf_svdkv.tools.cli import main as cli
+from hf_svdkv.tools.report import markdown_table
 
 EVAL = [
     "eval",
@@ -55,19 +56,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         results = {metric: run(metric, Path(tmp) / f"{metric}.json") for metric in calibration.KEY_METRICS}
     names = [row["name"] for row in next(iter(results.values()))["rows"][1:]]
+    cells = [[m, *(f"{row['delta_pct']:+.2f}%" for row in result["rows"][1:])] for m, result in results.items()]
     lines = [
         "`python scripts/key_metric_probe.py --markdown docs/key_metric.md` "
         f"(torch threads: {torch.get_num_threads()})",
         "",
-        "| key metric | " + " | ".join(f"{name} Δ ppl" for name in names) + " |",
-        "|---|" + "---:|" * len(names),
+        *markdown_table(["key metric", *(f"{name} Δ ppl" for name in names)], cells),
     ]
-    for metric, result in results.items():
-        lines.append(f"| {metric} | " + " | ".join(f"{row['delta_pct']:+.2f}%" for row in result["rows"][1:]) + " |")
-    table = "\n".join(lines) + "\n"
-    print(table)
+    print("\n".join(lines))
     if args.markdown:
-        Path(args.markdown).write_text(table, encoding="utf-8")
+        Path(args.markdown).write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":
