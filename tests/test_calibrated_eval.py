@@ -10,7 +10,7 @@ import torch
 import hf_svdkv.text
 from hf_svdkv import CompressionConfig, SVDBases
 from hf_svdkv.text import make_windows
-from hf_svdkv.tools.cli import _eval_configs, _token_ids, main
+from hf_svdkv.tools.cli import _eval_configs, _single_config, _token_ids, main
 from hf_svdkv.tools.eval import build_rows, row_name, run_eval, svd_row
 
 pytest_plugins = ["fixtures_real"]
@@ -68,6 +68,19 @@ def test_cli_sinks_apply_to_the_recommended_rows():
     configs = _eval_configs(args, num_kv_heads=3)
     assert [c.sinks for c in configs] == [0, 16] * 2
     assert row_name(configs[1]) == "calib-4x-g3-w32-mixed-s16"
+
+
+def test_cli_single_config_follows_compression_config():
+    """`generate` / `bases` without --window or --latent-bits: calibrated bases get CompressionConfig's defaults,
+    weight-only ones no window (as their eval rows)."""
+    fields = dict(target_ratio=[], profile=None, ranks=None, window=None, latent_bits=None, group_size=None)
+    fields.update(calibration="fast", sinks=None)
+    default = _single_config(argparse.Namespace(**fields, method=None))
+    assert (default.target_ratio, default.latent_bits, default.window) == (4.0, "mixed", 32)
+    weights = _single_config(argparse.Namespace(**{**fields, "ranks": "8:8"}, method="weights"))
+    assert (weights.latent_bits, weights.window) == (None, 0)
+    explicit = _single_config(argparse.Namespace(**{**fields, "window": "64", "latent_bits": "4"}, method=None))
+    assert (explicit.latent_bits, explicit.window) == (4, 64)
 
 
 def test_cli_rejects_bad_compression_flags(capsys):

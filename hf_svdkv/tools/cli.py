@@ -15,7 +15,7 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import NoReturn
 
-from ..compression_config import DEFAULT_SINKS
+from ..compression_config import DEFAULT_SINKS, MIXED, MIXED_WINDOW
 
 PROG = "hf-svdkv"
 CALIBRATIONS = ("fast", "full")
@@ -28,10 +28,9 @@ RECOMMENDED_WINDOW = 128
 # at 4x (what `CompressionConfig()` gives) and 6x. Measured at 1,536 + 512 tokens they beat calibrated bases cut to
 # a rank (+0.33% vs +1.74% at 2x) and 4-bit latents (+1.65% vs +3.64% at 6x); a 32-token window beat 128
 # (docs/mixed.md).
-MIXED_WINDOW = 32
 DEFAULT_ROWS = (
-    {"method": "calibrated", "target_ratio": 4.0, "latent_bits": "mixed", "window": MIXED_WINDOW},
-    {"method": "calibrated", "target_ratio": 6.0, "latent_bits": "mixed", "window": MIXED_WINDOW},
+    {"method": "calibrated", "target_ratio": 4.0, "latent_bits": MIXED, "window": MIXED_WINDOW},
+    {"method": "calibrated", "target_ratio": 6.0, "latent_bits": MIXED, "window": MIXED_WINDOW},
 )
 DEFAULT_ROWS_HELP = "calibrated joint bases with mixed-width latents and a 32-token window at 4x and 6x"
 
@@ -486,7 +485,8 @@ def _single_config(args: argparse.Namespace, num_kv_heads: int | None = None):
     if len(ratios) + len(ranks) + bool(args.profile) > 1:
         raise ValueError("give at most one of --profile, --ranks KEY:VALUE or --target-ratio R (none: 4x)")
     [method] = _methods(args, "calibrated")[:1]
-    window = _windows(args.window, method)[0] if args.window else None
+    # Weight-only bases keep their window of 0 (as `eval` rows do); calibrated ones take the config's for their bits.
+    window = _windows(args.window, method)[0] if args.window or method != "calibrated" else None
     bits = _ints_or_none(args.latent_bits, "--latent-bits", [None])[0] if args.latent_bits else AUTO
     shape = (
         {"target_ratio": ratios[0]}
