@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from tiny_models import VOCAB, tiny_model
@@ -10,7 +11,7 @@ from transformers import PreTrainedTokenizerFast
 
 from hf_svdkv.growing import SPARE_FRACTION
 from hf_svdkv.tools.bench import BenchResult, BenchRow, markdown_table, table_rows
-from hf_svdkv.tools.cli import main
+from hf_svdkv.tools.cli import build_parser, main
 
 ROW_KEYS = {"name", "context", "batch", "prefill_s", "decode_tokens_per_s", "peak_mem_bytes", "kv_bytes"}
 
@@ -74,6 +75,8 @@ def test_bench_runs_on_a_tiny_model(tiny_model_dir, tmp_path, capsys, monkeypatc
         "1",
         "--repeat",
         "2",
+        "--peak",
+        "inline",  # the fresh processes of the default are tested below, once
     ]
     assert main(args + [item for flag, path in paths.items() for item in (flag, str(path))]) == 0
     result = json.loads(paths["--json"].read_text())
@@ -97,6 +100,25 @@ def test_bench_runs_on_a_tiny_model(tiny_model_dir, tmp_path, capsys, monkeypatc
     assert "| row | context | batch |" in markdown and "svd-3x" in markdown and "`hf-svdkv bench ...`" in markdown
     out = capsys.readouterr().out
     assert "decode ×dyn" in out and "(round 2/2)" in out and result["settings"]["repeat"] == 2
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="the resident set is read from Linux's /proc")
+def test_bench_measures_each_rows_peak_in_a_fresh_process(tiny_model_dir, tmp_path):
+    out = tmp_path / "b.json"
+    # 8,192 tokens: every cache tensor is over glibc's fixed mmap threshold (1 MiB), so each one is counted
+    args = ["bench", "--model", str(tiny_model_dir), "--dtype", "float32", "--contexts", "8192", "--batch", "1"]
+    args += ["--ranks", "16:16", "--method", "weights", "--sinks", "0", "--steps", "1", "--warmup", "1"]
+    assert main([*args, "--beyond-positions", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["settings"]["peak"] == "isolated"
+    rows = {r["name"]: r for r in result["rows"]}
+    assert rows.keys() == {"dynamic", "svd-k16-v16"}
+    for row in rows.values():  # the cache is live when the peak is read: it is part of it
+        assert row["kv_bytes"] <= row["peak_mem_bytes"] < 20 * row["kv_bytes"]
+    # the fresh process refuses a row, context or batch the run does not have
+    parsed = build_parser().parse_args([*args, "--beyond-positions", "--peak-of", "svd-k16-v16@4096x1"])
+    with pytest.raises(ValueError, match="--peak-of svd-k16-v16@4096x1: no such row"):
+        parsed.func(parsed)
 
 
 @pytest.mark.parametrize(

@@ -6,15 +6,23 @@ the rows take `steps` timed single-token steps in turn (row A's step, row B's st
 machine, which comes and goes over seconds, slows every row alike. Decode speed is batch / median step time. With
 `repeat` rounds, each row keeps its best round. Peak memory is the process's growth during a row's prefill and
 warm-up: CUDA's max_memory_allocated, or on CPU the peak resident set size (Linux keeps it in /proc/self/status as
-VmHWM and resets it on request; tracemalloc does not see torch's allocations). KV bytes are what the cache holds at
-the end (`memory.cache_nbytes`). Ratios are to `dynamic`.
+VmHWM and resets it on request; tracemalloc does not see torch's allocations). On CPU the resident set also holds what
+the heap kept from earlier rows and how glibc happened to place freed blocks (the same row measured 391-512 MiB at 8k
+in one process), so by default (`peak="isolated"`) each row's prefill is measured again in a fresh process
+(`isolated_peak`) with glibc's mmap threshold fixed at 1 MiB: every large tensor is then mapped on allocation and
+returned on free, and the figure is the memory the row needs (stable to 1% between runs). KV bytes are what the cache
+holds at the end (`memory.cache_nbytes`). Ratios are to `dynamic`.
 """
 
 from __future__ import annotations
 
 import ctypes
 import gc
+import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -32,6 +40,8 @@ from .memory import cache_nbytes
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
+PEAK_MODES = ("isolated", "inline")
+MMAP_THRESHOLD = 1 << 20  # bytes: larger allocations are mmapped by glibc and unmapped when freed
 
 
 @dataclass
@@ -104,6 +114,33 @@ class PeakMemory:
             self.bytes = torch.cuda.max_memory_allocated(self.device) - self._start
         elif self._start is not None and (peak := _status_kib("VmHWM")) is not None:
             self.bytes = 1024 * (peak - self._start)
+
+
+def default_peak_mode(device: torch.device) -> str:
+    """`isolated` where the peak is the resident set (CPU on Linux), `inline` where the allocator counts it (CUDA)."""
+    return "isolated" if device.type == "cpu" and _STATUS.exists() else "inline"
+
+
+def isolated_peak(argv: Sequence[str], name: str, context: int, batch: int) -> int | None:
+    """Peak memory growth of row `name`'s prefill and warm-up at (`context`, `batch`), measured by a fresh
+    `hf-svdkv bench` process given the same arguments (`argv`, so the same model, rows and prompts) and
+    `--peak-of`, with glibc's mmap threshold fixed (`MMAP_THRESHOLD`) unless the environment sets it."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", str(MMAP_THRESHOLD))}
+    command = [sys.executable, "-m", "hf_svdkv.tools.cli", *argv, "--peak-of", f"{name}@{context}x{batch}"]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    if done.returncode != 0:
+        why = (done.stderr.strip().splitlines() or ["no message"])[-1]
+        raise RuntimeError(f"measuring {name}'s peak memory in a fresh process failed: {why}")
+    return json.loads(done.stdout.strip().splitlines()[-1])["peak_mem_bytes"]
+
+
+def measure_peak(model: nn.Module, spec: Any, ids: torch.Tensor, *, warmup: int, prefill_chunk: int) -> int | None:
+    """One row's peak memory growth over its prefill of `ids` and warm-up steps, after a short run of the same row
+    (what it loads or compiles once is not counted, as in a process that has served a prompt before)."""
+    with torch.inference_mode():
+        model(ids[:, :64], use_cache=False, logits_to_keep=1)  # page weights in, init kernels
+        _prefill(model, spec, ids[:, :64], warmup=1, prefill_chunk=0)
+        return _prefill(model, spec, ids, warmup=warmup, prefill_chunk=prefill_chunk).peak
 
 
 def available_memory(device: torch.device) -> int | None:
@@ -223,6 +260,17 @@ def measure_interleaved(
     ]
 
 
+def bench_prompts(
+    model: nn.Module, contexts: Sequence[int], batches: Sequence[int], seed: int = 0
+) -> dict[tuple[int, int], torch.Tensor]:
+    """The random prompts of a run, by (context, batch): the same for the same arguments, in any process."""
+    generator = torch.Generator().manual_seed(seed)
+    vocab = model.config.get_text_config(decoder=True).vocab_size
+    return {
+        (c, b): torch.randint(3, vocab, (b, c), generator=generator).to(model.device) for c in contexts for b in batches
+    }
+
+
 def run_rows(
     model: nn.Module,
     rows: Sequence,
@@ -240,11 +288,7 @@ def run_rows(
 
     With `repeat` > 1 everything runs that many rounds and every row keeps its best: fastest prefill and decode,
     smallest peak. `on_row(row, round)` hears each row's own figures as it is measured (the CLI prints them)."""
-    generator = torch.Generator().manual_seed(seed)
-    vocab = model.config.get_text_config(decoder=True).vocab_size
-    prompts = {
-        (c, b): torch.randint(3, vocab, (b, c), generator=generator).to(model.device) for c in contexts for b in batches
-    }
+    prompts = bench_prompts(model, contexts, batches, seed)
     best: dict[tuple[str, int, int], BenchRow] = {}
     with torch.inference_mode():
         for spec in rows:

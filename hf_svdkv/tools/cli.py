@@ -655,6 +655,14 @@ def _add_bench(subparsers: argparse._SubParsersAction) -> None:
     )
     _add_row_arguments(p, peers_help="also run transformers' QuantizedCache (see `eval --peers`)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument(
+        "--peak",
+        choices=("isolated", "inline"),
+        help="isolated: each row's peak memory measured again in a fresh process, the resident set growth with "
+        "glibc's mmap threshold fixed at 1 MiB; inline: in the timing run (default: isolated on CPU, inline on "
+        "CUDA, whose allocator counts it exactly)",
+    )
+    p.add_argument("--peak-of", help=argparse.SUPPRESS)  # NAME@CONTEXTxBATCH: the fresh process of --peak isolated
     p.add_argument("--json", help="write the result as JSON here")
     p.add_argument("--plot", help="write decode speed and KV size vs context here (PNG, PDF, SVG ...)")
     p.add_argument("--markdown", help="write the printed table as markdown here")
@@ -705,7 +713,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     from ..architectures import model_geometry
     from ..assets import MODEL_NAME as DEFAULT_MODEL_NAME
-    from .bench import BenchResult, markdown_table, plot, print_table, run_rows
+    from .bench import (
+        BenchResult,
+        default_peak_mode,
+        isolated_peak,
+        markdown_table,
+        plot,
+        print_table,
+        run_rows,
+    )
     from .eval import peer_backend
 
     # Everything that can be checked without the model is checked first: a typo should cost seconds.
@@ -731,6 +747,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     calib_ids = _token_ids(args, tokenizer, model)[1] if any(c.method == "calibrated" for c in configs) else None
     # A target ratio is quoted at the longest context: the window's bytes are spread over it.
     rows = _rows(args, model, configs, calib_ids, max(contexts))
+    if args.peak_of:
+        return _peak_of(args, model, rows, contexts, batches)
     _check_memory(model, contexts, batches, len(rows))
 
     def report_row(row, round_: int) -> None:
@@ -752,9 +770,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         repeat=args.repeat,
         on_row=report_row,
     )
+    peak = args.peak or default_peak_mode(model.device)
+    if peak == "isolated":
+        for row in measured:
+            print(f"  {row.name:24s} context {row.context:6d} batch {row.batch:3d}: peak (fresh process)", flush=True)
+            row.peak_mem_bytes = isolated_peak(args.argv, row.name, row.context, row.batch)
     command = "hf-svdkv " + " ".join(sys.argv[1:])
     settings = {
         "dtype": config.dtype,
+        "peak": peak,
         "steps": args.steps,
         "warmup": args.warmup,
         "prefill_chunk": args.prefill_chunk,
@@ -771,6 +795,24 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         plot(result, args.plot)
     if args.markdown:
         Path(args.markdown).write_text(markdown_table(result, command), encoding="utf-8")
+    return 0
+
+
+def _peak_of(args: argparse.Namespace, model, rows: Sequence, contexts: Sequence[int], batches: Sequence[int]) -> int:
+    """The fresh process of `bench --peak isolated`: one row's peak memory growth, printed as JSON."""
+    import json
+
+    from .bench import bench_prompts, measure_peak
+
+    name, _, size = args.peak_of.rpartition("@")
+    context, _, batch = size.partition("x")
+    spec = next((row for row in rows if row.name == name), None)
+    ids = bench_prompts(model, contexts, batches).get((int(context), int(batch))) if context and batch else None
+    if spec is None or ids is None:
+        raise ValueError(f"--peak-of {args.peak_of}: no such row, context and batch in this run")
+    spec.prepare(model, [args.prefill_chunk or int(context), 1])
+    peak = measure_peak(model, spec, ids, warmup=args.warmup, prefill_chunk=args.prefill_chunk)
+    print(json.dumps({"peak_mem_bytes": peak}))
     return 0
 
 
@@ -883,6 +925,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns 0, or exits with status 2 and a one-line message on bad input."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what a fresh process of the same command is given
     if not hasattr(args, "func"):
         parser.print_help(sys.stderr)
         raise SystemExit(2)
