@@ -40,7 +40,6 @@ from .memory import cache_nbytes
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
-PEAK_MODES = ("isolated", "inline")
 MMAP_THRESHOLD = 1 << 20  # bytes: larger allocations are mmapped by glibc and unmapped when freed
 
 
@@ -138,8 +137,7 @@ def measure_peak(model: nn.Module, spec: Any, ids: torch.Tensor, *, warmup: int,
     """One row's peak memory growth over its prefill of `ids` and warm-up steps, after a short run of the same row
     (what it loads or compiles once is not counted, as in a process that has served a prompt before)."""
     with torch.inference_mode():
-        model(ids[:, :64], use_cache=False, logits_to_keep=1)  # page weights in, init kernels
-        _prefill(model, spec, ids[:, :64], warmup=1, prefill_chunk=0)
+        _prefill(model, spec, ids[:, :64], warmup=1, prefill_chunk=0)  # also pages the weights in
         return _prefill(model, spec, ids, warmup=warmup, prefill_chunk=prefill_chunk).peak
 
 

@@ -19,6 +19,7 @@ from ..compression_config import DEFAULT_SINKS, MIXED, MIXED_WINDOW
 
 PROG = "hf-svdkv"
 CALIBRATIONS = ("fast", "full")
+PEAK_MODES = ("isolated", "inline")  # bench --peak (`bench.default_peak_mode` picks one)
 USER_ERRORS = (ValueError, FileNotFoundError, OSError)
 DEFAULT_CALIB_TOKENS = 65536
 # Measured on the default model, calibrated joint bases, 3 windows of 1536 + 512 tokens: window 0 / 32 / 64 / 128
@@ -657,7 +658,7 @@ def _add_bench(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument(
         "--peak",
-        choices=("isolated", "inline"),
+        choices=PEAK_MODES,
         help="isolated: each row's peak memory measured again in a fresh process, the resident set growth with "
         "glibc's mmap threshold fixed at 1 MiB; inline: in the timing run (default: isolated on CPU, inline on "
         "CUDA, whose allocator counts it exactly)",
