@@ -11,6 +11,7 @@ from transformers import DynamicCache
 import hf_svdkv.attention
 import hf_svdkv.decode
 import hf_svdkv.decode.blockwise
+import hf_svdkv.decode.state
 from hf_svdkv import SVDCompressedCache
 from hf_svdkv.decode.blockwise import BlockwiseBackend
 from hf_svdkv.decode.cpu import CpuKernelBackend
@@ -70,6 +71,30 @@ def test_latent_path_equals_reference_path(variant, attn, monkeypatch):
     reference = run()
     valid = mask.bool()
     torch.testing.assert_close(latent[valid], reference[valid], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_value_up_projection_folded_into_o_proj_or_not_gives_the_same_logits(variant, monkeypatch):
+    """Whether o_proj is folded onto the value latents (`folding_pays`) decides memory and speed, never the result:
+    a chunked prefill and decoding steps of a left-padded batch, both ways."""
+    model = CACHE_VARIANTS[variant].model()
+    ids, mask = left_padded((30, 21))
+
+    def run(fold: bool) -> torch.Tensor:
+        monkeypatch.setattr(hf_svdkv.decode.state, "folding_pays", lambda *args: fold)
+        cache, logits = SVDCompressedCache(model), []
+        with torch.no_grad():
+            for s, e in ((0, 20), (20, 30)):
+                logits.append(model(ids[:, s:e], attention_mask=mask[:, :e], past_key_values=cache).logits)
+            step_mask = mask
+            for t in range(3):  # the same tokens both ways (greedy ones could part on a near tie)
+                step_mask = torch.cat([step_mask, step_mask.new_ones(2, 1)], dim=1)
+                logits.append(model(ids[:, t : t + 1], attention_mask=step_mask, past_key_values=cache).logits)
+        return torch.cat(logits, dim=1)
+
+    folded, unfolded = run(True), run(False)
+    valid = torch.cat([mask, mask.new_ones(2, 3)], dim=1).bool()
+    torch.testing.assert_close(unfolded[valid], folded[valid], atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -12,6 +12,7 @@ from tiny_models import CACHE_VARIANTS, structured_ids
 from transformers import DynamicCache
 
 import hf_svdkv.decode.blockwise as blockwise
+import hf_svdkv.decode.window as window
 from hf_svdkv import SVDCompressedCache
 
 
@@ -59,19 +60,26 @@ def test_exact_prefill_is_the_full_precision_prompt_and_stores_the_same_latents(
 
 
 def test_the_blockwise_path_never_rebuilds_a_whole_layer(monkeypatch):
-    """Every rebuilt block is bounded by CHUNK_ELEMENTS, whatever the length of the input and of the cache."""
+    """Every rebuilt block, and the scores of the new tokens against their exact copies, are bounded by
+    CHUNK_ELEMENTS, whatever the length of the input and of the cache."""
     model = patched("window")
-    sizes = []
-    original = blockwise._scratch
+    sizes, scores = [], []
+    original, merge = blockwise._scratch, window._merge_exact
 
     def spy(name, shape, dtype, device):
         sizes.append(torch.Size(shape).numel())
         return original(name, shape, dtype, device)
 
+    def merge_spy(query, latent, lse, keys, *args):
+        scores.append(query.shape[0] * query.shape[1] * query.shape[2] * keys.shape[-2])
+        return merge(query, latent, lse, keys, *args)
+
     monkeypatch.setattr(blockwise, "_scratch", spy)
+    monkeypatch.setattr(window, "_merge_exact", merge_spy)
     monkeypatch.setattr(blockwise, "CHUNK_ELEMENTS", 1024)
     cache = SVDCompressedCache(model)
     with torch.no_grad():
         model(structured_ids(200), past_key_values=cache)
         model(structured_ids(150, seed=1), past_key_values=cache)  # 150 new tokens over 200 stored
     assert sizes and max(sizes) <= 1024
+    assert scores and max(scores) <= 1024

@@ -1,8 +1,11 @@
 """What attention over a layer's latents needs besides the latents, built once per cache layer: the key up projection
-laid out for rebuilding keys, and `o_proj` folded onto the value latents.
+laid out for rebuilding keys, and the value up projection, alone or folded into `o_proj`.
 
-Values never leave the latent space: a query head attends over its group's value latents, and the group's up
-projection (and center, which softmax weights summing to 1 turn into a bias) is folded into `o_proj` once.
+Values are never rebuilt per token: a query head attends over its group's value latents, and only its output (one
+latent row per query head and token) is projected up. Folded into `o_proj` once, the up projection costs nothing of
+its own, but the folded weight is hidden x rank per query head against o_proj's hidden x head_dim: it pays only
+while value latents are narrower than a head (`folding_pays`). Joint bases, whose rank spans several KV heads, keep
+the two apart (on the default model the folded weights would take 59 MB, 3x o_proj's, and 2x its multiply-adds).
 """
 
 from __future__ import annotations
@@ -20,19 +23,30 @@ from ..svd_cache import SVDCacheLayer
 from .rope import interleave
 
 
-def _per_query_head(
-    projection: Projection, num_heads: int, num_kv_heads: int, head_dim: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each query head's slice of its KV head's up projection [heads, rank, head_dim] and center [heads, head_dim]."""
+def _per_kv_head(projection: Projection, num_kv_heads: int, head_dim: int) -> torch.Tensor:
+    """Each KV head's slice of its group's up projection [kv_heads, rank, head_dim]."""
     groups, rank, _ = projection.up.shape
-    up = (
+    return (
         projection.up.reshape(groups, rank, num_kv_heads // groups, head_dim)
         .transpose(1, 2)
         .reshape(num_kv_heads, rank, head_dim)
     )
+
+
+def _per_query_head(
+    projection: Projection, num_heads: int, num_kv_heads: int, head_dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each query head's slice of its KV head's up projection [heads, rank, head_dim] and center [heads, head_dim]."""
+    up = _per_kv_head(projection, num_kv_heads, head_dim)
     center = projection.center.reshape(num_kv_heads, head_dim)
     repeats = num_heads // num_kv_heads
     return up.repeat_interleave(repeats, dim=0), center.repeat_interleave(repeats, dim=0)
+
+
+def folding_pays(hidden: int, head_dim: int, value_rank: int) -> bool:
+    """Whether o_proj folded onto value latents (hidden x rank per query head) takes fewer multiply-adds and bytes
+    than projecting each head's output up (rank x head_dim) and then through o_proj (hidden x head_dim)."""
+    return hidden * value_rank < value_rank * head_dim + hidden * head_dim
 
 
 def fold_value_up_into_o_proj(
@@ -62,9 +76,12 @@ class LayerState:
     key_weight: torch.Tensor
     key_bias: torch.Tensor | None
     key_rows: torch.Tensor  # [key_groups, rank, width] float32, heads interleaved (the CPU kernel's layout)
-    value_center: torch.Tensor  # [kv_heads, head_dim] float32: subtracted from exact values (the bias adds it back)
-    out_weight: torch.Tensor  # folded o_proj [hidden, heads * value_rank] in the model dtype
-    out_bias: torch.Tensor  # [hidden]
+    value_center: torch.Tensor  # [kv_heads, head_dim] float32: subtracted from exact values (added back after)
+    # Folded (`folding_pays`): o_proj on value latents [hidden, heads * value_rank] in the model dtype and its bias
+    # [hidden]. Not folded: value_up [kv_heads, value_rank, head_dim] float32, and o_proj serves as it is.
+    out_weight: torch.Tensor | None
+    out_bias: torch.Tensor | None
+    value_up: torch.Tensor | None
     kernel_data: dict[str, Any] = field(default_factory=dict)  # layouts a decode backend derives once (AMX tiles)
 
     @property
@@ -88,9 +105,14 @@ def layer_state(module: nn.Module, layer: SVDCacheLayer) -> LayerState:
     key_bias = interleave(key.center.reshape(groups, -1, head_dim)).reshape(groups, width)
     num_heads = module.config.num_attention_heads
     num_kv_heads = value.num_groups * (value.up.shape[-1] // head_dim)
-    out_weight, out_bias = fold_value_up_into_o_proj(weight, value, num_heads, num_kv_heads, head_dim)
-    if module.o_proj.bias is not None:
-        out_bias = out_bias + module.o_proj.bias.float()
+    out_weight = out_bias = value_up = None
+    if folding_pays(weight.shape[0], head_dim, value.rank):
+        out_weight, out_bias = fold_value_up_into_o_proj(weight, value, num_heads, num_kv_heads, head_dim)
+        if module.o_proj.bias is not None:
+            out_bias = out_bias + module.o_proj.bias.float()
+        out_weight, out_bias = out_weight.to(weight.dtype), out_bias.to(weight.dtype)
+    else:
+        value_up = _per_kv_head(value, num_kv_heads, head_dim).float().contiguous()
     state = LayerState(
         projection=layer.projection,
         o_proj_weight=weight,
@@ -98,8 +120,9 @@ def layer_state(module: nn.Module, layer: SVDCacheLayer) -> LayerState:
         key_bias=key_bias.float() if key_bias.any() else None,
         key_rows=key_rows.float().contiguous(),
         value_center=value.center.reshape(num_kv_heads, head_dim).float(),
-        out_weight=out_weight.to(weight.dtype),
-        out_bias=out_bias.to(weight.dtype),
+        out_weight=out_weight,
+        out_bias=out_bias,
+        value_up=value_up,
     )
     _STATES[layer] = state
     return state
@@ -117,10 +140,20 @@ class LatentAttentionOutput:
 
 
 def project_output(module: nn.Module, state: LayerState, out: LatentAttentionOutput) -> torch.Tensor:
-    """The attention module's output [batch, q, hidden]: folded o_proj on the latent part, o_proj's own weight on
-    the exact part."""
-    dtype = state.out_weight.dtype
-    result = F.linear(out.latent.flatten(-2).to(dtype), state.out_weight, state.out_bias)
+    """The attention module's output [batch, q, hidden]. Folded: o_proj on value latents for the latent part, o_proj's
+    own weight on the exact part. Not folded: each head's output projected up, its center and exact part added (the
+    softmax weights of both parts sum to 1), then o_proj."""
+    dtype = module.o_proj.weight.dtype
+    if state.out_weight is not None:
+        result = F.linear(out.latent.flatten(-2).to(dtype), state.out_weight, state.out_bias)
+        if out.exact is not None:
+            result = result + F.linear(out.exact.flatten(-2).to(dtype), module.o_proj.weight)
+        return result
+    batch, query_len, num_heads, rank = out.latent.shape
+    num_kv_heads, _, head_dim = state.value_up.shape
+    latent = out.latent.float().reshape(batch, query_len, num_kv_heads, num_heads // num_kv_heads, rank)
+    heads = torch.einsum("bqkpr,krd->bqkpd", latent, state.value_up) + state.value_center[:, None]
+    heads = heads.reshape(batch, query_len, num_heads, head_dim)
     if out.exact is not None:
-        result = result + F.linear(out.exact.flatten(-2).to(dtype), module.o_proj.weight)
-    return result
+        heads = heads + out.exact
+    return module.o_proj(heads.flatten(-2).to(dtype))

@@ -11,8 +11,8 @@ at a quarter of a 16-bit one's bytes.
 
 Flash-decoding layout: the sequence is split across programs (so one batch row still fills the GPU), each writes a
 partial (max, sum, accumulator) per query head, and a second small kernel merges the splits. The output is the attention
-over value latents per query head plus its log-sum-exp; `state` folds the value basis into o_proj and `window` merges
-the full-precision window (a few tokens) in torch.
+over value latents per query head plus its log-sum-exp; `state` projects it up (or folds the value basis into o_proj)
+and `window` merges the full-precision window (a few tokens) in torch.
 
 Works on any batch, GQA ratio and head grouping (a program handles the KV heads that share both a key and a value
 group), fp16/bf16/fp32 latents or int8/int4 codes (fp32 accumulation), and a per-token validity mask for left padding.

@@ -13,6 +13,7 @@ import math
 import torch
 
 from ..svd_cache import ExactTokens, SVDCacheLayer
+from . import blockwise  # its CHUNK_ELEMENTS, read at call time (blockwise imports this module)
 from .rope import Rope, interleave, rotate
 from .state import LatentAttentionOutput, LayerState
 
@@ -95,22 +96,52 @@ def attend_window(
         return LatentAttentionOutput(latent)
     batch, num_heads, query_len, head_dim = query.shape
     num_kv_heads = state.num_kv_heads
-    rows = num_heads // num_kv_heads * query_len
     count, total = exact.index.numel(), layer.get_seq_length()
-    queries = interleave(query.float() * scaling).reshape(batch, num_kv_heads, rows, head_dim)
     keys = rotate(interleave(exact.keys.float()), rope.at(exact.index)[:, None])
-    scores = torch.matmul(queries, keys.mT)  # [batch, kv_heads, rows, n]
+    values = exact.values.float() - state.value_center[:, None, :]
     allowed = exact_mask(attention_mask, query_len, total, exact, layer.window, layer.sink_flags(exact.index))
-    scores = scores.view(batch, num_kv_heads, -1, query_len, count).masked_fill(~allowed[:, :, None], -math.inf)
+    # A prompt continued in chunks brings every new token as an exact copy: its [queries x copies] scores are taken a
+    # span of queries at a time, so the transient stays within CHUNK_ELEMENTS as in `blockwise`.
+    span = max(1, blockwise.CHUNK_ELEMENTS // (batch * num_heads * count))
+    spans = [slice(first, first + span) for first in range(0, query_len, span)]
+    latents, outputs = zip(
+        *(
+            _merge_exact(
+                query[:, :, q], latent[:, q], lse[..., q], keys, values, allowed[..., q, :], num_kv_heads, scaling
+            )
+            for q in spans
+        ),
+        strict=True,
+    )
+    latent, exact_out = torch.cat(latents, dim=1), torch.cat(outputs, dim=1)
+    return LatentAttentionOutput(latent, exact_out)
+
+
+def _merge_exact(
+    query: torch.Tensor,
+    latent: torch.Tensor,
+    lse: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    allowed: torch.Tensor,
+    num_kv_heads: int,
+    scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`attend_window` for a span of queries: (latent part rescaled, exact part [batch, q, heads, head_dim])."""
+    batch, num_heads, query_len, head_dim = query.shape
+    rows, count = num_heads // num_kv_heads * query_len, keys.shape[-2]
+    queries = interleave(query.float() * scaling).reshape(batch, num_kv_heads, rows, head_dim)
+    scores = torch.matmul(queries, keys.mT)  # [batch, kv_heads, rows, n]
+    scores = scores.view(batch, num_kv_heads, -1, query_len, count).masked_fill_(~allowed[:, :, None], -math.inf)
     scores = scores.view(batch, num_kv_heads, rows, count)
     both = torch.logaddexp(lse.reshape(batch, num_kv_heads, rows), torch.logsumexp(scores, dim=-1))
     # A query that reads nothing at all (a padding position) gets zeros, not NaN.
     both = torch.where(both == -math.inf, 0.0, both)
     share = torch.exp(lse - both.view(batch, num_heads, query_len))  # of the latent part in the merged softmax
     latent = latent * share.transpose(1, 2)[..., None]
-    weights = torch.exp(scores - both[..., None])
-    exact_out = torch.matmul(weights, exact.values.float() - state.value_center[:, None, :])  # [batch, kv, rows, d]
-    return LatentAttentionOutput(latent, exact_out.view(batch, num_heads, query_len, head_dim).transpose(1, 2))
+    weights = scores.sub_(both[..., None]).exp_()
+    exact_out = torch.matmul(weights, values)  # [batch, kv, rows, d]
+    return latent, exact_out.view(batch, num_heads, query_len, head_dim).transpose(1, 2)
 
 
 def valid_latent_tokens(mask: torch.Tensor | None, layer: SVDCacheLayer) -> torch.Tensor | None:
