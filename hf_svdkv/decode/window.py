@@ -13,7 +13,6 @@ import math
 import torch
 
 from ..svd_cache import ExactTokens, SVDCacheLayer
-from . import blockwise  # its CHUNK_ELEMENTS, read at call time (blockwise imports this module)
 from .rope import Rope, interleave, rotate
 from .state import LatentAttentionOutput, LayerState
 
@@ -88,6 +87,7 @@ def attend_window(
     *,
     scaling: float,
     attention_mask: torch.Tensor | None,
+    chunk_elements: int,
 ) -> LatentAttentionOutput:
     """Merge a backend's attention over the latent tokens (`latent` [batch, q, heads, value_rank], normalised, and its
     log-sum-exp `lse` [batch, heads, q]) with the exact copies `exact` (the sinks and the window's tail, as
@@ -101,8 +101,8 @@ def attend_window(
     values = exact.values.float() - state.value_center[:, None, :]
     allowed = exact_mask(attention_mask, query_len, total, exact, layer.window, layer.sink_flags(exact.index))
     # A prompt continued in chunks brings every new token as an exact copy: its [queries x copies] scores are taken a
-    # span of queries at a time, so the transient stays within CHUNK_ELEMENTS as in `blockwise`.
-    span = max(1, blockwise.CHUNK_ELEMENTS // (batch * num_heads * count))
+    # span of queries at a time, so the transient stays within `chunk_elements` (blockwise's CHUNK_ELEMENTS).
+    span = max(1, chunk_elements // (batch * num_heads * count))
     spans = [slice(first, first + span) for first in range(0, query_len, span)]
     latents, outputs = zip(
         *(
