@@ -274,16 +274,7 @@ def latent_step(attention, layer, query, mask, rotary, use_triton: bool):
     rope = decode.Rope(rotary, layer.positions)
     latent, lse = backend.attend(query, layer, state, rope, scaling=attention.scaling, attention_mask=mask)
     out = decode.window.attend_window(
-        query,
-        latent,
-        lse,
-        layer,
-        state,
-        rope,
-        None,
-        scaling=attention.scaling,
-        attention_mask=mask,
-        chunk_elements=decode.blockwise.CHUNK_ELEMENTS,
+        query, latent, lse, layer, state, rope, None, scaling=attention.scaling, attention_mask=mask
     )
     return decode.project_output(attention, state, out)
 

@@ -10,8 +10,8 @@ from transformers import DynamicCache
 
 import hf_svdkv.attention
 import hf_svdkv.decode
-import hf_svdkv.decode.blockwise
 import hf_svdkv.decode.state
+import hf_svdkv.decode.window
 from hf_svdkv import SVDCompressedCache
 from hf_svdkv.decode.blockwise import BlockwiseBackend
 from hf_svdkv.decode.cpu import CpuKernelBackend
@@ -64,7 +64,7 @@ def test_latent_path_equals_reference_path(variant, attn, monkeypatch):
             ]
         return torch.cat(chunks, dim=1)
 
-    monkeypatch.setattr(hf_svdkv.decode.blockwise, "CHUNK_ELEMENTS", 64)
+    monkeypatch.setattr(hf_svdkv.decode.window, "CHUNK_ELEMENTS", 64)
     monkeypatch.setattr(hf_svdkv.decode, "BACKENDS", [BlockwiseBackend()])
     latent = run()
     monkeypatch.setattr(hf_svdkv.attention, "MAX_QUERY_LEN", 0)

@@ -56,7 +56,7 @@ def test_generate_is_unchanged_and_chunking_does_not_matter(monkeypatch):
     with torch.no_grad():
         expected = model.generate(ids, max_new_tokens=24, do_sample=False)
     fast()
-    monkeypatch.setattr("hf_svdkv.decode.blockwise.CHUNK_ELEMENTS", 7 * 2 * 32)  # chunks of 7 tokens, the last partial
+    monkeypatch.setattr("hf_svdkv.decode.window.CHUNK_ELEMENTS", 7 * 2 * 32)  # chunks of 7 tokens, the last partial
     with torch.no_grad():
         got = model.generate(ids, max_new_tokens=24, do_sample=False)
     assert torch.equal(got, expected)

@@ -76,7 +76,7 @@ def test_the_blockwise_path_never_rebuilds_a_whole_layer(monkeypatch):
 
     monkeypatch.setattr(blockwise, "_scratch", spy)
     monkeypatch.setattr(window, "_merge_exact", merge_spy)
-    monkeypatch.setattr(blockwise, "CHUNK_ELEMENTS", 1024)
+    monkeypatch.setattr(window, "CHUNK_ELEMENTS", 1024)
     cache = SVDCompressedCache(model)
     with torch.no_grad():
         model(structured_ids(200), past_key_values=cache)

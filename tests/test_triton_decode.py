@@ -13,7 +13,7 @@ from tiny_models import structured_ids, tiny_model, weights_config
 
 from hf_svdkv import SVDCompressedCache, patch_model
 from hf_svdkv.decode import Rope, layer_state, project_output
-from hf_svdkv.decode.blockwise import CHUNK_ELEMENTS, blockwise_attention
+from hf_svdkv.decode.blockwise import blockwise_attention
 from hf_svdkv.decode.window import attend_window
 
 triton = pytest.importorskip("triton")
@@ -107,18 +107,7 @@ def test_kernel_matches_torch_path(num_heads, num_kv_heads, group_size, window, 
         TritonBackend().attend(query, layer, state, rope, scaling=attention.scaling, attention_mask=mask),
     ):
         outputs.append(
-            attend_window(
-                query,
-                latent,
-                lse,
-                layer,
-                state,
-                rope,
-                exact,
-                scaling=attention.scaling,
-                attention_mask=mask,
-                chunk_elements=CHUNK_ELEMENTS,
-            )
+            attend_window(query, latent, lse, layer, state, rope, exact, scaling=attention.scaling, attention_mask=mask)
         )
     expected, got = outputs
     torch.testing.assert_close(got.latent, expected.latent, atol=1e-5, rtol=1e-4)

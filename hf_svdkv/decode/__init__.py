@@ -15,7 +15,6 @@ import math
 import torch
 
 from ..svd_cache import ExactTokens, SVDCacheLayer
-from . import blockwise
 from .base import DecodeBackend, Unsupported
 from .blockwise import BlockwiseBackend
 from .cpu import CpuKernelBackend
@@ -66,15 +65,4 @@ def attend(
                     break
                 except Unsupported:
                     continue
-    return attend_window(
-        query,
-        latent,
-        lse,
-        layer,
-        state,
-        rope,
-        exact,
-        scaling=scaling,
-        attention_mask=attention_mask,
-        chunk_elements=blockwise.CHUNK_ELEMENTS,
-    )
+    return attend_window(query, latent, lse, layer, state, rope, exact, scaling=scaling, attention_mask=attention_mask)

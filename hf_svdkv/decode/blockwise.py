@@ -3,7 +3,7 @@
 Per block of stored tokens: rebuild its keys from their latents, rotate them at their positions (RoPE does not
 commute with the projection), score them against every query head that reads them, and fold the block into a running
 softmax over the *value latents* (flash-style). No layer's keys or values ever exist at full size, no [query x tokens]
-mask is built, and the transient stays below CHUNK_ELEMENTS whatever the length of the input or of the cache. It
+mask is built, and the transient stays below `window.CHUNK_ELEMENTS` for any length of the input or of the cache. It
 serves every call the kernels do not: prompts continued in chunks, teacher-forced continuations, decoding where no
 kernel applies (no compiler, float16 latents, a dynamic rope type on CUDA).
 """
@@ -16,22 +16,19 @@ import threading
 import torch
 
 from ..svd_cache import SVDCacheLayer
+from . import window
 from .base import DecodeBackend
 from .rope import Rope, interleave, rotate
 from .state import LayerState
 from .window import block_mask, sink_flags
 
-# Elements (float32) of the largest transient, a block's rebuilt keys or its scores: 8 MB, so the transient stays far
-# below the cache it reads (the whole 8k-token context of the default model at batch 1), while each op is large
-# enough that per-op overhead does not dominate on CPU.
-CHUNK_ELEMENTS = 1 << 21
 _SCRATCH = threading.local()
 
 
 def _scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """An uninitialised tensor of `shape`, reusing one buffer per name (per thread) on CPU: a large temporary
     allocated afresh on every call is mapped afresh too, and its page faults cost more than the work done in it.
-    The buffer is bounded by CHUNK_ELEMENTS; CUDA's caching allocator already reuses memory."""
+    The buffer is bounded by window.CHUNK_ELEMENTS; CUDA's caching allocator already reuses memory."""
     if device.type != "cpu":
         return torch.empty(shape, dtype=dtype, device=device)
     buffers = _SCRATCH.__dict__.setdefault("buffers", {})
@@ -61,7 +58,7 @@ def blockwise_attention(
     num_kv_heads = state.num_kv_heads
     per_kv = num_heads // num_kv_heads
     rows = per_kv * query_len
-    chunk_size = chunk_size or max(16, CHUNK_ELEMENTS // (batch * num_kv_heads * max(head_dim, rows)))
+    chunk_size = chunk_size or max(16, window.CHUNK_ELEMENTS // (batch * num_kv_heads * max(head_dim, rows)))
     total, latent_len = layer.get_seq_length(), layer.keys.length
     device = query.device
     # [batch, kv_heads, heads per kv head * q, d]: every query head reading a KV head scores its keys in one matmul.

@@ -16,6 +16,12 @@ from ..svd_cache import ExactTokens, SVDCacheLayer
 from .rope import Rope, interleave, rotate
 from .state import LatentAttentionOutput, LayerState
 
+# Elements (float32) of the largest transient of attention over a layer (a block's rebuilt keys or scores in
+# `blockwise`, a span of queries' scores against the exact copies here): 8 MB, so the transient stays far below the
+# cache it reads (the whole 8k-token context of the default model at batch 1), while each op is large enough that
+# per-op overhead does not dominate on CPU. Read at call time, so tests can lower it.
+CHUNK_ELEMENTS = 1 << 21
+
 
 def _model_mask(mask: torch.Tensor | None, total: int, columns: slice | torch.Tensor) -> torch.Tensor | None:
     """The model's mask (None, 4-D bool, or eager's additive float: padding, causality, a sliding window) as bool, for
@@ -87,7 +93,6 @@ def attend_window(
     *,
     scaling: float,
     attention_mask: torch.Tensor | None,
-    chunk_elements: int,
 ) -> LatentAttentionOutput:
     """Merge a backend's attention over the latent tokens (`latent` [batch, q, heads, value_rank], normalised, and its
     log-sum-exp `lse` [batch, heads, q]) with the exact copies `exact` (the sinks and the window's tail, as
@@ -101,8 +106,8 @@ def attend_window(
     values = exact.values.float() - state.value_center[:, None, :]
     allowed = exact_mask(attention_mask, query_len, total, exact, layer.window, layer.sink_flags(exact.index))
     # A prompt continued in chunks brings every new token as an exact copy: its [queries x copies] scores are taken a
-    # span of queries at a time, so the transient stays within `chunk_elements` (blockwise's CHUNK_ELEMENTS).
-    span = max(1, chunk_elements // (batch * num_heads * count))
+    # span of queries at a time, so the transient stays within CHUNK_ELEMENTS.
+    span = max(1, CHUNK_ELEMENTS // (batch * num_heads * count))
     spans = [slice(first, first + span) for first in range(0, query_len, span)]
     latents, outputs = zip(
         *(
