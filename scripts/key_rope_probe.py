@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from transformers.models.llama import modeling_llama
 
+from hf_svdkv.calibration import LayerStatistics
 from hf_svdkv.text import load_text, split_calibration, tokenize_text
 from hf_svdkv.tools.loading import load_model
 
@@ -46,12 +47,8 @@ class KeyProbe:
         self.layer, self.mode, self.bases = 0, "collect", {}
         width = model.config.num_key_value_heads * (model.config.hidden_size // model.config.num_attention_heads)
         layers = model.config.num_hidden_layers
-        # Per kind and layer: sum of x xᵀ, sum of x, count (x: a token's joint key).
-        self.moments = {
-            kind: [
-                [torch.zeros(width, width, dtype=torch.float64), torch.zeros(width, dtype=torch.float64), 0]
-                for _ in range(layers)
-            ]
+        self.statistics = {
+            kind: [LayerStatistics.zeros(width, torch.device("cpu"), with_first=False) for _ in range(layers)]
             for kind in ("pre", "post")
         }
         for index, layer in enumerate(model.model.layers):
@@ -68,10 +65,7 @@ class KeyProbe:
         if self.mode == "collect":
             rotated = self.rotate(query, key, cos, sin, unsqueeze_dim)
             for kind, keys in (("pre", key), ("post", rotated[1])):
-                x, moment = joint(keys), self.moments[kind][self.layer]
-                moment[0] += x.T @ x
-                moment[1] += x.sum(0)
-                moment[2] += x.shape[0]
+                self.statistics[kind][self.layer].add(joint(keys))
             return rotated
         if self.mode == "pre":
             key = self.project(key)
@@ -83,10 +77,9 @@ class KeyProbe:
     def principal(self, kind: str) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """(eigenvalues descending, eigenvectors, mean) of each layer's key covariance."""
         result = []
-        for second, first, count in self.moments[kind]:
-            mean = first / count
-            values, vectors = torch.linalg.eigh(second / count - torch.outer(mean, mean))
-            result.append((values.flip(0).clamp_min(0), vectors.flip(1), mean))
+        for statistics in self.statistics[kind]:
+            values, vectors = torch.linalg.eigh(statistics.covariance)
+            result.append((values.flip(0).clamp_min(0), vectors.flip(1), statistics.mean))
         return result
 
 
@@ -130,7 +123,7 @@ def main() -> None:
     finally:
         modeling_llama.apply_rotary_pos_emb = probe.rotate
 
-    width = probe.moments["pre"][0][1].numel()
+    width = probe.statistics["pre"][0].total.numel()
     lines = [
         f"`python scripts/key_rope_probe.py --markdown docs/key_rope.md` (torch threads: {torch.get_num_threads()})",
         "",
