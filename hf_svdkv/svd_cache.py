@@ -139,7 +139,7 @@ class SVDCacheLayer(CacheLayerMixin):
 
         Returns the exact copies `update` would append (the sinks, then the window before this call and the new
         tokens), or None without sinks or a window. Stores exactly what `update` stores."""
-        exact_keys, exact_values, _, _ = self._store(key_states, value_states, positions)
+        exact_keys, exact_values, _, _ = self._store(key_states, value_states, positions, encode_exact=False)
         return self._exact_tokens(exact_keys, exact_values)
 
     def _exact_tokens(self, tail_keys: torch.Tensor, tail_values: torch.Tensor) -> ExactTokens | None:
@@ -159,9 +159,11 @@ class SVDCacheLayer(CacheLayerMixin):
         return ExactTokens(keys, torch.cat([self.sink_values, tail_values[..., skip:, :]], dim=-2), index)
 
     def _store(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, positions: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, Stored, Stored]:
-        """Store new tokens: (exact keys, exact values, their encoded key latents, their encoded value latents)."""
+        self, key_states: torch.Tensor, value_states: torch.Tensor, positions: torch.Tensor, encode_exact: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor, Stored | None, Stored | None]:
+        """Store new tokens: (exact keys, exact values, their encoded key latents, their encoded value latents). The
+        latents cover the whole exact span, or with `encode_exact=False` only the tokens that age out of it (None
+        when none does)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if self.projection.key.down.is_inference() and not torch.is_inference_mode_enabled():
@@ -188,12 +190,17 @@ class SVDCacheLayer(CacheLayerMixin):
             exact_values = torch.cat([self.recent_values, value_states], dim=-2)
         else:  # no window (or an empty one): the new tokens are the whole exact span
             exact_keys, exact_values = key_states, value_states
-        # The whole exact span is encoded (not only the tokens ageing out): its latents are what `update` rebuilds.
-        new_keys = self.keys.encode(self.projection.key.encode(exact_keys))
-        new_values = self.values.encode(self.projection.value.encode(exact_values))
         aged = max(exact_keys.shape[-2] - self.window, 0)
-        self.keys.append(new_keys, aged)
-        self.values.append(new_values, aged)
+        # `update` rebuilds the whole exact span from its latents; `append` only stores those of the tokens ageing out
+        # (a decoding step with a window: one token of the window's 129, each encoded by a dozen small ops).
+        encoded = exact_keys.shape[-2] if encode_exact else aged
+        new_keys = new_values = None
+        if encoded:
+            new_keys = self.keys.encode(self.projection.key.encode(exact_keys[..., :encoded, :]))
+            new_values = self.values.encode(self.projection.value.encode(exact_values[..., :encoded, :]))
+        if aged:
+            self.keys.append(new_keys, aged)
+            self.values.append(new_values, aged)
         # A slice would keep the whole span's storage alive (a prefill's full-size keys and values): keep a copy.
         self.recent_keys, self.recent_values = (
             t[..., aged:, :].clone() if aged else t for t in (exact_keys, exact_values)

@@ -49,6 +49,8 @@ constexpr int kMaxRank = 512;  // value rank this kernel handles
 constexpr int kTileRank = 32;  // latent dimensions per tile step: one 64-byte tile row of bfloat16
 constexpr int kTileSize = 512;  // bfloat16 numbers in one up-projection tile: 16 rows of 16 (rank pair, column) cells
 
+inline int64_t padded(int64_t n) { return (n + 15) / 16 * 16; }  // to whole vectors of 16 floats
+
 // 16 floats: one AVX-512 register (a GCC/Clang vector extension; other ISAs split it).
 typedef float Vec __attribute__((vector_size(64)));
 typedef float UnalignedVec __attribute__((vector_size(64), aligned(4)));
@@ -147,17 +149,18 @@ inline I32x16 widen(U8x16 bytes) {
 #endif
 }
 
-// 16 codes of a row from channel x as float32; x is a multiple of 16, so the codes start on a byte. A `bits`-bit code
-// of channel c is bits [c * bits % 8, + bits) of byte c * bits / 8 (the first code in the lowest bits).
-inline Vec codes16(const uint8_t* row, int64_t x, int64_t bits) {
-  if (bits == 8) return __builtin_convertvector(widen(*reinterpret_cast<const U8x16*>(row + x)), Vec);
-  if (bits == 4) {  // byte i in lanes 2i, 2i + 1, shifted by 0 and 4
+// 16 codes of a row from channel x as float32; x is a multiple of 16, so the codes start on a byte. A `Bits`-bit code
+// of channel c is bits [c * Bits % 8, + Bits) of byte c * Bits / 8 (the first code in the lowest bits).
+template <int Bits>
+inline Vec codes16(const uint8_t* row, int64_t x) {
+  if constexpr (Bits == 8) return __builtin_convertvector(widen(*reinterpret_cast<const U8x16*>(row + x)), Vec);
+  if constexpr (Bits == 4) {  // byte i in lanes 2i, 2i + 1, shifted by 0 and 4
     const U8x8 packed = *reinterpret_cast<const U8x8*>(row + x / 2);
     const U8x16 spread = __builtin_shufflevector(packed, packed, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
     const I32x16 shift = {0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4};
     return __builtin_convertvector((widen(spread) >> shift) & 15, Vec);
   }
-  if (bits == 2) {  // byte i in lanes 4i .. 4i + 3
+  if constexpr (Bits == 2) {  // byte i in lanes 4i .. 4i + 3
     const U8x4 packed = *reinterpret_cast<const U8x4*>(row + x / 4);
     const U8x16 spread = __builtin_shufflevector(packed, packed, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
     const I32x16 shift = {0, 2, 4, 6, 0, 2, 4, 6, 0, 2, 4, 6, 0, 2, 4, 6};
@@ -167,9 +170,6 @@ inline Vec codes16(const uint8_t* row, int64_t x, int64_t bits) {
   const U8x16 spread = __builtin_shufflevector(packed, packed, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
   const I32x16 shift = {0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7};
   return __builtin_convertvector((widen(spread) >> shift) & 1, Vec);
-}
-inline float code(const uint8_t* row, int64_t x, int64_t bits) {
-  return (row[x * bits / 8] >> (x * bits % 8)) & ((1 << bits) - 1);
 }
 
 constexpr int kMaxSegments = 8;
@@ -206,9 +206,36 @@ Rows<T> stored_rows(const Latents& l, int64_t b, int64_t g) {
   return {static_cast<const T*>(l.data) + b * l.stride[0] + g * l.stride[1], l.stride[2], 0};
 }
 
-// Integer latents of one span, batch row and group as latents of dtype T, dequantized as the torch path reads them:
-// code * scale + zero in float32 (the product is exact, so a fused multiply-add rounds the same), then stored as T.
-// Kept for the next KV head of the group.
+// Tokens [begin, end) of one segment of integer latents (codes at `data`, scales and zero points from `scales`) as
+// latents of dtype T, into out (a row every `rank` numbers), dequantized as the torch path reads them: code * scale +
+// zero in float32 (the product is exact, so a fused multiply-add rounds the same), then stored as T. One loop per
+// width: no branch on the width per vector of channels.
+template <int Bits, typename T>
+void dequantize_segment(const Segment& seg, const uint8_t* data, int64_t scales, int64_t group_size, int64_t begin,
+                        int64_t end, T* out, int64_t rank) {
+  for (int64_t t = begin; t < end; ++t, out += rank) {
+    const uint8_t* codes = data + t * seg.stride[2];
+    const uint16_t* scale = seg.scale + scales + t * seg.scale_stride[2];
+    const uint16_t* zero = seg.zero + scales + t * seg.scale_stride[2];
+    for (int64_t group = 0, x = 0; x < seg.width; ++group) {
+      const float step = half_to_float(scale[group]), offset = half_to_float(zero[group]);
+      const int64_t group_end = std::min(seg.width, x + group_size);
+      for (; x + 16 <= group_end; x += 16) store(out + x, codes16<Bits>(codes, x) * step + offset);
+      if (x < group_end) {  // fewer than 16 channels left, from a byte: through a zero-padded copy, still vectors
+        const int64_t left = group_end - x;
+        alignas(64) uint8_t tail_codes[16] = {};
+        memcpy(tail_codes, codes + x * Bits / 8, (left * Bits + 7) / 8);
+        alignas(64) T tail[16];
+        store(tail, codes16<Bits>(tail_codes, 0) * step + offset);
+        memcpy(out + x, tail, left * sizeof(T));
+        x = group_end;
+      }
+    }
+  }
+}
+
+// Integer latents of one span, batch row and group as latents of dtype T (`dequantize_segment`), kept for the next KV
+// head of the group.
 template <typename T>
 struct Dequantized {
   std::vector<T> rows;                // [span][rank]
@@ -225,17 +252,12 @@ struct Dequantized {
       const Segment& seg = l.segment[i];
       const uint8_t* data = seg.data + b * seg.stride[0] + g * seg.stride[1];
       const int64_t scales = b * seg.scale_stride[0] + g * seg.scale_stride[1];
-      for (int64_t t = begin; t < end; ++t) {
-        const uint8_t* codes = data + t * seg.stride[2];
-        const uint16_t* scale = seg.scale + scales + t * seg.scale_stride[2];
-        const uint16_t* zero = seg.zero + scales + t * seg.scale_stride[2];
-        T* out = rows.data() + (t - begin) * rank + first;
-        for (int64_t group = 0, x = 0; x < seg.width; ++group) {
-          const float step = half_to_float(scale[group]), offset = half_to_float(zero[group]);
-          const int64_t group_end = std::min(seg.width, x + l.group);
-          for (; x + 16 <= group_end; x += 16) store(out + x, codes16(codes, x, seg.bits) * step + offset);
-          for (; x < group_end; ++x) store(out + x, code(codes, x, seg.bits) * step + offset);
-        }
+      T* out = rows.data() + first;
+      switch (seg.bits) {
+        case 8: dequantize_segment<8>(seg, data, scales, l.group, begin, end, out, rank); break;
+        case 4: dequantize_segment<4>(seg, data, scales, l.group, begin, end, out, rank); break;
+        case 2: dequantize_segment<2>(seg, data, scales, l.group, begin, end, out, rank); break;
+        default: dequantize_segment<1>(seg, data, scales, l.group, begin, end, out, rank); break;
       }
     }
     return {rows.data(), rank, begin};
@@ -336,7 +358,7 @@ template <int D, typename T, bool Tiles>
 void span_kernel(const Args& a, const Rows<T>& keys, const Rows<T>& values, int64_t b, int64_t h, int64_t s,
                  float* scratch) {
   constexpr int V = D / 16;
-  const int64_t per_kv = a.per_kv, rk = a.rk, rv = a.rv;
+  const int64_t per_kv = a.per_kv, rk = a.rk, rv = a.rv, rv_pad = padded(rv);
   const int64_t key_group = h / a.heads_per_key_group, column = (h % a.heads_per_key_group) * D;
   const float* up = a.up + key_group * rk * a.width + column;
   const float* bias = a.bias ? a.bias + key_group * a.width + column : nullptr;
@@ -357,14 +379,16 @@ void span_kernel(const Args& a, const Rows<T>& keys, const Rows<T>& values, int6
 
   float running_max[kMaxPerKv], running_sum[kMaxPerKv];
   for (int64_t j = 0; j < per_kv; ++j) { running_max[j] = -3.0e38f; running_sum[j] = 0.0f; }
-  float* acc = scratch;                 // [per_kv][rv]
-  float* rows = acc + per_kv * rv;      // [kBlock][rk]: the block's key latents as float32
+  // Value latents and outputs padded to whole vectors with zero channels: no scalar tail in the per-token loop.
+  float* acc = scratch;                 // [per_kv][rv_pad]
+  float* rows = acc + per_kv * rv_pad;  // [kBlock][rk]: the block's key latents as float32
   float* zero_row = rows + kBlock * rk;  // [rk]: stands for the tokens past the end of the span
-  float* value_rows = zero_row + rk;     // [kBlock][rv]: the block's value latents as float32
-  float* tile_keys = value_rows + kBlock * rv;  // Tiles: [kBlock][D] rebuilt keys
+  float* value_rows = zero_row + rk;     // [kBlock][rv_pad]: the block's value latents as float32
+  float* tile_keys = value_rows + kBlock * rv_pad;  // Tiles: [kBlock][D] rebuilt keys
   uint16_t* tile_latents = reinterpret_cast<uint16_t*>(tile_keys + kBlock * D);  // Tiles: [kBlock][rank_pad], 0-padded
   if (Tiles) memset(tile_latents, 0, kBlock * a.rank_pad * sizeof(uint16_t));
-  for (int64_t x = 0; x < per_kv * rv; ++x) acc[x] = 0.0f;
+  for (int64_t x = 0; x < per_kv * rv_pad; ++x) acc[x] = 0.0f;
+  for (int64_t x = 0; x < kBlock * rv_pad; ++x) value_rows[x] = 0.0f;
   for (int64_t x = 0; x < rk; ++x) zero_row[x] = 0.0f;
   alignas(64) float scores[kMaxPerKv][kBlock];
   alignas(64) float probs[kMaxPerKv][kBlock];
@@ -441,7 +465,7 @@ void span_kernel(const Args& a, const Rows<T>& keys, const Rows<T>& values, int6
       const float new_max = std::max(running_max[j], block_max);
       const float rescale = expf(running_max[j] - new_max);
       running_sum[j] *= rescale;
-      for (int64_t x = 0; x < rv; ++x) acc[j * rv + x] *= rescale;
+      for (int64_t x = 0; x < rv_pad; ++x) acc[j * rv_pad + x] *= rescale;
       for (int64_t t = 0; t < count; ++t) p[t] = expf(scores[j][t] - new_max);
       if (valid)
         for (int64_t t = 0; t < count; ++t) p[t] = valid[t0 + t] ? p[t] : 0.0f;
@@ -451,17 +475,14 @@ void span_kernel(const Args& a, const Rows<T>& keys, const Rows<T>& values, int6
       running_sum[j] += block_sum;
     }
     // Value latents: the block's rows as float32 once, then each query head's output is accumulated in registers.
-    for (int64_t t = 0; t < count; ++t) row_to_float(values.row(t0 + t), rv, value_rows + t * rv);
+    for (int64_t t = 0; t < count; ++t) row_to_float(values.row(t0 + t), rv, value_rows + t * rv_pad);
     for (int64_t j = 0; j < per_kv; ++j) {
-      float* out = acc + j * rv;
-      int64_t x = 0;
-      for (; x + 16 <= rv; x += 16) {
+      float* out = acc + j * rv_pad;
+      for (int64_t x = 0; x < rv_pad; x += 16) {
         Vec sum = load(out + x);
-        for (int64_t t = 0; t < count; ++t) sum += probs[j][t] * load(value_rows + t * rv + x);
+        for (int64_t t = 0; t < count; ++t) sum += probs[j][t] * load(value_rows + t * rv_pad + x);
         *reinterpret_cast<UnalignedVec*>(out + x) = sum;
       }
-      for (; x < rv; ++x)
-        for (int64_t t = 0; t < count; ++t) out[x] += probs[j][t] * value_rows[t * rv + x];
     }
   }
   const int64_t spans = (a.n + a.span - 1) / a.span;
@@ -469,7 +490,7 @@ void span_kernel(const Args& a, const Rows<T>& keys, const Rows<T>& values, int6
   for (int64_t j = 0; j < per_kv; ++j) {
     a.part_max[base + j] = running_max[j];
     a.part_sum[base + j] = running_sum[j];
-    memcpy(a.part_acc + (base + j) * rv, acc + j * rv, rv * sizeof(float));
+    memcpy(a.part_acc + (base + j) * rv, acc + j * rv_pad, rv * sizeof(float));
   }
 }
 
@@ -524,7 +545,7 @@ void run(const Args& a, int threads) {
 #if HF_SVDKV_TILES
     if (Tiles) load_tile_config();  // per thread
 #endif
-    std::vector<float> scratch(a.per_kv * a.rv + (kBlock + 1) * a.rk + kBlock * a.rv +
+    std::vector<float> scratch(a.per_kv * padded(a.rv) + (kBlock + 1) * a.rk + kBlock * padded(a.rv) +
                                (Tiles ? kBlock * D + kBlock * a.rank_pad / 2 : 0));
     Dequantized<T> keys, values;
 #pragma omp for schedule(dynamic, chunk)
