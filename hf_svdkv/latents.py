@@ -18,7 +18,7 @@ import torch
 from .compression_config import MIXED
 from .growing import Buffer, append_along, held_nbytes
 from .projection import Projection
-from .quantization import QuantizedTensor, empty_quantized, quantize, rotate_projection
+from .quantization import QuantizedTensor, empty_quantized, quantize, quantize_runs, rotate_projection
 
 Stored = torch.Tensor | QuantizedTensor | tuple[QuantizedTensor, ...]
 
@@ -171,8 +171,7 @@ class MixedLatentStore(LatentStore):
         return tuple(empty_quantized((batch, groups), width, bits, self.group, device) for bits, width in self.segments)
 
     def encode(self, latents: torch.Tensor) -> tuple[QuantizedTensor, ...]:
-        parts = latents.split([width for _, width in self.segments], dim=-1)
-        return tuple(quantize(part, bits, self.group) for part, (bits, _) in zip(parts, self.segments, strict=True))
+        return quantize_runs(latents, self.segments, self.group)
 
     def decode(self, encoded: tuple[QuantizedTensor, ...], dtype: torch.dtype) -> torch.Tensor:
         return torch.cat([part.dequantize(torch.float32) for part in encoded], dim=-1).to(dtype)

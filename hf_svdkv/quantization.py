@@ -16,6 +16,7 @@ non-finite (NaN logits) rather than raise: checking would sync the device on eve
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -79,24 +80,55 @@ def empty_quantized(leading: Sequence[int], dim: int, bits: int, group: int, dev
 
 def quantize(x: torch.Tensor, bits: int, group: int = 32) -> QuantizedTensor:
     """Asymmetric round-to-nearest codes of `x` [..., dim], min/max per group of `group` channels of each row."""
-    if bits not in BITS:
-        raise ValueError(f"bits must be one of {BITS}, got {bits!r}")
+    return quantize_runs(x, ((bits, x.shape[-1]),), group)[0]
+
+
+def quantize_runs(x: torch.Tensor, runs: Sequence[tuple[int, int]], group: int = 32) -> tuple[QuantizedTensor, ...]:
+    """`quantize` of each run of channels of `x` [..., dim] at its own width: `runs` = (bits, channels) in channel
+    order, adding up to dim. Every group of every run goes through one pass of min/max and rounding (a decoding step
+    quantizes one token: the per-op cost, not the arithmetic, is what a pass per run would multiply); only the packing
+    is per run. The codes are those `quantize` gives each run alone."""
+    for bits, _ in runs:
+        if bits not in BITS:
+            raise ValueError(f"bits must be one of {BITS}, got {bits!r}")
     if group <= 0:
         raise ValueError(f"group must be a positive number of channels, got {group!r}")
-    dim = x.shape[-1]
-    groups = math.ceil(dim / group)
-    x = x.to(torch.float32)
-    # Pad the last group by repeating the row's last channel: it changes neither that group's min nor its max.
-    padded = torch.cat([x, x[..., -1:].expand(*x.shape[:-1], groups * group - dim)], dim=-1)
-    grouped = padded.unflatten(-1, (groups, group))
-    levels = 2**bits - 1
+    if sum(width for _, width in runs) != x.shape[-1]:
+        raise ValueError(f"runs {list(runs)} do not add up to the {x.shape[-1]} channels of the tensor")
+    gather, levels = _run_layout(tuple(runs), group, x.device)
+    grouped = x.to(torch.float32).index_select(-1, gather).unflatten(-1, (-1, group))
     zero = _round_toward(grouped.amin(-1), -math.inf)
     # The smallest normal float16 keeps a constant group (max == zero) from dividing by 0; its codes are then 0.
     span = (grouped.amax(-1) - zero.to(torch.float32)) / levels
     scale = _round_toward(span, math.inf).clamp_min(torch.finfo(SCALE_DTYPE).smallest_normal)
     codes = (grouped - zero.to(torch.float32)[..., None]) / scale.to(torch.float32)[..., None]
-    codes = codes.round_().clamp_(0, levels).to(torch.uint8).flatten(-2)[..., :dim]
-    return QuantizedTensor(_pack(codes, bits), scale, zero, bits, group, dim)
+    codes = torch.minimum(codes.round_().clamp_(min=0), levels[:, None]).to(torch.uint8)
+    quantized, first = [], 0
+    for bits, width in runs:
+        groups = math.ceil(width / group)
+        run_codes = codes[..., first : first + groups, :].flatten(-2)[..., :width]
+        run = (t[..., first : first + groups] for t in (scale, zero))
+        quantized.append(QuantizedTensor(_pack(run_codes, bits), *run, bits, group, width))
+        first += groups
+    return tuple(quantized)
+
+
+@functools.cache
+def _run_layout(
+    runs: tuple[tuple[int, int], ...], group: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(channel each slot of the grouped runs reads [groups * group], the code levels of each group [groups]). A run's
+    last group is padded by repeating the run's last channel: it changes neither that group's min nor its max."""
+    gather, levels, first = [], [], 0
+    for bits, width in runs:
+        groups = math.ceil(width / group)
+        gather += [first + min(slot, width - 1) for slot in range(groups * group)]
+        levels += [2**bits - 1] * groups
+        first += width
+    return (
+        torch.tensor(gather, dtype=torch.long, device=device),
+        torch.tensor(levels, dtype=torch.float32, device=device),
+    )
 
 
 def concat(tensors: Sequence[QuantizedTensor]) -> QuantizedTensor:
