@@ -476,9 +476,22 @@ void span_kernel(const Args& a, const Rows<T>& keys, const Rows<T>& values, int6
     }
     // Value latents: the block's rows as float32 once, then each query head's output is accumulated in registers.
     for (int64_t t = 0; t < count; ++t) row_to_float(values.row(t0 + t), rv, value_rows + t * rv_pad);
+    // Four vectors of channels at a time: four independent chains of multiply-adds over the block's tokens (one
+    // chain waits out each multiply-add's latency).
     for (int64_t j = 0; j < per_kv; ++j) {
       float* out = acc + j * rv_pad;
-      for (int64_t x = 0; x < rv_pad; x += 16) {
+      int64_t x = 0;
+      for (; x + 64 <= rv_pad; x += 64) {
+        Vec sum[4];
+        for (int v = 0; v < 4; ++v) sum[v] = load(out + x + 16 * v);
+        for (int64_t t = 0; t < count; ++t) {
+          const float p = probs[j][t];
+          const float* row = value_rows + t * rv_pad + x;
+          for (int v = 0; v < 4; ++v) sum[v] += p * load(row + 16 * v);
+        }
+        for (int v = 0; v < 4; ++v) *reinterpret_cast<UnalignedVec*>(out + x + 16 * v) = sum[v];
+      }
+      for (; x < rv_pad; x += 16) {
         Vec sum = load(out + x);
         for (int64_t t = 0; t < count; ++t) sum += probs[j][t] * load(value_rows + t * rv_pad + x);
         *reinterpret_cast<UnalignedVec*>(out + x) = sum;
