@@ -177,6 +177,37 @@ def test_every_code_width_read_as_the_torch_path_reads_it(dtype):
                 torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("bits", [None, 4, "mixed"])
+@pytest.mark.parametrize("head_dim", [64, 80])
+def test_window_and_sinks_scored_in_the_kernel_equal_the_torch_merge(head_dim, bits):
+    """The kernel scores the exact copies (sinks, window) in its own softmax: the same two outputs as the torch path's
+    `attend_window` merge, a left-padded row included (its sinks come after the padding)."""
+    model = tiny_model("llama", num_heads=6, num_kv_heads=2, head_dim=head_dim, num_layers=1)
+    size = {"target_ratio": 3.0} if bits == "mixed" else {"key_rank": 24, "value_rank": 20}
+    patch_model(model, weights_config(**size, latent_bits=bits, window=16, sinks=4))
+    cache = SVDCompressedCache(model)
+    ids = structured_ids(cpu_decode.SPAN + 90, batch=2)
+    padding = torch.ones_like(ids)
+    padding[1, :13] = 0
+    generator = torch.Generator().manual_seed(head_dim)
+    with torch.inference_mode():
+        model(ids, attention_mask=padding, past_key_values=cache)
+        layer, attention = cache.layers[0], model.model.layers[0].self_attn
+        new_key, new_value = torch.randn(2, 2, 2, 1, head_dim, generator=generator)
+        exact = layer.append(new_key, new_value, layer.positions[:, -1:] + 1)
+        state = layer_state(attention, layer)
+        rope = Rope(model.model.rotary_emb, layer.positions)
+        query = torch.randn(2, 6, 1, head_dim, generator=generator)
+        mask = torch.ones(2, 1, 1, layer.get_seq_length(), dtype=torch.bool)
+        mask[1, ..., :13] = False
+        kwargs = {"scaling": attention.scaling, "attention_mask": mask}
+        assert exact is not None and CpuKernelBackend().supports(query, layer, state, rope)
+        got = CpuKernelBackend().attend_with_exact(query, layer, state, rope, exact, **kwargs)
+        expected = BlockwiseBackend().attend_with_exact(query, layer, state, rope, exact, **kwargs)
+    torch.testing.assert_close(got.latent, expected.latent, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got.exact, expected.exact, atol=1e-5, rtol=0)
+
+
 def test_up_tiles_layout():
     """Tile (group, step, column tile, part, pair, column, member) holds part of up[group, 32 step + 2 pair + member,
     16 column tile + column]; hi + lo is the float32 row to bfloat16-pair precision; padded ranks are zero."""

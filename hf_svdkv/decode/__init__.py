@@ -49,20 +49,21 @@ def attend(
     attention_mask: torch.Tensor | None = None,
 ) -> LatentAttentionOutput:
     """Attention of `query` [batch, heads, q, d] (after RoPE) over a layer that already holds the new tokens
-    (`SVDCacheLayer.append`, which returned its exact copies `exact`): latent tokens through the first backend that
-    supports the call, then the window merged in."""
+    (`SVDCacheLayer.append`, which returned its exact copies `exact`): through the first backend that supports the
+    call, the window merged in."""
     batch, num_heads, query_len, _ = query.shape
     if not layer.keys.length:  # every token still in the window
         latent = query.new_zeros((batch, query_len, num_heads, layer.values.rank), dtype=torch.float32)
         lse = query.new_full((batch, num_heads, query_len), -math.inf, dtype=torch.float32)
-    else:
-        for backend in BACKENDS:
-            if backend.supports(query, layer, state, rope):
-                try:
-                    latent, lse = backend.attend(
-                        query, layer, state, rope, scaling=scaling, attention_mask=attention_mask
-                    )
-                    break
-                except Unsupported:
-                    continue
-    return attend_window(query, latent, lse, layer, state, rope, exact, scaling=scaling, attention_mask=attention_mask)
+        return attend_window(
+            query, latent, lse, layer, state, rope, exact, scaling=scaling, attention_mask=attention_mask
+        )
+    for backend in BACKENDS:
+        if backend.supports(query, layer, state, rope):
+            try:
+                return backend.attend_with_exact(
+                    query, layer, state, rope, exact, scaling=scaling, attention_mask=attention_mask
+                )
+            except Unsupported:
+                continue
+    raise RuntimeError("hf_svdkv: no decode backend supports this call (the blockwise backend serves every call)")

@@ -8,9 +8,10 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from ..svd_cache import SVDCacheLayer
+from ..svd_cache import ExactTokens, SVDCacheLayer
 from .rope import Rope
-from .state import LayerState
+from .state import LatentAttentionOutput, LayerState
+from .window import attend_window
 
 
 class Unsupported(Exception):
@@ -18,7 +19,8 @@ class Unsupported(Exception):
 
 
 class DecodeBackend(ABC):
-    """Attention of new query tokens over the tokens a layer holds as latents (the exact copies are merged apart)."""
+    """Attention of new query tokens over the tokens a layer holds as latents; the exact copies (window, sinks) are
+    merged in by `attend_window` unless the backend scores them itself (`attend_with_exact`)."""
 
     name: str
 
@@ -41,3 +43,21 @@ class DecodeBackend(ABC):
         tokens each query reads (`window.block_mask`): the output over value latents [batch, q, heads, value_rank],
         normalised over those tokens, and its natural-log log-sum-exp [batch, heads, q] (-inf where a query reads
         none)."""
+
+    def attend_with_exact(
+        self,
+        query: torch.Tensor,
+        layer: SVDCacheLayer,
+        state: LayerState,
+        rope: Rope,
+        exact: ExactTokens | None,
+        *,
+        scaling: float,
+        attention_mask: torch.Tensor | None,
+    ) -> LatentAttentionOutput:
+        """`attend`, then the exact copies `exact` (as `SVDCacheLayer.append` returned them) merged in: one softmax
+        over every token each query reads. A backend that scores the exact copies in the same pass overrides this."""
+        latent, lse = self.attend(query, layer, state, rope, scaling=scaling, attention_mask=attention_mask)
+        return attend_window(
+            query, latent, lse, layer, state, rope, exact, scaling=scaling, attention_mask=attention_mask
+        )

@@ -41,11 +41,11 @@ import torch
 from ..compression_config import MIXED
 from ..latents import LatentStore
 from ..quantization import QuantizedTensor
-from ..svd_cache import SVDCacheLayer
+from ..svd_cache import ExactTokens, SVDCacheLayer
 from .base import DecodeBackend
 from .rope import Rope
-from .state import LayerState
-from .window import valid_latent_tokens
+from .state import LatentAttentionOutput, LayerState
+from .window import exact_mask, valid_latent_tokens
 
 SOURCE = Path(__file__).with_name("cpu_decode.cpp")
 # -ffast-math: vectorised exp (glibc's libmvec) and reassociated dot products; the kernel never relies on infinities
@@ -121,6 +121,20 @@ class _Latents(ctypes.Structure):
     ]
 
 
+class _Exact(ctypes.Structure):
+    """The exact copies of tokens merged into the kernel's softmax: `Exact` in cpu_decode.cpp."""
+
+    _fields_ = [
+        ("keys", ctypes.c_void_p),
+        ("values", ctypes.c_void_p),
+        ("rope", ctypes.c_void_p),
+        ("valid", ctypes.c_void_p),
+        ("value_center", ctypes.c_void_p),
+        ("out", ctypes.c_void_p),
+        ("count", ctypes.c_int64),
+    ]
+
+
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     if os.environ.get("HF_SVDKV_CPU_KERNEL", "1") == "0":
@@ -140,7 +154,7 @@ def _library() -> ctypes.CDLL | None:
         [ctypes.POINTER(_Latents)] * 2
         + [ctypes.c_void_p] * 12
         + [ctypes.c_int64] * 14
-        + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
+        + [ctypes.c_float, ctypes.POINTER(_Exact), ctypes.c_int, ctypes.c_int]
     )
     library.hf_svdkv_tiles_available.restype = ctypes.c_int
     return library
@@ -246,6 +260,40 @@ def decode_latents(
     [batch, heads, value_rank] float32 (normalised) and its natural-log log-sum-exp [batch, heads] (-inf where every
     token is hidden), as `triton_kernel.decode_latents`. `tiles`: rebuild latents read as bfloat16 with AMX
     (default: where `tiles_available()`)."""
+    out, lse, _ = _decode(query, layer, state, rope, scaling, valid, tiles)
+    return out, lse
+
+
+def decode_with_exact(
+    query: torch.Tensor,
+    layer: SVDCacheLayer,
+    state: LayerState,
+    rope: torch.Tensor,
+    scaling: float,
+    exact: ExactTokens,
+    exact_rope: torch.Tensor,
+    exact_valid: torch.Tensor | None,
+    valid: torch.Tensor | None = None,
+    tiles: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`decode_latents` with the exact copies `exact` (the window, the sinks: keys and values of the latents' dtype)
+    in the same softmax: `exact_rope` [batch, copies, d/2] complex64 their rotation, `exact_valid` [batch, copies]
+    uint8 those the query reads (None: all). Returns the output over value latents and the output over exact values
+    minus their center [batch, heads, d], both normalised over every token read, and the log-sum-exp over them all."""
+    out, lse, exact_out = _decode(query, layer, state, rope, scaling, valid, tiles, (exact, exact_rope, exact_valid))
+    return out, exact_out, lse
+
+
+def _decode(
+    query: torch.Tensor,
+    layer: SVDCacheLayer,
+    state: LayerState,
+    rope: torch.Tensor,
+    scaling: float,
+    valid: torch.Tensor | None,
+    tiles: bool | None,
+    exact: tuple[ExactTokens, torch.Tensor, torch.Tensor | None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     batch, num_heads, head_dim = query.shape
     value_groups, latent_len, value_rank = layer.values.shape[1:]
     key_rank = layer.keys.shape[-1]
@@ -278,9 +326,27 @@ def decode_latents(
         batch * num_heads,
         batch * num_heads,
     ]
-    part_max, part_sum, part_acc, out, out_max, out_sum = torch.empty(
+    if exact is not None:
+        sizes.append(batch * num_heads * head_dim)
+    part_max, part_sum, part_acc, out, out_max, out_sum, *exact_out = torch.empty(
         sum(sizes), dtype=torch.float32, device=query.device
     ).split(sizes)
+    exact_arguments = None
+    if exact is not None:
+        copies, exact_rope, exact_valid = exact
+        exact_keys, exact_values = (t.expand(batch, -1, -1, -1).contiguous() for t in (copies.keys, copies.values))
+        exact_cos_sin = torch.view_as_real(exact_rope.expand(batch, -1, -1).contiguous()).contiguous()
+        if exact_valid is not None:
+            exact_valid = exact_valid.to(torch.uint8).expand(batch, -1).contiguous()
+        exact_arguments = _Exact(
+            exact_keys.data_ptr(),
+            exact_values.data_ptr(),
+            exact_cos_sin.data_ptr(),
+            _pointer(exact_valid),
+            state.value_center.data_ptr(),
+            exact_out[0].data_ptr(),
+            exact_keys.shape[-2],
+        )
     status = _library().hf_svdkv_latent_decode(
         ctypes.byref(keys),
         ctypes.byref(values),
@@ -311,6 +377,7 @@ def decode_latents(
         cos_sin.stride(0),
         0 if valid is None else valid.stride(0),
         ctypes.c_float(scaling),
+        None if exact_arguments is None else ctypes.byref(exact_arguments),
         LATENT_DTYPES[layer.keys.dtype],
         torch.get_num_threads(),
     )
@@ -320,7 +387,8 @@ def decode_latents(
             f"value rank {value_rank})"
         )
     lse = out_max.view(batch, num_heads) + out_sum.view(batch, num_heads).log()  # log(0) = -inf: every token hidden
-    return out.view(batch, num_heads, value_rank), lse
+    exact_out = exact_out[0].view(batch, num_heads, head_dim) if exact is not None else None
+    return out.view(batch, num_heads, value_rank), lse, exact_out
 
 
 class CpuKernelBackend(DecodeBackend):
@@ -350,8 +418,34 @@ class CpuKernelBackend(DecodeBackend):
         )
 
     def attend(self, query, layer, state, rope, *, scaling, attention_mask):
-        valid = valid_latent_tokens(attention_mask, layer)
-        if valid is not None:
-            valid = valid.expand(query.shape[0], -1)
-        out, lse = decode_latents(query[:, :, 0], layer, state, rope.factors, scaling, valid)
+        out, lse = decode_latents(
+            query[:, :, 0], layer, state, rope.factors, scaling, self._valid(query, layer, attention_mask)
+        )
         return out[:, None], lse[..., None]
+
+    def attend_with_exact(self, query, layer, state, rope, exact, *, scaling, attention_mask):
+        # The window and the sinks are scored in the kernel's own softmax: a step makes one call, not the ~40 small
+        # ops of `attend_window`.
+        if exact is None or exact.keys.dtype != layer.keys.dtype:
+            return super().attend_with_exact(
+                query, layer, state, rope, exact, scaling=scaling, attention_mask=attention_mask
+            )
+        total = layer.get_seq_length()
+        allowed = exact_mask(attention_mask, 1, total, exact, layer.window, layer.sink_flags(exact.index))
+        out, exact_out, _ = decode_with_exact(
+            query[:, :, 0],
+            layer,
+            state,
+            rope.factors,
+            scaling,
+            exact,
+            rope.at(exact.index),
+            allowed[:, 0, 0],
+            self._valid(query, layer, attention_mask),
+        )
+        return LatentAttentionOutput(out[:, None], exact_out[:, None])
+
+    @staticmethod
+    def _valid(query: torch.Tensor, layer: SVDCacheLayer, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+        valid = valid_latent_tokens(attention_mask, layer)
+        return None if valid is None else valid.expand(query.shape[0], -1)

@@ -8,7 +8,8 @@
 // latent numbers and its cos/sin.
 //
 // Work is split over (batch row, span of tokens, KV head) for OpenMP; each span writes a partial (max, sum,
-// unnormalised output) per query head, and a second loop merges the spans (flash-decoding).
+// unnormalised output) per query head, and a second loop merges the spans (flash-decoding), together with the exact
+// copies of the window and the sinks (a few hundred tokens at most, scored there), into one softmax.
 //
 // On CPUs with AMX (Intel Sapphire Rapids and later) bfloat16 latents are rebuilt by the tile unit instead: a block's
 // latents times the up projection split in two bfloat16 parts (hi + lo, together float32 to 2^-17), accumulated in
@@ -289,6 +290,17 @@ struct Dequantized {
   }
 };
 
+// The exact copies of tokens (window, sinks), scored in the same softmax as the latents; count 0 when there are none.
+struct Exact {
+  const void* keys;     // [B, kv heads, count, D] before RoPE, rotate-half layout, of the latents' dtype
+  const void* values;   // [B, kv heads, count, D]
+  const float* rope;    // [B, count, D/2, 2]: cos, sin of each copy's position
+  const uint8_t* valid;  // [B, count] or null: which copies the query reads
+  const float* value_center;  // [kv heads, D]: subtracted from exact values (the latents' bias holds it)
+  float* out;                 // [B, kv heads, per_kv, D]: the output over exact values minus their center
+  int64_t count;
+};
+
 struct Args {
   Latents keys, values;                   // [B, key groups, n, rk] / [B, value groups, n, rv]
   const float* up;                        // [key groups, rk, width] float32, each head's RoPE pairs interleaved
@@ -302,6 +314,7 @@ struct Args {
   int64_t batch, n, kv_heads, per_kv, heads_per_key_group, heads_per_value_group, rk, rv, width, span, rank_pad;
   int64_t rope_stride, valid_stride;
   float scaling;
+  Exact exact;
 };
 
 // Keys of kUnroll tokens (before RoPE) from their float32 latent rows, added to k (which starts at the center).
@@ -532,11 +545,58 @@ void span_kernel(const Args& a, const Rows<T>& keys, const Rows<T>& values, int6
   }
 }
 
-void merge_spans(const Args& a, int64_t b, int64_t h) {
+// Query head j's attention over the exact copies of batch row b and KV head h: its max score and sum of exp(score -
+// max) (0 when it reads none of them), and the unnormalised output over exact values minus their center into acc [D].
+// A few hundred tokens at most: plain loops, the keys rotated in their rotate-half layout.
+template <int D, typename T>
+void exact_partial(const Args& a, int64_t b, int64_t h, int64_t j, float* scores, float* acc, float& max_out,
+                   float& sum_out) {
+  const int64_t n = a.exact.count, row = b * a.kv_heads + h;
+  const T* keys = static_cast<const T*>(a.exact.keys) + row * n * D;
+  const T* values = static_cast<const T*>(a.exact.values) + row * n * D;
+  const float* cos_sin = a.exact.rope + b * n * D;
+  const uint8_t* valid = a.exact.valid ? a.exact.valid + b * n : nullptr;
+  const float* center = a.exact.value_center + h * D;
+  float query[D];
+  for (int x = 0; x < D; ++x) query[x] = a.scaling * a.query[(row * a.per_kv + j) * D + x];
+  float best = -3.0e38f;
+  for (int64_t t = 0; t < n; ++t) {
+    if (valid && !valid[t]) continue;
+    const T* k = keys + t * D;
+    const float* rope = cos_sin + t * D;
+    float score = 0.0f;
+    for (int i = 0; i < D / 2; ++i) {
+      const float x = to_float(k[i]), y = to_float(k[i + D / 2]), c = rope[2 * i], s = rope[2 * i + 1];
+      score += query[i] * (x * c - y * s) + query[i + D / 2] * (x * s + y * c);
+    }
+    scores[t] = score;
+    best = std::max(best, score);
+  }
+  for (int x = 0; x < D; ++x) acc[x] = 0.0f;
+  float total = 0.0f;
+  for (int64_t t = 0; t < n; ++t) {
+    if (valid && !valid[t]) continue;
+    const float p = expf(scores[t] - best);
+    total += p;
+    const T* v = values + t * D;
+    for (int x = 0; x < D; ++x) acc[x] += p * (to_float(v[x]) - center[x]);
+  }
+  max_out = best;
+  sum_out = total;
+}
+
+// One softmax over every span's partial (and the exact copies'), per query head of batch row b and KV head h.
+template <int D, typename T>
+void merge_spans(const Args& a, int64_t b, int64_t h, std::vector<float>& scratch) {
   const int64_t spans = (a.n + a.span - 1) / a.span, per_kv = a.per_kv, rv = a.rv;
+  scratch.resize(a.exact.count + D);
+  float* exact_scores = scratch.data();
+  float* exact_acc = exact_scores + a.exact.count;
   for (int64_t j = 0; j < per_kv; ++j) {
     const int64_t head = (b * a.kv_heads + h) * per_kv + j;
-    float best = -3.0e38f;
+    float exact_max = -3.0e38f, exact_sum = 0.0f;
+    if (a.exact.count) exact_partial<D, T>(a, b, h, j, exact_scores, exact_acc, exact_max, exact_sum);
+    float best = exact_sum > 0.0f ? exact_max : -3.0e38f;
     for (int64_t s = 0; s < spans; ++s) {
       const int64_t p = ((b * a.kv_heads + h) * spans + s) * per_kv + j;
       if (a.part_sum[p] > 0.0f) best = std::max(best, a.part_max[p]);
@@ -552,8 +612,17 @@ void merge_spans(const Args& a, int64_t b, int64_t h) {
       const float* acc = a.part_acc + p * rv;
       for (int64_t x = 0; x < rv; ++x) out[x] += weight * acc[x];
     }
-    if (total > 0.0f)
+    float exact_weight = 0.0f;
+    if (exact_sum > 0.0f) {
+      exact_weight = expf(exact_max - best);
+      total += exact_sum * exact_weight;
+    }
+    if (total > 0.0f) {
       for (int64_t x = 0; x < rv; ++x) out[x] /= total;
+      exact_weight /= total;
+    }
+    if (a.exact.count)
+      for (int x = 0; x < D; ++x) a.exact.out[head * D + x] = exact_weight * exact_acc[x];
     a.out_max[head] = best;
     a.out_sum[head] = total;
   }
@@ -601,8 +670,10 @@ void run(const Args& a, int threads) {
 #if HF_SVDKV_TILES
     if (Tiles) _tile_release();
 #endif
+    std::vector<float> merge_scratch;
 #pragma omp for
-    for (int64_t bh = 0; bh < a.batch * a.kv_heads; ++bh) merge_spans(a, bh / a.kv_heads, bh % a.kv_heads);
+    for (int64_t bh = 0; bh < a.batch * a.kv_heads; ++bh)
+      merge_spans<D, T>(a, bh / a.kv_heads, bh % a.kv_heads, merge_scratch);
   }
 }
 
@@ -646,18 +717,20 @@ int hf_svdkv_tiles_available() {
 
 // keys, values: both latents of `dtype` (segments 0) or both integer codes read as `dtype` (the model's): 0 float32,
 // 1 bfloat16. up_tiles: null, or (read as bfloat16, after hf_svdkv_tiles_available() said 1) the up projection as
-// AMX tiles over rank_pad ranks. Returns 0 on success, 1 for a shape it does not handle.
+// AMX tiles over rank_pad ranks. exact: null, or the exact copies of tokens, merged into the same softmax (their keys
+// and values of the same `dtype`). Returns 0 on success, 1 for a shape it does not handle.
 int hf_svdkv_latent_decode(
     const Latents* keys, const Latents* values, const float* up, const uint16_t* up_tiles, const float* bias,
     const float* rope, const float* query, const uint8_t* valid, float* part_max, float* part_sum, float* part_acc,
     float* out_max, float* out_sum, float* out,
     int64_t batch, int64_t n, int64_t kv_heads, int64_t per_kv, int64_t heads_per_key_group,
     int64_t heads_per_value_group, int64_t rk, int64_t rv, int64_t width, int64_t head_dim, int64_t span,
-    int64_t rank_pad, int64_t rope_stride, int64_t valid_stride, float scaling, int dtype, int threads) {
+    int64_t rank_pad, int64_t rope_stride, int64_t valid_stride, float scaling, const Exact* exact, int dtype,
+    int threads) {
   if (per_kv > kMaxPerKv || rv > kMaxRank) return 1;
   Args a{*keys, *values, up, up_tiles, bias, rope, query, valid, part_max, part_sum, part_acc, out_max, out_sum, out,
          batch, n, kv_heads, per_kv, heads_per_key_group, heads_per_value_group, rk, rv, width, span, rank_pad,
-         rope_stride, valid_stride, scaling};
+         rope_stride, valid_stride, scaling, exact ? *exact : Exact{}};
   if (keys->segments > kMaxSegments || values->segments > kMaxSegments) return 1;
   return keys->segments ? dispatch<true>(a, head_dim, dtype, threads) : dispatch<false>(a, head_dim, dtype, threads);
 }
