@@ -18,9 +18,17 @@ import torch
 from .compression_config import MIXED
 from .growing import Buffer, append_along, held_nbytes
 from .projection import Projection
-from .quantization import QuantizedTensor, empty_quantized, quantize, quantize_runs, rotate_projection
+from .quantization import (
+    QuantizedRuns,
+    QuantizedTensor,
+    empty_quantized,
+    empty_quantized_runs,
+    quantize,
+    quantize_runs,
+    rotate_projection,
+)
 
-Stored = torch.Tensor | QuantizedTensor | tuple[QuantizedTensor, ...]
+Stored = torch.Tensor | QuantizedTensor | QuantizedRuns
 
 
 class LatentStore:
@@ -143,7 +151,8 @@ class QuantizedLatentStore(LatentStore):
 class MixedLatentStore(LatentStore):
     """Latents whose channels have their own bit widths (`Projection.channel_bits`, from `bit_allocation`): each run
     of equal widths is a segment of `bits`-bit codes per token and group of channels, Hadamard-rotated among
-    themselves, its scales and zero points stored with it. Every byte is real memory and counted by `nbytes`."""
+    themselves, with its scales and zero points. A token's segments share one row of bytes, one of scales and one of
+    zero points (`QuantizedRuns`). Every byte is real memory and counted by `nbytes`."""
 
     bits = MIXED
 
@@ -168,32 +177,27 @@ class MixedLatentStore(LatentStore):
         return rotate_projection(projection, [width for _, width in self.segments]) if self.rotate else projection
 
     def _empty(self, batch: int, groups: int, rank: int, dtype: torch.dtype, device: torch.device) -> Stored:
-        return tuple(empty_quantized((batch, groups), width, bits, self.group, device) for bits, width in self.segments)
+        return empty_quantized_runs((batch, groups), self.segments, self.group, device)
 
-    def encode(self, latents: torch.Tensor) -> tuple[QuantizedTensor, ...]:
+    def encode(self, latents: torch.Tensor) -> QuantizedRuns:
         return quantize_runs(latents, self.segments, self.group)
 
-    def decode(self, encoded: tuple[QuantizedTensor, ...], dtype: torch.dtype) -> torch.Tensor:
-        return torch.cat([part.dequantize(torch.float32) for part in encoded], dim=-1).to(dtype)
+    def decode(self, encoded: QuantizedRuns, dtype: torch.dtype) -> torch.Tensor:
+        return encoded.dequantize(dtype)
 
     @property
     def shape(self) -> torch.Size:
-        return torch.Size((*self.stored[0].shape[:-1], self.rank))
+        return self.stored.shape
 
     @property
     def device(self) -> torch.device:
-        return self.stored[0].device
+        return self.stored.data.device
 
-    def _parts(self, stored: tuple[QuantizedTensor, ...]) -> dict[str, torch.Tensor]:
-        return {
-            f"{i}.{name}": getattr(part, name) for i, part in enumerate(stored) for name in ("data", "scale", "zero")
-        }
+    def _parts(self, stored: QuantizedRuns) -> dict[str, torch.Tensor]:
+        return {"data": stored.data, "scale": stored.scale, "zero": stored.zero}
 
-    def _join(self, parts: dict[str, torch.Tensor]) -> tuple[QuantizedTensor, ...]:
-        return tuple(
-            QuantizedTensor(parts[f"{i}.data"], parts[f"{i}.scale"], parts[f"{i}.zero"], bits, self.group, width)
-            for i, (bits, width) in enumerate(self.segments)
-        )
+    def _join(self, parts: dict[str, torch.Tensor]) -> QuantizedRuns:
+        return QuantizedRuns(**parts, widths=tuple(self.segments), group=self.group)
 
 
 def latent_store(

@@ -78,16 +78,58 @@ def empty_quantized(leading: Sequence[int], dim: int, bits: int, group: int, dev
     return QuantizedTensor(data, scale, scale.clone(), bits, group, dim)
 
 
+@dataclass
+class QuantizedRuns:
+    """Codes of a [..., seq, dim] tensor whose channels come in runs at their own width (`quantize_runs`): per token,
+    one row of bytes, one of scales and one of zero points, each the runs' own in channel order. `runs` views them as
+    one QuantizedTensor per run; a cache appends and crops three tensors, however many runs there are."""
+
+    data: torch.Tensor  # [..., seq, sum of the runs' packed bytes]
+    scale: torch.Tensor  # [..., seq, sum of the runs' groups]
+    zero: torch.Tensor
+    widths: tuple[tuple[int, int], ...]  # (bits, channels) of each run
+    group: int
+
+    @property
+    def runs(self) -> tuple[QuantizedTensor, ...]:
+        runs, first_byte, first_group = [], 0, 0
+        for bits, width in self.widths:
+            packed, groups = _packed_dim(width, bits), math.ceil(width / self.group)
+            data = self.data[..., first_byte : first_byte + packed]
+            scale, zero = (t[..., first_group : first_group + groups] for t in (self.scale, self.zero))
+            runs.append(QuantizedTensor(data, scale, zero, bits, self.group, width))
+            first_byte, first_group = first_byte + packed, first_group + groups
+        return tuple(runs)
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((*self.data.shape[:-1], sum(width for _, width in self.widths)))
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.cat([run.dequantize(torch.float32) for run in self.runs], dim=-1).to(dtype)
+
+
+def empty_quantized_runs(
+    leading: Sequence[int], widths: Sequence[tuple[int, int]], group: int, device: torch.device
+) -> QuantizedRuns:
+    """Quantized runs of shape [*leading, 0, dim]: what a cache layer starts from."""
+    packed = sum(_packed_dim(width, bits) for bits, width in widths)
+    groups = sum(math.ceil(width / group) for _, width in widths)
+    data = torch.empty((*leading, 0, packed), dtype=torch.uint8, device=device)
+    scale = torch.empty((*leading, 0, groups), dtype=SCALE_DTYPE, device=device)
+    return QuantizedRuns(data, scale, scale.clone(), tuple(widths), group)
+
+
 def quantize(x: torch.Tensor, bits: int, group: int = 32) -> QuantizedTensor:
     """Asymmetric round-to-nearest codes of `x` [..., dim], min/max per group of `group` channels of each row."""
-    return quantize_runs(x, ((bits, x.shape[-1]),), group)[0]
+    return quantize_runs(x, ((bits, x.shape[-1]),), group).runs[0]
 
 
-def quantize_runs(x: torch.Tensor, runs: Sequence[tuple[int, int]], group: int = 32) -> tuple[QuantizedTensor, ...]:
+def quantize_runs(x: torch.Tensor, runs: Sequence[tuple[int, int]], group: int = 32) -> QuantizedRuns:
     """`quantize` of each run of channels of `x` [..., dim] at its own width: `runs` = (bits, channels) in channel
-    order, adding up to dim. Every group of every run goes through one pass of min/max and rounding (a decoding step
-    quantizes one token: the per-op cost, not the arithmetic, is what a pass per run would multiply); only the packing
-    is per run. The codes are those `quantize` gives each run alone."""
+    order, adding up to dim. Every group of every run goes through one pass of min/max and rounding, and every run is
+    packed by one gather (a decoding step quantizes one token: the per-op cost, not the arithmetic, is what a pass per
+    run would multiply). The codes are those `quantize` gives each run alone."""
     for bits, _ in runs:
         if bits not in BITS:
             raise ValueError(f"bits must be one of {BITS}, got {bits!r}")
@@ -95,39 +137,48 @@ def quantize_runs(x: torch.Tensor, runs: Sequence[tuple[int, int]], group: int =
         raise ValueError(f"group must be a positive number of channels, got {group!r}")
     if sum(width for _, width in runs) != x.shape[-1]:
         raise ValueError(f"runs {list(runs)} do not add up to the {x.shape[-1]} channels of the tensor")
-    gather, levels = _run_layout(tuple(runs), group, x.device)
+    gather, levels, sources, shifts = _run_layout(tuple(runs), group, x.device)
     grouped = x.to(torch.float32).index_select(-1, gather).unflatten(-1, (-1, group))
     zero = _round_toward(grouped.amin(-1), -math.inf)
     # The smallest normal float16 keeps a constant group (max == zero) from dividing by 0; its codes are then 0.
     span = (grouped.amax(-1) - zero.to(torch.float32)) / levels
     scale = _round_toward(span, math.inf).clamp_min(torch.finfo(SCALE_DTYPE).smallest_normal)
     codes = (grouped - zero.to(torch.float32)[..., None]) / scale.to(torch.float32)[..., None]
-    codes = torch.minimum(codes.round_().clamp_(min=0), levels[:, None]).to(torch.uint8)
-    quantized, first = [], 0
-    for bits, width in runs:
-        groups = math.ceil(width / group)
-        run_codes = codes[..., first : first + groups, :].flatten(-2)[..., :width]
-        run = (t[..., first : first + groups] for t in (scale, zero))
-        quantized.append(QuantizedTensor(_pack(run_codes, bits), *run, bits, group, width))
-        first += groups
-    return tuple(quantized)
+    codes = torch.minimum(codes.round_().clamp_(min=0), levels[:, None]).to(torch.uint8).flatten(-2)
+    # Each byte gathers its 8 / bits codes (a code past a run's last channel reads the 0 appended here), each shifted
+    # to its bits, and adds them up: their bits do not overlap.
+    codes = torch.cat([codes, codes.new_zeros((*codes.shape[:-1], 1))], dim=-1)
+    slots = codes.index_select(-1, sources).unflatten(-1, (-1, 8))
+    data = slots.bitwise_left_shift_(shifts).sum(-1, dtype=torch.uint8)
+    return QuantizedRuns(data, scale, zero, tuple(runs), group)
 
 
 @functools.cache
 def _run_layout(
     runs: tuple[tuple[int, int], ...], group: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(channel each slot of the grouped runs reads [groups * group], the code levels of each group [groups]). A run's
-    last group is padded by repeating the run's last channel: it changes neither that group's min nor its max."""
-    gather, levels, first = [], [], 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """How `quantize_runs` lays out its runs: (the channel each slot of the grouped runs reads [groups * group], the
+    code levels of each group [groups], the slot of the grouped codes each of a byte's 8 code positions reads
+    [bytes * 8], and its shift [bytes, 8]). A run's last group is padded by repeating the run's last channel (it
+    changes neither that group's min nor its max); a byte's positions past its run's channels read the zero code
+    after the last slot, as are those past 8 / bits."""
+    gather, levels, sources, shifts, first = [], [], [], [], 0
+    zero_slot = sum(math.ceil(width / group) for _, width in runs) * group
     for bits, width in runs:
         groups = math.ceil(width / group)
+        slot0 = len(gather)
         gather += [first + min(slot, width - 1) for slot in range(groups * group)]
         levels += [2**bits - 1] * groups
+        for byte in range(_packed_dim(width, bits)):
+            channels = [byte * (8 // bits) + k for k in range(8 // bits)]
+            sources += [slot0 + c if c < width else zero_slot for c in channels] + [zero_slot] * (8 - len(channels))
+            shifts += [k * bits for k in range(8 // bits)] + [0] * (8 - len(channels))
         first += width
     return (
         torch.tensor(gather, dtype=torch.long, device=device),
         torch.tensor(levels, dtype=torch.float32, device=device),
+        torch.tensor(sources, dtype=torch.long, device=device),
+        torch.tensor(shifts, dtype=torch.uint8, device=device).view(-1, 8),
     )
 
 
@@ -151,19 +202,6 @@ def _round_toward(x: torch.Tensor, direction: float) -> torch.Tensor:
 
 def _packed_dim(dim: int, bits: int) -> int:
     return math.ceil(dim * bits / 8)
-
-
-def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    if bits == 8:
-        return codes
-    per_byte = 8 // bits
-    if codes.shape[-1] % per_byte:  # a row that does not fill its last byte gets zero codes there
-        codes = torch.nn.functional.pad(codes, (0, per_byte - codes.shape[-1] % per_byte))
-    codes = codes.unflatten(-1, (-1, per_byte))
-    packed = codes[..., 0].clone()
-    for slot in range(1, per_byte):
-        packed |= codes[..., slot] << (slot * bits)
-    return packed
 
 
 def _unpack(data: torch.Tensor, bits: int, dim: int) -> torch.Tensor:

@@ -83,7 +83,7 @@ def test_runs_quantized_in_one_pass_equal_each_run_quantized_alone(group):
     runs = [(8, 3), (4, 70), (2, 37), (1, 17), (4, 5)]
     x = torch.randn(2, 9, sum(width for _, width in runs), generator=generator) * 3.0
     x[..., 0, 3:40] = 0.75
-    together = quantize_runs(x, runs, group)
+    together = quantize_runs(x, runs, group).runs
     for part, (bits, _), got in zip(x.split([width for _, width in runs], -1), runs, together, strict=True):
         alone = quantize(part, bits, group)
         assert (got.bits, got.group, got.dim) == (alone.bits, alone.group, alone.dim)

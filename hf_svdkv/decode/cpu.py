@@ -40,7 +40,7 @@ import torch
 
 from ..compression_config import MIXED
 from ..latents import LatentStore
-from ..quantization import QuantizedTensor
+from ..quantization import QuantizedRuns, QuantizedTensor
 from ..svd_cache import ExactTokens, SVDCacheLayer
 from .base import DecodeBackend
 from .rope import Rope
@@ -199,7 +199,7 @@ def _pointer(t: torch.Tensor | None) -> int | None:
 
 def _segments(store: LatentStore) -> list[QuantizedTensor]:
     """The runs of channels at one width an integer store holds, in channel order."""
-    return list(store.stored) if isinstance(store.stored, tuple) else [store.stored]
+    return list(store.stored.runs) if isinstance(store.stored, QuantizedRuns) else [store.stored]
 
 
 def _latents(store: LatentStore) -> _Latents:
