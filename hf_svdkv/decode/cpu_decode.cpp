@@ -29,6 +29,7 @@
 
 #include <algorithm>
 #include <numeric>
+#include <type_traits>
 #include <vector>
 
 #if defined(__SSE__)
@@ -234,26 +235,35 @@ Rows<T> stored_rows(const Latents& l, int64_t b, int64_t g) {
   return {static_cast<const T*>(l.data) + b * l.stride[0] + g * l.stride[1], l.stride[2], 0};
 }
 
+// Dequantized numbers about to be stored as Out: rounded to the precision of T first when Out is float32 (bfloat16
+// as uint16_t: to nearest, ties to even); `store` rounds them itself when Out is T.
+template <typename T, typename Out>
+inline Vec rounded_as(Vec v) {
+  if constexpr (std::is_same_v<Out, float> && std::is_same_v<T, uint16_t>)
+    return (Vec)(__builtin_convertvector(to_bf16(v), U32x16) << 16);
+  return v;
+}
+
 // Tokens [begin, end) of one segment of integer latents (codes at `data`, scales and zero points from `scales`) as
-// latents of dtype T, into out (a row every `rank` numbers), dequantized as the torch path reads them: code * scale +
-// zero in float32 (the product is exact, so a fused multiply-add rounds the same), then stored as T. One loop per
-// width: no branch on the width per vector of channels.
-template <int Bits, typename T>
+// latents of dtype T, into out (a row every `stride` numbers), dequantized as the torch path reads them: code * scale
+// + zero in float32 (the product is exact, so a fused multiply-add rounds the same), then rounded as T and stored as
+// Out (T, or float32). One loop per width: no branch on the width per vector of channels.
+template <int Bits, typename T, typename Out>
 void dequantize_segment(const Segment& seg, const uint8_t* data, int64_t scales, int64_t group_size, int64_t begin,
-                        int64_t end, T* out, int64_t rank) {
-  for (int64_t t = begin; t < end; ++t, out += rank) {
+                        int64_t end, Out* out, int64_t stride) {
+  for (int64_t t = begin; t < end; ++t, out += stride) {
     const uint8_t* codes = data + t * seg.stride[2];
     const uint16_t* scale = seg.scale + scales + t * seg.scale_stride[2];
     const uint16_t* zero = seg.zero + scales + t * seg.scale_stride[2];
     for (int64_t group = 0, x = 0; x < seg.width; ++group) {
       const float step = half_to_float(scale[group]), offset = half_to_float(zero[group]);
       const int64_t group_end = std::min(seg.width, x + group_size);
-      for (; x + 16 <= group_end; x += 16) store(out + x, codes16<Bits>(codes, x) * step + offset);
+      for (; x + 16 <= group_end; x += 16) store(out + x, rounded_as<T, Out>(codes16<Bits>(codes, x) * step + offset));
       if (x < group_end) {  // fewer than 16 channels left, from a byte: still one vector
         const int64_t left = group_end - x;
         alignas(16) uint8_t tail_codes[16];
         load_partial(tail_codes, codes + x * Bits / 8, (left * Bits + 7) / 8);
-        store_partial(out + x, codes16<Bits>(tail_codes, 0) * step + offset, left);
+        store_partial(out + x, rounded_as<T, Out>(codes16<Bits>(tail_codes, 0) * step + offset), left);
         x = group_end;
       }
     }
@@ -261,32 +271,34 @@ void dequantize_segment(const Segment& seg, const uint8_t* data, int64_t scales,
 }
 
 // Integer latents of one span, batch row and group as latents of dtype T (`dequantize_segment`), kept for the next KV
-// head of the group.
-template <typename T>
+// head of the group. Out = T: rows of `rank` numbers (keys, for the rebuild); Out = float: T's numbers as float32 in
+// rows padded with zeros to whole vectors (values, read in place by every KV head of the group).
+template <typename T, typename Out>
 struct Dequantized {
-  std::vector<T> rows;                // [span][rank]
+  std::vector<Out> rows;              // [span][stride]
   int64_t held[3] = {-1, -1, -1};     // batch row, group, span
 
   // Not inlined: one copy serves every head size (inlined into each, it doubled the build time).
-  __attribute__((noinline)) Rows<T> read(const Latents& l, int64_t rank, int64_t span, int64_t n, int64_t b, int64_t g,
-                                         int64_t s) {
+  __attribute__((noinline)) Rows<Out> read(const Latents& l, int64_t rank, int64_t span, int64_t n, int64_t b,
+                                           int64_t g, int64_t s) {
     const int64_t begin = s * span, end = std::min(n, begin + span);
-    if (held[0] == b && held[1] == g && held[2] == s) return {rows.data(), rank, begin};
+    const int64_t stride = std::is_same_v<Out, T> ? rank : padded(rank);
+    if (held[0] == b && held[1] == g && held[2] == s) return {rows.data(), stride, begin};
     held[0] = b, held[1] = g, held[2] = s;
-    rows.resize(span * rank);
+    if (static_cast<int64_t>(rows.size()) != span * stride) rows.assign(span * stride, Out{});  // zero padding
     for (int64_t i = 0, first = 0; i < l.segments; first += l.segment[i].width, ++i) {
       const Segment& seg = l.segment[i];
       const uint8_t* data = seg.data + b * seg.stride[0] + g * seg.stride[1];
       const int64_t scales = b * seg.scale_stride[0] + g * seg.scale_stride[1];
-      T* out = rows.data() + first;
+      Out* out = rows.data() + first;
       switch (seg.bits) {
-        case 8: dequantize_segment<8>(seg, data, scales, l.group, begin, end, out, rank); break;
-        case 4: dequantize_segment<4>(seg, data, scales, l.group, begin, end, out, rank); break;
-        case 2: dequantize_segment<2>(seg, data, scales, l.group, begin, end, out, rank); break;
-        default: dequantize_segment<1>(seg, data, scales, l.group, begin, end, out, rank); break;
+        case 8: dequantize_segment<8, T>(seg, data, scales, l.group, begin, end, out, stride); break;
+        case 4: dequantize_segment<4, T>(seg, data, scales, l.group, begin, end, out, stride); break;
+        case 2: dequantize_segment<2, T>(seg, data, scales, l.group, begin, end, out, stride); break;
+        default: dequantize_segment<1, T>(seg, data, scales, l.group, begin, end, out, stride); break;
       }
     }
-    return {rows.data(), rank, begin};
+    return {rows.data(), stride, begin};
   }
 };
 
@@ -392,8 +404,9 @@ void rebuild_tiles(const uint16_t* latents, int64_t stride, int64_t rank_pad, co
 }
 #endif
 
-template <int D, typename T, bool Tiles>
-void span_kernel(const Args& a, const Rows<T>& keys, const Rows<T>& values, int64_t b, int64_t h, int64_t s,
+// T: the key latents' dtype as read; TV: the value latents' (T, or float32 for dequantized integer latents).
+template <int D, typename T, typename TV, bool Tiles>
+void span_kernel(const Args& a, const Rows<T>& keys, const Rows<TV>& values, int64_t b, int64_t h, int64_t s,
                  float* scratch) {
   constexpr int V = D / 16;
   const int64_t per_kv = a.per_kv, rk = a.rk, rv = a.rv, rv_pad = padded(rv);
@@ -512,8 +525,15 @@ void span_kernel(const Args& a, const Rows<T>& keys, const Rows<T>& values, int6
       for (int64_t t = 0; t < count; ++t) block_sum += p[t];
       running_sum[j] += block_sum;
     }
-    // Value latents: the block's rows as float32 once, then each query head's output is accumulated in registers.
-    for (int64_t t = 0; t < count; ++t) row_to_float(values.row(t0 + t), rv, value_rows + t * rv_pad);
+    // Value latents as float32 rows padded to whole vectors: read in place where they are (dequantized integer
+    // latents), else converted once per block. Then each query head's output is accumulated in registers.
+    const float* value_block = value_rows;
+    int64_t value_stride = rv_pad;
+    if constexpr (std::is_same_v<TV, float>) {
+      if (values.stride == rv_pad) value_block = values.row(t0);
+    }
+    if (value_block == value_rows)
+      for (int64_t t = 0; t < count; ++t) row_to_float(values.row(t0 + t), rv, value_rows + t * rv_pad);
     // Four vectors of channels at a time: four independent chains of multiply-adds over the block's tokens (one
     // chain waits out each multiply-add's latency).
     for (int64_t j = 0; j < per_kv; ++j) {
@@ -524,14 +544,14 @@ void span_kernel(const Args& a, const Rows<T>& keys, const Rows<T>& values, int6
         for (int v = 0; v < 4; ++v) sum[v] = load(out + x + 16 * v);
         for (int64_t t = 0; t < count; ++t) {
           const float p = probs[j][t];
-          const float* row = value_rows + t * rv_pad + x;
+          const float* row = value_block + t * value_stride + x;
           for (int v = 0; v < 4; ++v) sum[v] += p * load(row + 16 * v);
         }
         for (int v = 0; v < 4; ++v) *reinterpret_cast<UnalignedVec*>(out + x + 16 * v) = sum[v];
       }
       for (; x < rv_pad; x += 16) {
         Vec sum = load(out + x);
-        for (int64_t t = 0; t < count; ++t) sum += probs[j][t] * load(value_rows + t * rv_pad + x);
+        for (int64_t t = 0; t < count; ++t) sum += probs[j][t] * load(value_block + t * value_stride + x);
         *reinterpret_cast<UnalignedVec*>(out + x) = sum;
       }
     }
@@ -654,17 +674,18 @@ void run(const Args& a, int threads) {
 #endif
     std::vector<float> scratch(a.per_kv * padded(a.rv) + (kBlock + 1) * a.rk + kBlock * padded(a.rv) +
                                (Tiles ? kBlock * D + kBlock * a.rank_pad / 2 : 0));
-    Dequantized<T> keys, values;
+    Dequantized<T, T> keys;
+    Dequantized<T, float> values;
 #pragma omp for schedule(dynamic, chunk)
     for (int64_t item = 0; item < items; ++item) {
       // The KV heads of one span run one after another: they read the same cos/sin rows, still in cache.
       const int64_t h = item % a.kv_heads, s = (item / a.kv_heads) % spans, b = item / (a.kv_heads * spans);
       const int64_t key_group = h / a.heads_per_key_group, value_group = h / a.heads_per_value_group;
       if constexpr (Quantized)
-        span_kernel<D, T, Tiles>(a, keys.read(a.keys, a.rk, a.span, a.n, b, key_group, s),
+        span_kernel<D, T, float, Tiles>(a, keys.read(a.keys, a.rk, a.span, a.n, b, key_group, s),
                                  values.read(a.values, a.rv, a.span, a.n, b, value_group, s), b, h, s, scratch.data());
       else
-        span_kernel<D, T, Tiles>(a, stored_rows<T>(a.keys, b, key_group), stored_rows<T>(a.values, b, value_group), b,
+        span_kernel<D, T, T, Tiles>(a, stored_rows<T>(a.keys, b, key_group), stored_rows<T>(a.values, b, value_group), b,
                                  h, s, scratch.data());
     }
 #if HF_SVDKV_TILES
