@@ -122,35 +122,68 @@ def empty_quantized_runs(
 
 def quantize(x: torch.Tensor, bits: int, group: int = 32) -> QuantizedTensor:
     """Asymmetric round-to-nearest codes of `x` [..., dim], min/max per group of `group` channels of each row."""
-    return quantize_runs(x, ((bits, x.shape[-1]),), group).runs[0]
+    _check(((bits, x.shape[-1]),), group, x.shape[-1])
+    dim = x.shape[-1]
+    groups = math.ceil(dim / group)
+    x = x.to(torch.float32)
+    # Pad the last group by repeating the row's last channel: it changes neither that group's min nor its max.
+    padded = torch.cat([x, x[..., -1:].expand(*x.shape[:-1], groups * group - dim)], dim=-1)
+    codes, scale, zero = _round_to_grid(padded.unflatten(-1, (groups, group)), 2**bits - 1)
+    return QuantizedTensor(_pack(codes.flatten(-2)[..., :dim], bits), scale, zero, bits, group, dim)
+
+
+# Rows (tokens) up to which `quantize_runs` takes every run in one pass; above, a pass per run is faster (its ops
+# are then large, and it needs no gathers).
+FEW_ROWS = 256
 
 
 def quantize_runs(x: torch.Tensor, runs: Sequence[tuple[int, int]], group: int = 32) -> QuantizedRuns:
     """`quantize` of each run of channels of `x` [..., dim] at its own width: `runs` = (bits, channels) in channel
-    order, adding up to dim. Every group of every run goes through one pass of min/max and rounding, and every run is
-    packed by one gather (a decoding step quantizes one token: the per-op cost, not the arithmetic, is what a pass per
-    run would multiply). The codes are those `quantize` gives each run alone."""
+    order, adding up to dim. The codes are those `quantize` gives each run alone. Up to FEW_ROWS rows (a decoding
+    step quantizes one token) every group of every run goes through one pass of min/max and rounding, and every run
+    is packed by one gather: the per-op cost, not the arithmetic, is what a pass per run would multiply."""
+    _check(runs, group, x.shape[-1])
+    if x.numel() > FEW_ROWS * x.shape[-1]:
+        split = x.split([width for _, width in runs], -1)
+        parts = [quantize(part, bits, group) for part, (bits, _) in zip(split, runs, strict=True)]
+        data, scale, zero = (torch.cat([getattr(p, name) for p in parts], -1) for name in ("data", "scale", "zero"))
+        return QuantizedRuns(data, scale, zero, tuple(runs), group)
+    gather, levels, sources, shifts = _run_layout(tuple(runs), group, x.device)
+    # torch.gather, not index_select: along the last dim the latter is several times slower on CPU.
+    x = x.to(torch.float32)
+    grouped = torch.gather(x, -1, gather.expand(*x.shape[:-1], -1)).unflatten(-1, (-1, group))
+    codes, scale, zero = _round_to_grid(grouped, levels[:, None])
+    codes = codes.flatten(-2)
+    # Each byte gathers its 8 / bits codes (a code past a run's last channel reads the 0 appended here), each shifted
+    # to its bits, and adds them up: their bits do not overlap.
+    codes = torch.cat([codes, codes.new_zeros((*codes.shape[:-1], 1))], dim=-1)
+    slots = torch.gather(codes, -1, sources.expand(*codes.shape[:-1], -1)).unflatten(-1, (-1, 8))
+    data = slots.bitwise_left_shift_(shifts).sum(-1, dtype=torch.uint8)
+    return QuantizedRuns(data, scale, zero, tuple(runs), group)
+
+
+def _check(runs: Sequence[tuple[int, int]], group: int, dim: int) -> None:
     for bits, _ in runs:
         if bits not in BITS:
             raise ValueError(f"bits must be one of {BITS}, got {bits!r}")
     if group <= 0:
         raise ValueError(f"group must be a positive number of channels, got {group!r}")
-    if sum(width for _, width in runs) != x.shape[-1]:
-        raise ValueError(f"runs {list(runs)} do not add up to the {x.shape[-1]} channels of the tensor")
-    gather, levels, sources, shifts = _run_layout(tuple(runs), group, x.device)
-    grouped = x.to(torch.float32).index_select(-1, gather).unflatten(-1, (-1, group))
+    if sum(width for _, width in runs) != dim:
+        raise ValueError(f"runs {list(runs)} do not add up to the {dim} channels of the tensor")
+
+
+def _round_to_grid(
+    grouped: torch.Tensor, levels: int | torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(uint8 codes, float16 scales, float16 zero points) of float32 groups [..., groups, group] on grids of `levels`
+    steps (a number, or one per group [groups, 1])."""
     zero = _round_toward(grouped.amin(-1), -math.inf)
+    zero32 = zero.to(torch.float32)
     # The smallest normal float16 keeps a constant group (max == zero) from dividing by 0; its codes are then 0.
-    span = (grouped.amax(-1) - zero.to(torch.float32)) / levels
+    span = (grouped.amax(-1) - zero32) / (levels if isinstance(levels, int) else levels[:, 0])
     scale = _round_toward(span, math.inf).clamp_min(torch.finfo(SCALE_DTYPE).smallest_normal)
-    codes = (grouped - zero.to(torch.float32)[..., None]) / scale.to(torch.float32)[..., None]
-    codes = torch.minimum(codes.round_().clamp_(min=0), levels[:, None]).to(torch.uint8).flatten(-2)
-    # Each byte gathers its 8 / bits codes (a code past a run's last channel reads the 0 appended here), each shifted
-    # to its bits, and adds them up: their bits do not overlap.
-    codes = torch.cat([codes, codes.new_zeros((*codes.shape[:-1], 1))], dim=-1)
-    slots = codes.index_select(-1, sources).unflatten(-1, (-1, 8))
-    data = slots.bitwise_left_shift_(shifts).sum(-1, dtype=torch.uint8)
-    return QuantizedRuns(data, scale, zero, tuple(runs), group)
+    codes = ((grouped - zero32[..., None]) / scale.to(torch.float32)[..., None]).round_().clamp_(min=0)
+    return codes.clamp_(max=levels).to(torch.uint8), scale, zero
 
 
 @functools.cache
@@ -202,6 +235,19 @@ def _round_toward(x: torch.Tensor, direction: float) -> torch.Tensor:
 
 def _packed_dim(dim: int, bits: int) -> int:
     return math.ceil(dim * bits / 8)
+
+
+def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    if bits == 8:
+        return codes
+    per_byte = 8 // bits
+    if codes.shape[-1] % per_byte:  # a row that does not fill its last byte gets zero codes there
+        codes = torch.nn.functional.pad(codes, (0, per_byte - codes.shape[-1] % per_byte))
+    codes = codes.unflatten(-1, (-1, per_byte))
+    packed = codes[..., 0].clone()
+    for slot in range(1, per_byte):
+        packed |= codes[..., slot] << (slot * bits)
+    return packed
 
 
 def _unpack(data: torch.Tensor, bits: int, dim: int) -> torch.Tensor:

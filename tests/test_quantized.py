@@ -12,7 +12,7 @@ from transformers import DynamicCache
 
 from hf_svdkv import Projection, SVDCompressedCache, patch_model
 from hf_svdkv.latents import QuantizedLatentStore
-from hf_svdkv.quantization import concat, hadamard, quantize, quantize_runs, rotate_projection
+from hf_svdkv.quantization import FEW_ROWS, concat, hadamard, quantize, quantize_runs, rotate_projection
 from hf_svdkv.svd_cache import SVDCacheLayer
 
 
@@ -75,13 +75,14 @@ def test_tokens_quantize_independently_so_concat_and_crop_are_exact():
         concat([whole, quantize(x, 8)])
 
 
+@pytest.mark.parametrize("tokens", [9, FEW_ROWS + 7], ids=["one-pass", "per-run"])
 @pytest.mark.parametrize("group", [32, 16, 8])
-def test_runs_quantized_in_one_pass_equal_each_run_quantized_alone(group):
-    # Mixed-precision latents quantize every run of channels together; each run's codes are those of the run alone,
-    # constant groups and runs shorter than a group included.
+def test_runs_quantized_together_equal_each_run_quantized_alone(group, tokens):
+    # Mixed-precision latents quantize every run of channels together (in one pass for a few tokens); each run's codes
+    # are those of the run alone, constant groups and runs shorter than a group included.
     generator = torch.Generator().manual_seed(group)
     runs = [(8, 3), (4, 70), (2, 37), (1, 17), (4, 5)]
-    x = torch.randn(2, 9, sum(width for _, width in runs), generator=generator) * 3.0
+    x = torch.randn(2, tokens, sum(width for _, width in runs), generator=generator) * 3.0
     x[..., 0, 3:40] = 0.75
     together = quantize_runs(x, runs, group).runs
     for part, (bits, _), got in zip(x.split([width for _, width in runs], -1), runs, together, strict=True):

@@ -2,7 +2,8 @@
 `attention.py`, without rebuilding the cache at full size.
 
 Backends (`base.DecodeBackend`) attend over the tokens held as latents; `window.attend_window` merges the
-full-precision copies (the window, the sinks) through the log-sum-exp; `state` projects the output over value latents
+full-precision copies (the window, the sinks) through the log-sum-exp, unless the backend scores them in its own
+softmax (the C++ kernel does); `state` projects the output over value latents
 up (folded into `o_proj` where that pays). BACKENDS is the one place where one is chosen: the first that supports a
 call serves it. Kernels serve single-token steps (Triton's on CUDA, the C++ one on CPU); the blockwise torch path
 serves every call. A new backend is a new class in this folder and an entry in BACKENDS.
