@@ -185,14 +185,6 @@ class MixedLatentStore(LatentStore):
     def decode(self, encoded: QuantizedRuns, dtype: torch.dtype) -> torch.Tensor:
         return encoded.dequantize(dtype)
 
-    @property
-    def shape(self) -> torch.Size:
-        return self.stored.shape
-
-    @property
-    def device(self) -> torch.device:
-        return self.stored.data.device
-
     def _parts(self, stored: QuantizedRuns) -> dict[str, torch.Tensor]:
         return {"data": stored.data, "scale": stored.scale, "zero": stored.zero}
 

@@ -72,10 +72,7 @@ class QuantizedTensor:
 
 def empty_quantized(leading: Sequence[int], dim: int, bits: int, group: int, device: torch.device) -> QuantizedTensor:
     """A quantized tensor of shape [*leading, 0, dim]: what a cache layer starts from."""
-    groups, packed = math.ceil(dim / group), _packed_dim(dim, bits)
-    data = torch.empty((*leading, 0, packed), dtype=torch.uint8, device=device)
-    scale = torch.empty((*leading, 0, groups), dtype=SCALE_DTYPE, device=device)
-    return QuantizedTensor(data, scale, scale.clone(), bits, group, dim)
+    return empty_quantized_runs(leading, ((bits, dim),), group, device).runs[0]
 
 
 @dataclass
@@ -104,6 +101,10 @@ class QuantizedRuns:
     @property
     def shape(self) -> torch.Size:
         return torch.Size((*self.data.shape[:-1], sum(width for _, width in self.widths)))
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return torch.cat([run.dequantize(torch.float32) for run in self.runs], dim=-1).to(dtype)
@@ -152,7 +153,7 @@ def quantize_runs(x: torch.Tensor, runs: Sequence[tuple[int, int]], group: int =
     # torch.gather, not index_select: along the last dim the latter is several times slower on CPU.
     x = x.to(torch.float32)
     grouped = torch.gather(x, -1, gather.expand(*x.shape[:-1], -1)).unflatten(-1, (-1, group))
-    codes, scale, zero = _round_to_grid(grouped, levels[:, None])
+    codes, scale, zero = _round_to_grid(grouped, levels)
     codes = codes.flatten(-2)
     # Each byte gathers its 8 / bits codes (a code past a run's last channel reads the 0 appended here), each shifted
     # to its bits, and adds them up: their bits do not overlap.
@@ -176,14 +177,14 @@ def _round_to_grid(
     grouped: torch.Tensor, levels: int | torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(uint8 codes, float16 scales, float16 zero points) of float32 groups [..., groups, group] on grids of `levels`
-    steps (a number, or one per group [groups, 1])."""
+    steps (a number, or one per group [groups])."""
     zero = _round_toward(grouped.amin(-1), -math.inf)
     zero32 = zero.to(torch.float32)
     # The smallest normal float16 keeps a constant group (max == zero) from dividing by 0; its codes are then 0.
-    span = (grouped.amax(-1) - zero32) / (levels if isinstance(levels, int) else levels[:, 0])
+    span = (grouped.amax(-1) - zero32) / levels
     scale = _round_toward(span, math.inf).clamp_min(torch.finfo(SCALE_DTYPE).smallest_normal)
     codes = ((grouped - zero32[..., None]) / scale.to(torch.float32)[..., None]).round_().clamp_(min=0)
-    return codes.clamp_(max=levels).to(torch.uint8), scale, zero
+    return codes.clamp_(max=levels if isinstance(levels, int) else levels[:, None]).to(torch.uint8), scale, zero
 
 
 @functools.cache
