@@ -1,15 +1,16 @@
 """Spend a byte budget over latent channels: a bit width per channel (`CompressionConfig(latent_bits="mixed")`).
 
-A basis sorts its latent channels by variance λ_i (keys in key space, values in the output metric). Storing channel i
-at b bits leaves an expected squared error λ_i·f(b), where f is the relative error of the quantizer (`quantize`:
-min/max per token and group of channels, Hadamard-rotated so channels look Gaussian) and f(0) = 1 (not stored). The
-rate-distortion optimum for Gaussian sources spends about ½·log2(λ_i/θ) bits on channel i and none below the water
-line θ (reverse water-filling); with a few widths to choose from, the discrete version is a greedy over steps between
-widths, best error removed per byte first. Widths off the lower convex hull of (bytes, f) never pay (1-bit codes
-with a min/max range err more than not storing the channel), so the hull's steps are the only ones bought, and as
-their gains only fall, the greedy is optimal up to the last step that does not fit. A range clipped to the least
-squared error per group cuts f by a third at 2 bits and puts 1-bit codes on the hull, yet scored worse on the default
-model (docs/mixed.md: it clips the tails that decide attention), so `quantize` keeps min/max.
+A basis sorts its latent channels by variance λ_i (keys in key space, values in the output metric). Storing channel i at
+b bits leaves an expected squared error λ_i·f(b), where f is the relative error of the quantizer (`quantize`: centred
+codes over max |x| per token and group of channels, Hadamard-rotated so channels look Gaussian) and f(0) = 1 (not
+stored). The rate-distortion optimum for Gaussian sources spends about ½·log2(λ_i/θ) bits on channel i and none below
+the water line θ (reverse water-filling); with a few widths to choose from, the discrete version is a greedy over steps
+between widths, best error removed per byte first. Widths off the lower convex hull of (bytes, f) never pay (1-bit codes
+over the whole range err more than not storing the channel), so the hull's steps are the only ones bought, and as their
+gains only fall, the greedy is optimal up to the last step that does not fit. A range clipped to the least squared error
+per group cuts f by a third at 2 bits and puts 1-bit codes on the hull, yet scored worse on the default model
+(docs/mixed.md: it clips the tails that decide attention), so `quantize` keeps the whole range. Centred codes need no
+zero point: 2 bytes per group rather than 4 (`quantization`).
 
 Items (a layer's keys or values) are weighted as in `allocation`: relative energy, times measured sensitivity when
 the calibration measured it.
@@ -38,7 +39,7 @@ from .compression_config import CompressionConfig
 
 WIDTHS = (0, 1, 2, 4, 8)
 MIN_CHANNELS = 8  # every layer's keys and values keep at least this many channels (a rank of 0 is no basis)
-SCALE_BYTES = 4  # a float16 scale and zero point per token and group of QUANT_GROUP channels
+SCALE_BYTES = 2  # a float16 scale per token and group of QUANT_GROUP channels (centred codes: no zero point)
 
 
 @functools.cache
@@ -49,12 +50,12 @@ def relative_error(bits: int) -> float:
     from .quantization import quantize
 
     sample = torch.randn(8192, QUANT_GROUP, generator=torch.Generator().manual_seed(0))
-    error = quantize(sample, bits, QUANT_GROUP).dequantize() - sample
+    error = quantize(sample, bits, QUANT_GROUP, symmetric=True).dequantize() - sample
     return (error.square().mean() / sample.square().mean()).item()
 
 
 def channel_bytes(bits: int) -> float:
-    """Bytes per token one channel of one group costs at `bits`, its share of a scale and zero point included."""
+    """Bytes per token one channel of one group costs at `bits`, its share of a scale included."""
     return bits / 8 + (SCALE_BYTES / QUANT_GROUP if bits else 0.0)
 
 
@@ -78,8 +79,8 @@ def hull_steps() -> tuple[tuple[int, int], ...]:
 
 
 def segment_bytes(widths: Sequence[int]) -> int:
-    """Bytes per token of one group's channels stored at `widths` (non-increasing): packed codes and a scale and zero
-    point per started group of each run of equal widths, as `MixedLatentStore` holds them."""
+    """Bytes per token of one group's channels stored at `widths` (non-increasing): packed codes and a scale per started
+    group of each run of equal widths, as `MixedLatentStore` holds them."""
     total = 0
     for bits in set(widths) - {0}:
         count = sum(1 for w in widths if w == bits)
@@ -107,7 +108,7 @@ def allocate_bits(
     def exact_bytes(widths: list[tuple[list[int], list[int]]]) -> int:
         return sum(segment_bytes(w) * groups[2 * layer] for layer, pair in enumerate(widths) for w in pair)
 
-    # The greedy prices a scale and zero point as a share per channel; each run of equal widths really pays for
+    # The greedy prices a scale as a share per channel; each run of equal widths really pays for
     # whole groups of channels. Bisect the greedy's budget for the largest whose exact bytes fit.
     def fitting(budget: float) -> list[tuple[list[int], list[int]]] | None:
         try:

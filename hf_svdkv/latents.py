@@ -150,9 +150,9 @@ class QuantizedLatentStore(LatentStore):
 
 class MixedLatentStore(LatentStore):
     """Latents whose channels have their own bit widths (`Projection.channel_bits`, from `bit_allocation`): each run
-    of equal widths is a segment of `bits`-bit codes per token and group of channels, Hadamard-rotated among
-    themselves, with its scales and zero points. A token's segments share one row of bytes, one of scales and one of
-    zero points (`QuantizedRuns`). Every byte is real memory and counted by `nbytes`."""
+    of equal widths is a segment of centred `bits`-bit codes per token and group of channels, Hadamard-rotated among
+    themselves, with its scales. A token's segments share one row of bytes and one of scales (`QuantizedRuns`).
+    Every byte is real memory and counted by `nbytes`."""
 
     bits = MIXED
 
@@ -186,7 +186,7 @@ class MixedLatentStore(LatentStore):
         return encoded.dequantize(dtype)
 
     def _parts(self, stored: QuantizedRuns) -> dict[str, torch.Tensor]:
-        return {"data": stored.data, "scale": stored.scale, "zero": stored.zero}
+        return {"data": stored.data, "scale": stored.scale}
 
     def _join(self, parts: dict[str, torch.Tensor]) -> QuantizedRuns:
         return QuantizedRuns(**parts, widths=tuple(self.segments), group=self.group)

@@ -1,10 +1,17 @@
-"""Integer storage for latents: asymmetric per-token quantization in groups of channels, and the Hadamard rotation
-that makes low bit-widths work on them (Palu).
+"""Integer storage for latents: per-token quantization in groups of channels, and the Hadamard rotation that makes
+low bit-widths work on them (Palu).
 
 Each token's latent row is cut into groups of `group` channels (the last group is shorter when the rank is not a
 multiple); a group stores `bits`-bit codes q with x ≈ q * scale + zero. Quantizing per token (never across tokens)
 means a token's codes do not depend on which other tokens were quantized with it, so a sequence fed in one forward
 and token by token is stored identically.
+
+Codes are asymmetric (min/max, a scale and a zero point per group) or centred (`symmetric=True`: max |x|, a scale
+alone, x ≈ (q - levels / 2) * scale). Centred codes span a wider range, so they err more at a given width (2 bits:
+0.21 of the variance against 0.16), but at mixed precision's low widths the zero point is a third of a group's bytes
+(2-bit codes of 32 channels: 8 bytes, plus 2 for the scale and 2 for the zero point), and the bytes it frees buy
+more than the range costs: on the default eval 12x went from +13.8% to +8.1% and 16x from +33% to +23%. Mixed
+latents (`quantize_runs`) are centred; uniform int4 / int8 latents keep their zero points.
 
 Scales and zero points are float16, not bfloat16: latents are far inside float16's range (|x| < 65504), and its
 8x finer mantissa keeps the rounding of the zero point, which shifts a whole group, small next to the step of
@@ -32,11 +39,12 @@ SCALE_DTYPE = torch.float16
 @dataclass
 class QuantizedTensor:
     """Codes of a [..., seq, dim] tensor: `data` uint8 [..., seq, ceil(dim * bits / 8)] (8 / bits codes per byte,
-    the first in the lowest bits), `scale` and `zero` float16 [..., seq, ceil(dim / group)]."""
+    the first in the lowest bits), `scale` and `zero` float16 [..., seq, ceil(dim / group)]; `zero` None for centred
+    codes, whose zero point is -levels / 2 * scale."""
 
     data: torch.Tensor
     scale: torch.Tensor
-    zero: torch.Tensor
+    zero: torch.Tensor | None
     bits: int
     group: int
     dim: int
@@ -53,37 +61,46 @@ class QuantizedTensor:
     def apply(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> QuantizedTensor:
         """`fn` applied to data, scales and zeros alike: valid for any op that leaves the last dim alone
         (batch selection, repetition, device moves, slicing the sequence)."""
-        return QuantizedTensor(fn(self.data), fn(self.scale), fn(self.zero), self.bits, self.group, self.dim)
+        zero = None if self.zero is None else fn(self.zero)
+        return QuantizedTensor(fn(self.data), fn(self.scale), zero, self.bits, self.group, self.dim)
 
     def crop(self, length: int) -> QuantizedTensor:
         """The first `length` tokens (along dim -2)."""
         return self.apply(lambda t: t[..., :length, :])
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.data, self.scale, self.zero))
+        return sum(t.numel() * t.element_size() for t in (self.data, self.scale, self.zero) if t is not None)
+
+    def zero_points(self) -> torch.Tensor:
+        """float32 zero points [..., seq, groups]; centred codes' -levels / 2 * scale is exact in float32 (≤ 8 + 11
+        significant bits), so q * scale + zero is exactly (q - levels / 2) * scale."""
+        if self.zero is not None:
+            return self.zero.to(torch.float32)
+        return self.scale.to(torch.float32) * (-(2**self.bits - 1) / 2)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         # Computed in float32: q * scale is exact there (≤ 8 + 11 significant bits), so only the final add rounds.
         codes = _unpack(self.data, self.bits, self.dim).to(torch.float32)
         scale = self.scale.to(torch.float32).repeat_interleave(self.group, dim=-1)[..., : self.dim]
-        zero = self.zero.to(torch.float32).repeat_interleave(self.group, dim=-1)[..., : self.dim]
+        zero = self.zero_points().repeat_interleave(self.group, dim=-1)[..., : self.dim]
         return (codes * scale + zero).to(dtype)
 
 
 def empty_quantized(leading: Sequence[int], dim: int, bits: int, group: int, device: torch.device) -> QuantizedTensor:
-    """A quantized tensor of shape [*leading, 0, dim]: what a cache layer starts from."""
-    return empty_quantized_runs(leading, ((bits, dim),), group, device).runs[0]
+    """An asymmetric quantized tensor of shape [*leading, 0, dim]: what a cache layer starts from."""
+    data = torch.empty((*leading, 0, _packed_dim(dim, bits)), dtype=torch.uint8, device=device)
+    scale = torch.empty((*leading, 0, math.ceil(dim / group)), dtype=SCALE_DTYPE, device=device)
+    return QuantizedTensor(data, scale, scale.clone(), bits, group, dim)
 
 
 @dataclass
 class QuantizedRuns:
-    """Codes of a [..., seq, dim] tensor whose channels come in runs at their own width (`quantize_runs`): per token,
-    one row of bytes, one of scales and one of zero points, each the runs' own in channel order. `runs` views them as
-    one QuantizedTensor per run; a cache appends and crops three tensors, however many runs there are."""
+    """Centred codes of a [..., seq, dim] tensor whose channels come in runs at their own width (`quantize_runs`):
+    per token, one row of bytes and one of scales, each the runs' own in channel order. `runs` views them as one
+    QuantizedTensor per run; a cache appends and crops two tensors, however many runs there are."""
 
     data: torch.Tensor  # [..., seq, sum of the runs' packed bytes]
     scale: torch.Tensor  # [..., seq, sum of the runs' groups]
-    zero: torch.Tensor
     widths: tuple[tuple[int, int], ...]  # (bits, channels) of each run
     group: int
 
@@ -93,8 +110,8 @@ class QuantizedRuns:
         for bits, width in self.widths:
             packed, groups = _packed_dim(width, bits), math.ceil(width / self.group)
             data = self.data[..., first_byte : first_byte + packed]
-            scale, zero = (t[..., first_group : first_group + groups] for t in (self.scale, self.zero))
-            runs.append(QuantizedTensor(data, scale, zero, bits, self.group, width))
+            scale = self.scale[..., first_group : first_group + groups]
+            runs.append(QuantizedTensor(data, scale, None, bits, self.group, width))
             first_byte, first_group = first_byte + packed, first_group + groups
         return tuple(runs)
 
@@ -118,18 +135,19 @@ def empty_quantized_runs(
     groups = sum(math.ceil(width / group) for _, width in widths)
     data = torch.empty((*leading, 0, packed), dtype=torch.uint8, device=device)
     scale = torch.empty((*leading, 0, groups), dtype=SCALE_DTYPE, device=device)
-    return QuantizedRuns(data, scale, scale.clone(), tuple(widths), group)
+    return QuantizedRuns(data, scale, tuple(widths), group)
 
 
-def quantize(x: torch.Tensor, bits: int, group: int = 32) -> QuantizedTensor:
-    """Asymmetric round-to-nearest codes of `x` [..., dim], min/max per group of `group` channels of each row."""
+def quantize(x: torch.Tensor, bits: int, group: int = 32, *, symmetric: bool = False) -> QuantizedTensor:
+    """Round-to-nearest codes of `x` [..., dim] per group of `group` channels of each row: asymmetric (min/max, a
+    scale and a zero point) or centred (`symmetric`: max |x|, a scale alone)."""
     _check(((bits, x.shape[-1]),), group, x.shape[-1])
     dim = x.shape[-1]
     groups = math.ceil(dim / group)
     x = x.to(torch.float32)
     # Pad the last group by repeating the row's last channel: it changes neither that group's min nor its max.
     padded = torch.cat([x, x[..., -1:].expand(*x.shape[:-1], groups * group - dim)], dim=-1)
-    codes, scale, zero = _round_to_grid(padded.unflatten(-1, (groups, group)), 2**bits - 1)
+    codes, scale, zero = _round_to_grid(padded.unflatten(-1, (groups, group)), 2**bits - 1, symmetric)
     return QuantizedTensor(_pack(codes.flatten(-2)[..., :dim], bits), scale, zero, bits, group, dim)
 
 
@@ -139,28 +157,29 @@ FEW_ROWS = 256
 
 
 def quantize_runs(x: torch.Tensor, runs: Sequence[tuple[int, int]], group: int = 32) -> QuantizedRuns:
-    """`quantize` of each run of channels of `x` [..., dim] at its own width: `runs` = (bits, channels) in channel
-    order, adding up to dim. The codes are those `quantize` gives each run alone. Up to FEW_ROWS rows (a decoding
-    step quantizes one token) every group of every run goes through one pass of min/max and rounding, and every run
-    is packed by one gather: the per-op cost, not the arithmetic, is what a pass per run would multiply."""
+    """Centred `quantize` of each run of channels of `x` [..., dim] at its own width: `runs` = (bits, channels) in
+    channel order, adding up to dim. The codes are those `quantize(..., symmetric=True)` gives each run alone. Up to
+    FEW_ROWS rows (a decoding step quantizes one token) every group of every run goes through one pass of max |x| and
+    rounding, and every run is packed by one gather: the per-op cost, not the arithmetic, is what a pass per run would
+    multiply."""
     _check(runs, group, x.shape[-1])
     if x.numel() > FEW_ROWS * x.shape[-1]:
         split = x.split([width for _, width in runs], -1)
-        parts = [quantize(part, bits, group) for part, (bits, _) in zip(split, runs, strict=True)]
-        data, scale, zero = (torch.cat([getattr(p, name) for p in parts], -1) for name in ("data", "scale", "zero"))
-        return QuantizedRuns(data, scale, zero, tuple(runs), group)
+        parts = [quantize(part, bits, group, symmetric=True) for part, (bits, _) in zip(split, runs, strict=True)]
+        data, scale = (torch.cat([getattr(p, name) for p in parts], -1) for name in ("data", "scale"))
+        return QuantizedRuns(data, scale, tuple(runs), group)
     gather, levels, sources, shifts = _run_layout(tuple(runs), group, x.device)
     # torch.gather, not index_select: along the last dim the latter is several times slower on CPU.
     x = x.to(torch.float32)
     grouped = torch.gather(x, -1, gather.expand(*x.shape[:-1], -1)).unflatten(-1, (-1, group))
-    codes, scale, zero = _round_to_grid(grouped, levels)
+    codes, scale, _ = _round_to_grid(grouped, levels, symmetric=True)
     codes = codes.flatten(-2)
     # Each byte gathers its 8 / bits codes (a code past a run's last channel reads the 0 appended here), each shifted
     # to its bits, and adds them up: their bits do not overlap.
     codes = torch.cat([codes, codes.new_zeros((*codes.shape[:-1], 1))], dim=-1)
     slots = torch.gather(codes, -1, sources.expand(*codes.shape[:-1], -1)).unflatten(-1, (-1, 8))
     data = slots.bitwise_left_shift_(shifts).sum(-1, dtype=torch.uint8)
-    return QuantizedRuns(data, scale, zero, tuple(runs), group)
+    return QuantizedRuns(data, scale, tuple(runs), group)
 
 
 def _check(runs: Sequence[tuple[int, int]], group: int, dim: int) -> None:
@@ -174,16 +193,22 @@ def _check(runs: Sequence[tuple[int, int]], group: int, dim: int) -> None:
 
 
 def _round_to_grid(
-    grouped: torch.Tensor, levels: int | torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(uint8 codes, float16 scales, float16 zero points) of float32 groups [..., groups, group] on grids of `levels`
-    steps (a number, or one per group [groups])."""
-    zero = _round_toward(grouped.amin(-1), -math.inf)
-    zero32 = zero.to(torch.float32)
+    grouped: torch.Tensor, levels: int | torch.Tensor, symmetric: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(uint8 codes, float16 scales, float16 zero points or None when `symmetric`) of float32 groups [...,
+    groups, group] on grids of `levels` steps (a number, or one per group [groups])."""
+    if symmetric:
+        # The grid -levels / 2 .. levels / 2 steps covers [-max |x|, max |x|]: scale rounded up, so no code clips.
+        span = grouped.abs().amax(-1) * 2 / levels
+        zero = None
+    else:
+        zero = _round_toward(grouped.amin(-1), -math.inf)
+        span = (grouped.amax(-1) - zero.to(torch.float32)) / levels
     # The smallest normal float16 keeps a constant group (max == zero) from dividing by 0; its codes are then 0.
-    span = (grouped.amax(-1) - zero32) / levels
     scale = _round_toward(span, math.inf).clamp_min(torch.finfo(SCALE_DTYPE).smallest_normal)
-    codes = ((grouped - zero32[..., None]) / scale.to(torch.float32)[..., None]).round_().clamp_(min=0)
+    scale32 = scale.to(torch.float32)
+    offset = scale32 * (-levels / 2) if symmetric else zero.to(torch.float32)  # exact: see zero_points
+    codes = ((grouped - offset[..., None]) / scale32[..., None]).round_().clamp_(min=0)
     return codes.clamp_(max=levels if isinstance(levels, int) else levels[:, None]).to(torch.uint8), scale, zero
 
 
@@ -219,12 +244,14 @@ def _run_layout(
 def concat(tensors: Sequence[QuantizedTensor]) -> QuantizedTensor:
     """Join along the sequence dim (-2); all must share bits, group and dim."""
     first = tensors[0]
-    if any((t.bits, t.group, t.dim) != (first.bits, first.group, first.dim) for t in tensors):
-        raise ValueError("cannot concatenate quantized tensors of different bits, group or dim")
-    data, scale, zero = ([getattr(t, name) for t in tensors] for name in ("data", "scale", "zero"))
-    return QuantizedTensor(
-        torch.cat(data, -2), torch.cat(scale, -2), torch.cat(zero, -2), first.bits, first.group, first.dim
-    )
+    if any(
+        (t.bits, t.group, t.dim, t.zero is None) != (first.bits, first.group, first.dim, first.zero is None)
+        for t in tensors
+    ):
+        raise ValueError("cannot concatenate quantized tensors of different bits, group, dim or kind of codes")
+    data, scale = (torch.cat([getattr(t, name) for t in tensors], -2) for name in ("data", "scale"))
+    zero = None if first.zero is None else torch.cat([t.zero for t in tensors], -2)
+    return QuantizedTensor(data, scale, zero, first.bits, first.group, first.dim)
 
 
 def _round_toward(x: torch.Tensor, direction: float) -> torch.Tensor:

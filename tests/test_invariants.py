@@ -20,6 +20,15 @@ VARIANTS = list(CACHE_VARIANTS)
 ATOL = 1e-4
 
 
+def atol_across_paths(variant: str) -> float:
+    """The tolerance on logits of two paths that round differently in float32 and store what they compute. With
+    integer latents a value within rounding of a code boundary (an 8-bit step is under 1% of a group's range) or a
+    scale within rounding of a float16 boundary is stored one step apart by the two paths: 1e-4 in these tiny models'
+    logits when it happens (seen on the mixed-precision variant). A wrong mask, token or position moves them by 1e-2
+    or more."""
+    return ATOL if CACHE_VARIANTS[variant].latent_bits is None else 1e-3
+
+
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_a_forward_of_many_tokens_equals_them_one_by_one(variant, attn):
@@ -70,7 +79,7 @@ def test_latent_path_equals_reference_path(variant, attn, monkeypatch):
     monkeypatch.setattr(hf_svdkv.attention, "MAX_QUERY_LEN", 0)
     reference = run()
     valid = mask.bool()
-    torch.testing.assert_close(latent[valid], reference[valid], atol=ATOL, rtol=0)
+    torch.testing.assert_close(latent[valid], reference[valid], atol=atol_across_paths(variant), rtol=0)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -94,7 +103,7 @@ def test_value_up_projection_folded_into_o_proj_or_not_gives_the_same_logits(var
 
     folded, unfolded = run(True), run(False)
     valid = torch.cat([mask, mask.new_ones(2, 3)], dim=1).bool()
-    torch.testing.assert_close(unfolded[valid], folded[valid], atol=ATOL, rtol=0)
+    torch.testing.assert_close(unfolded[valid], folded[valid], atol=atol_across_paths(variant), rtol=0)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -74,7 +74,8 @@ def test_a_store_holds_exactly_the_bytes_its_format_says():
     assert store.nbytes() == 2 * 3 * 20 * segment_bytes(widths)
     assert store.shape == (2, 3, 20, 46)
     error = (store.read() - latents).square().mean(-1) / latents.square().mean(-1)
-    assert error.max() < 0.1
+    # Expected: (3 f(8) + 33 f(4) + 10 f(2)) / 46 ≈ 0.05 of the variance (f = relative_error).
+    assert error.mean() < 0.07
     store.crop(7)
     assert store.length == 7 and torch.equal(
         store.read(), store.decode(store.encode(latents[..., :7, :]), torch.float32)

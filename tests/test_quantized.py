@@ -24,7 +24,8 @@ def expanded_scale(q) -> torch.Tensor:
 @pytest.mark.parametrize("bits", [8, 4, 2, 1])
 @pytest.mark.parametrize("dim,group", [(64, 32), (48, 32), (45, 16), (7, 32)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_round_trip_error_is_within_half_a_step(bits, dim, group, dtype):
+@pytest.mark.parametrize("symmetric", [False, True], ids=["min-max", "centred"])
+def test_round_trip_error_is_within_half_a_step(bits, dim, group, dtype, symmetric):
     generator = torch.Generator().manual_seed(dim + bits)
     # Channels of very different spread, an offset far from zero (the zero point's rounding matters there),
     # a constant row (zero span) and an outlier channel.
@@ -33,19 +34,36 @@ def test_round_trip_error_is_within_half_a_step(bits, dim, group, dtype):
     x[1, 2, 5] += 300.0
     x[0, 0, 0] = 7.25
     x = x.to(dtype)
-    q = quantize(x, bits, group)
+    q = quantize(x, bits, group, symmetric=symmetric)
     assert q.shape == x.shape and q.data.dtype == torch.uint8
-    assert q.scale.shape == (2, 3, 17, math.ceil(dim / group)) and q.scale.dtype == q.zero.dtype == torch.float16
+    assert q.scale.shape == (2, 3, 17, math.ceil(dim / group)) and q.scale.dtype == torch.float16
+    assert q.zero is None if symmetric else q.zero.dtype == torch.float16
     error = (q.dequantize() - x.float()).abs()
     bound = expanded_scale(q) / 2 + 1e-6 * x.float().abs()  # + float32 rounding of the final add
     assert (error <= bound).all(), f"worst excess {(error - bound).max().item()}"
-    # No step is wasted either: a group's scale is its span over the levels, widened only by rounding the zero point
-    # down and the scale up to float16 (relative 2^-10 each), and at least the smallest normal float16.
+    # No step is wasted either: a group's scale is its range over the levels, widened only by rounding the zero point
+    # down and the scale up to float16 (relative 2^-10 each), and at least the smallest normal float16. Centred
+    # codes' range is [-max |x|, max |x|].
     for g in range(q.scale.shape[-1]):
         chunk = x.float()[..., g * group : (g + 1) * group]
-        span = chunk.amax(-1) - chunk.amin(-1) + chunk.amin(-1).abs() * 2**-10
+        if symmetric:
+            span = 2 * chunk.abs().amax(-1)
+        else:
+            span = chunk.amax(-1) - chunk.amin(-1) + chunk.amin(-1).abs() * 2**-10
         assert (q.scale[..., g].float() <= span / (2**bits - 1) * (1 + 2**-10) + 2**-14).all()
-    assert torch.equal(q.dequantize()[0, 0, 0], torch.full((dim,), 7.25))  # a constant row is exact
+    if not symmetric:
+        assert torch.equal(q.dequantize()[0, 0, 0], torch.full((dim,), 7.25))  # a constant row is exact
+
+
+def test_centred_codes_dequantize_exactly_to_half_steps():
+    # (q - levels / 2) * scale, with no zero point stored: every code lands on an odd multiple of half a step.
+    x = torch.randn(3, 40, 64, generator=torch.Generator().manual_seed(0)) * 5
+    for bits in (8, 4, 2, 1):
+        q = quantize(x, bits, 32, symmetric=True)
+        half_steps = q.dequantize() / (expanded_scale(q) / 2)
+        assert torch.equal(half_steps, half_steps.round()) and (half_steps.remainder(2) == 1).all()
+        assert half_steps.abs().max() <= 2**bits - 1
+        assert q.nbytes() == q.data.nbytes + q.scale.nbytes
 
 
 @pytest.mark.parametrize("dim", [64, 48, 30])
@@ -73,22 +91,25 @@ def test_tokens_quantize_independently_so_concat_and_crop_are_exact():
     assert whole.nbytes() == 2 * 2 * 20 * (24 + 2 * 2 * 2)
     with pytest.raises(ValueError, match="different bits"):
         concat([whole, quantize(x, 8)])
+    with pytest.raises(ValueError, match="kind of codes"):
+        concat([whole, quantize(x, 4, symmetric=True)])
 
 
 @pytest.mark.parametrize("tokens", [9, FEW_ROWS + 7], ids=["one-pass", "per-run"])
 @pytest.mark.parametrize("group", [32, 16, 8])
 def test_runs_quantized_together_equal_each_run_quantized_alone(group, tokens):
-    # Mixed-precision latents quantize every run of channels together (in one pass for a few tokens); each run's codes
-    # are those of the run alone, constant groups and runs shorter than a group included.
+    # Mixed-precision latents quantize every run of channels together (in one pass for a few tokens); each run's
+    # centred codes are those of the run alone, constant groups and runs shorter than a group included.
     generator = torch.Generator().manual_seed(group)
     runs = [(8, 3), (4, 70), (2, 37), (1, 17), (4, 5)]
     x = torch.randn(2, tokens, sum(width for _, width in runs), generator=generator) * 3.0
     x[..., 0, 3:40] = 0.75
     together = quantize_runs(x, runs, group).runs
     for part, (bits, _), got in zip(x.split([width for _, width in runs], -1), runs, together, strict=True):
-        alone = quantize(part, bits, group)
+        alone = quantize(part, bits, group, symmetric=True)
         assert (got.bits, got.group, got.dim) == (alone.bits, alone.group, alone.dim)
-        for name in ("data", "scale", "zero"):
+        assert got.zero is None and alone.zero is None
+        for name in ("data", "scale"):
             assert torch.equal(getattr(got, name), getattr(alone, name))
     with pytest.raises(ValueError, match="do not add up"):
         quantize_runs(x, runs[:-1], group)

@@ -217,19 +217,20 @@ def _latents(store: LatentStore) -> _Latents:
         data, scale, zero = part.data, part.scale, part.zero
         if data.stride(-1) != 1:
             data = data.contiguous()
-        if scale.stride() != zero.stride() or scale.stride(-1) != 1:  # the kernel reads both with scale's strides
-            scale, zero = scale.contiguous(), zero.contiguous()
+        # The kernel reads zero points with the scales' strides; centred codes have none (a null pointer).
+        if scale.stride(-1) != 1 or (zero is not None and scale.stride() != zero.stride()):
+            scale, zero = scale.contiguous(), None if zero is None else zero.contiguous()
         latents.segment[latents.segments] = _Segment(
             data.data_ptr(),
             scale.data_ptr(),
-            zero.data_ptr(),
+            None if zero is None else zero.data_ptr(),
             part.bits,
             part.dim,
             strides(*data.stride()[:3]),
             strides(*scale.stride()[:3]),
         )
         latents.segments += 1
-        held += [data, scale, zero]
+        held += [data, scale] if zero is None else [data, scale, zero]
     latents.held = tuple(held)
     return latents
 

@@ -204,8 +204,8 @@ inline Vec codes16(const uint8_t* row, int64_t x) {
 constexpr int kMaxSegments = 8;
 
 // A run of channels of integer latents at one width: codes [B, groups, n, ceil(width * bits / 8)] with float16 scales
-// and zero points [B, groups, n, ceil(width / group)] that share one set of strides. Strides in elements: batch,
-// group, token.
+// and zero points [B, groups, n, ceil(width / group)] that share one set of strides; zero null for centred codes (a
+// zero point of -(2^bits - 1) / 2 * scale). Strides in elements: batch, group, token.
 struct Segment {
   const uint8_t* data; const uint16_t* scale; const uint16_t* zero;
   int64_t bits, width;
@@ -254,9 +254,11 @@ void dequantize_segment(const Segment& seg, const uint8_t* data, int64_t scales,
   for (int64_t t = begin; t < end; ++t, out += stride) {
     const uint8_t* codes = data + t * seg.stride[2];
     const uint16_t* scale = seg.scale + scales + t * seg.scale_stride[2];
-    const uint16_t* zero = seg.zero + scales + t * seg.scale_stride[2];
+    const uint16_t* zero = seg.zero ? seg.zero + scales + t * seg.scale_stride[2] : nullptr;
     for (int64_t group = 0, x = 0; x < seg.width; ++group) {
-      const float step = half_to_float(scale[group]), offset = half_to_float(zero[group]);
+      // A centred code's offset is exact in float32 (8 + 11 significant bits at most), as in the torch path.
+      const float step = half_to_float(scale[group]);
+      const float offset = zero ? half_to_float(zero[group]) : step * (-static_cast<float>((1 << Bits) - 1) / 2);
       const int64_t group_end = std::min(seg.width, x + group_size);
       for (; x + 16 <= group_end; x += 16) store(out + x, rounded_as<T, Out>(codes16<Bits>(codes, x) * step + offset));
       if (x < group_end) {  // fewer than 16 channels left, from a byte: still one vector
