@@ -10,7 +10,7 @@ Codes are asymmetric (min/max, a scale and a zero point per group) or centred (`
 alone, x ≈ (q - levels / 2) * scale). Centred codes span a wider range, so they err more at a given width (2 bits:
 0.21 of the variance against 0.16), but at mixed precision's low widths the zero point is a third of a group's bytes
 (2-bit codes of 32 channels: 8 bytes, plus 2 for the scale and 2 for the zero point), and the bytes it frees buy
-more than the range costs: on the default eval 12x went from +13.8% to +8.1% and 16x from +33% to +23%. Mixed
+more than the range costs: on the default eval 12x went from +13.8% to +8.2% and 16x from +33% to +23%. Mixed
 latents (`quantize_runs`) are centred; uniform int4 / int8 latents keep their zero points.
 
 Scales and zero points are float16, not bfloat16: latents are far inside float16's range (|x| < 65504), and its
