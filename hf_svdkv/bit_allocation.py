@@ -78,14 +78,20 @@ def hull_steps() -> tuple[tuple[int, int], ...]:
     return tuple((a[2], b[2]) for a, b in zip(hull, hull[1:], strict=False))
 
 
-def segment_bytes(widths: Sequence[int]) -> int:
-    """Bytes per token of one group's channels stored at `widths` (non-increasing): packed codes and a scale per started
-    group of each run of equal widths, as `MixedLatentStore` holds them."""
-    total = 0
+def segment_parts(widths: Sequence[int]) -> tuple[int, int]:
+    """(packed code bytes, scale bytes) per token of one group's channels stored at `widths` (non-increasing): a scale
+    per started group of each run of equal widths, as `MixedLatentStore` holds them."""
+    codes = scales = 0
     for bits in set(widths) - {0}:
         count = sum(1 for w in widths if w == bits)
-        total += math.ceil(count * bits / 8) + SCALE_BYTES * math.ceil(count / QUANT_GROUP)
-    return total
+        codes += math.ceil(count * bits / 8)
+        scales += SCALE_BYTES * math.ceil(count / QUANT_GROUP)
+    return codes, scales
+
+
+def segment_bytes(widths: Sequence[int]) -> int:
+    """Bytes per token of one group's channels stored at `widths`: codes and scales (`segment_parts`)."""
+    return sum(segment_parts(widths))
 
 
 def allocate_bits(

@@ -72,11 +72,10 @@ class QuantizedTensor:
         return sum(t.numel() * t.element_size() for t in (self.data, self.scale, self.zero) if t is not None)
 
     def zero_points(self) -> torch.Tensor:
-        """float32 zero points [..., seq, groups]; centred codes' -levels / 2 * scale is exact in float32 (≤ 8 + 11
-        significant bits), so q * scale + zero is exactly (q - levels / 2) * scale."""
+        """float32 zero points [..., seq, groups] (centred codes: `_centred_offset`)."""
         if self.zero is not None:
             return self.zero.to(torch.float32)
-        return self.scale.to(torch.float32) * (-(2**self.bits - 1) / 2)
+        return _centred_offset(self.scale.to(torch.float32), 2**self.bits - 1)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         # Computed in float32: q * scale is exact there (≤ 8 + 11 significant bits), so only the final add rounds.
@@ -207,9 +206,15 @@ def _round_to_grid(
     # The smallest normal float16 keeps a constant group (max == zero) from dividing by 0; its codes are then 0.
     scale = _round_toward(span, math.inf).clamp_min(torch.finfo(SCALE_DTYPE).smallest_normal)
     scale32 = scale.to(torch.float32)
-    offset = scale32 * (-levels / 2) if symmetric else zero.to(torch.float32)  # exact: see zero_points
+    offset = _centred_offset(scale32, levels) if symmetric else zero.to(torch.float32)
     codes = ((grouped - offset[..., None]) / scale32[..., None]).round_().clamp_(min=0)
     return codes.clamp_(max=levels if isinstance(levels, int) else levels[:, None]).to(torch.uint8), scale, zero
+
+
+def _centred_offset(scale: torch.Tensor, levels: int | torch.Tensor) -> torch.Tensor:
+    """The zero point of centred codes, -levels / 2 * scale (float32 scales [..., groups]): exact in float32 (≤ 8 + 11
+    significant bits), so q * scale + offset is exactly (q - levels / 2) * scale. The CPU kernel computes the same."""
+    return scale * (-levels / 2)
 
 
 @functools.cache

@@ -12,13 +12,12 @@ the ratio grows.
 from __future__ import annotations
 
 import argparse
-import math
 from collections import Counter
 from pathlib import Path
 
 from hf_svdkv import CompressionConfig, SVDBases
 from hf_svdkv.allocation import FULL_BYTES, POSITION_BYTES
-from hf_svdkv.bit_allocation import QUANT_GROUP, SCALE_BYTES, hull_steps
+from hf_svdkv.bit_allocation import hull_steps, segment_parts
 from hf_svdkv.calibration import CALIBRATION_PRESETS, Calibrator, spread_tokens
 from hf_svdkv.text import load_text, split_calibration, tokenize_text
 from hf_svdkv.tools.loading import ModelConfig, load_model
@@ -37,9 +36,9 @@ def budget_rows(ratios: list[float], window: int, sinks: int) -> tuple[list[str]
     layers = model.config.num_hidden_layers
     full = 2 * layers * model.config.num_key_value_heads * model.config.head_dim * FULL_BYTES
     held_in_full = (window + sinks) / SEQUENCE_LENGTH
-    widths = sorted({bits for step in hull_steps() for bits in step} - {0}, reverse=True)  # the widths ever bought
+    bought = sorted({bits for step in hull_steps() for bits in step} - {0}, reverse=True)  # the widths ever bought
     header = ["ratio", "bytes/token", "codes", "scales", "window + sinks", "positions"]
-    header += [f"{w}-bit channels" for w in widths]
+    header += [f"{w}-bit channels" for w in bought]
     rows = []
     for ratio in ratios:
         config = CompressionConfig(target_ratio=ratio, window=window, sinks=sinks, latent_bits="mixed")
@@ -48,11 +47,11 @@ def budget_rows(ratios: list[float], window: int, sinks: int) -> tuple[list[str]
         channels: Counter[int] = Counter()
         for layer in bases.layers:
             for projection in (layer.key, layer.value):
-                per_width = Counter(projection.channel_bits.tolist())
-                channels.update({bits: count * projection.num_groups for bits, count in per_width.items()})
-                for bits, count in per_width.items():
-                    codes += math.ceil(count * bits / 8) * projection.num_groups
-                    scales += SCALE_BYTES * math.ceil(count / QUANT_GROUP) * projection.num_groups
+                widths = projection.channel_bits.tolist()
+                channels.update({bits: count * projection.num_groups for bits, count in Counter(widths).items()})
+                code_bytes, scale_bytes = segment_parts(widths)
+                codes += code_bytes * projection.num_groups
+                scales += scale_bytes * projection.num_groups
         # The window's tokens are held in full instead of as latents; every token has a position.
         codes, scales = codes * (1 - held_in_full), scales * (1 - held_in_full)
         window_bytes = held_in_full * full
@@ -60,7 +59,7 @@ def budget_rows(ratios: list[float], window: int, sinks: int) -> tuple[list[str]
         total = codes + scales + window_bytes + positions
         row = [f"{full / total:.2f}x", f"{total:,.0f}"]
         row += [f"{part:,.0f} ({part / total:.0%})" for part in (codes, scales, window_bytes, positions)]
-        row += [f"{channels[w]:,}" for w in widths]
+        row += [f"{channels[w]:,}" for w in bought]
         rows.append(row)
     return header, rows
 
